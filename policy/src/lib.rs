@@ -1,0 +1,525 @@
+//! The sidecar policy: what a Trellis sidecar enforces for one service.
+//!
+//! The operator renders a [`SidecarPolicy`] from a `MicroService` into the
+//! ConfigMap `<name>-sidecar`; the sidecar parses it with [`SidecarPolicy::from_json`],
+//! which also validates it, and keeps running the last good policy when a new
+//! one is refused. The resilience types here are also the CRD's own
+//! `spec.resilience`, `spec.inbound` and `spec.tracing`, so the schema users
+//! write against, the operator's renderer and the sidecar's parser are one type.
+//!
+//! Field names are camelCase on the wire, like every Kubernetes API.
+
+mod duration;
+mod validate;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use duration::{DURATION_PATTERN, Duration, ParseDurationError};
+pub use validate::{FieldError, PolicyError};
+
+/// The key under which the policy is stored in the `<name>-sidecar` ConfigMap.
+pub const POLICY_KEY: &str = "policy.json";
+
+/// Everything one sidecar enforces, rendered by the operator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarPolicy {
+    /// The service this sidecar serves (the MicroService's name).
+    pub service: String,
+    /// The namespace the service runs in; dependency names resolve here by default.
+    pub namespace: String,
+    /// The port the application listens on, on localhost.
+    pub app_port: u16,
+    /// The application's protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The application's own health check, polled by the sidecar.
+    #[serde(default)]
+    pub health: HealthCheck,
+    /// Defaults for every dependency.
+    #[serde(default)]
+    pub resilience: Resilience,
+    /// The services this one calls, each with optional overrides of `resilience`.
+    #[serde(default)]
+    pub dependencies: Vec<Dependency>,
+    /// Protection for the application itself.
+    #[serde(default)]
+    pub inbound: Inbound,
+    /// Distributed tracing.
+    #[serde(default)]
+    pub tracing: Tracing,
+}
+
+impl SidecarPolicy {
+    /// Parses and validates a policy; the error names every field at fault.
+    pub fn from_json(json: &str) -> Result<Self, PolicyError> {
+        let policy: Self = serde_json::from_str(json).map_err(PolicyError::Parse)?;
+        policy.validate().map_err(PolicyError::Invalid)?;
+        Ok(policy)
+    }
+
+    /// The policy as pretty JSON, the form stored in the ConfigMap.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a policy always serialises")
+    }
+
+    /// The effective settings for one dependency: its overrides over the defaults.
+    pub fn effective(&self, dependency: &Dependency) -> Resilience {
+        Resilience {
+            timeout: dependency.timeout.unwrap_or(self.resilience.timeout),
+            per_try_timeout: dependency
+                .per_try_timeout
+                .or(self.resilience.per_try_timeout),
+            retry: dependency
+                .retry
+                .clone()
+                .unwrap_or_else(|| self.resilience.retry.clone()),
+            circuit_breaker: dependency
+                .circuit_breaker
+                .clone()
+                .unwrap_or_else(|| self.resilience.circuit_breaker.clone()),
+        }
+    }
+}
+
+/// The protocol an application speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Protocol {
+    /// HTTP/1.1 (and HTTP/2 when the client asks for it).
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    /// gRPC over cleartext HTTP/2 (h2c).
+    #[serde(rename = "GRPC")]
+    Grpc,
+}
+
+/// The application's own health check: an HTTP GET the sidecar polls.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// The path to GET on the application; a 2xx answer means healthy.
+    #[serde(default = "defaults::health_path")]
+    #[schemars(regex(pattern = r"^/[^\s]*$"), length(max = 256))]
+    pub path: String,
+    /// How often the sidecar polls the path.
+    #[serde(default = "defaults::health_interval")]
+    pub interval: Duration,
+    /// How long one poll may take before it counts as failed.
+    #[serde(default = "defaults::health_timeout")]
+    pub timeout: Duration,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            path: defaults::health_path(),
+            interval: defaults::health_interval(),
+            timeout: defaults::health_timeout(),
+        }
+    }
+}
+
+/// A service this one calls, with optional overrides of the resilience defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Dependency {
+    /// The Kubernetes Service name of the dependency (a DNS label).
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    pub name: String,
+    /// The dependency's namespace; the caller's own when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    pub namespace: Option<String>,
+    /// Overrides `resilience.timeout` for this dependency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Overrides `resilience.perTryTimeout` for this dependency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    /// Overrides `resilience.retry` for this dependency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+    /// Overrides `resilience.circuitBreaker` for this dependency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+impl Dependency {
+    /// A dependency with no overrides.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            namespace: None,
+            timeout: None,
+            per_try_timeout: None,
+            retry: None,
+            circuit_breaker: None,
+        }
+    }
+}
+
+/// How calls to dependencies are protected: deadlines, retries and a circuit breaker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.perTryTimeout) || duration(self.perTryTimeout) <= duration(self.timeout)",
+    "message": "perTryTimeout must not exceed timeout",
+    "fieldPath": ".perTryTimeout",
+}]))]
+pub struct Resilience {
+    /// The overall deadline for one call, retries included. A call past it gets 504.
+    #[serde(default = "defaults::timeout")]
+    pub timeout: Duration,
+    /// The deadline for each try; unset means each try may use the whole `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    /// Retries with exponential backoff and jitter, capped by a budget.
+    #[serde(default)]
+    pub retry: Retry,
+    /// A circuit breaker with gobreaker semantics.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+}
+
+impl Default for Resilience {
+    fn default() -> Self {
+        Self {
+            timeout: defaults::timeout(),
+            per_try_timeout: None,
+            retry: Retry::default(),
+            circuit_breaker: CircuitBreaker::default(),
+        }
+    }
+}
+
+/// Retries of failed calls.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retry {
+    /// The most tries of one call, the first included: 1 turns retries off.
+    #[serde(default = "defaults::attempts")]
+    #[schemars(range(min = 1, max = 10))]
+    pub attempts: u32,
+    /// The wait between tries.
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// Which failures are retried. Only idempotent methods (GET, HEAD, OPTIONS,
+    /// PUT, DELETE) are retried unless the request carries `x-trellis-retryable: true`.
+    #[serde(default = "defaults::retry_on")]
+    #[schemars(length(max = 4))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub on: Vec<RetryOn>,
+    /// The status codes that `5xx` retries.
+    #[serde(default = "defaults::retry_statuses")]
+    #[schemars(length(max = 16), inner(range(min = 500, max = 599)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub statuses: Vec<u16>,
+    /// The largest request body buffered for replay; larger bodies are sent once.
+    #[serde(default = "defaults::max_replay_bytes")]
+    #[schemars(range(min = 0, max = 16_777_216))]
+    pub max_replay_bytes: u32,
+    /// Caps retries to a share of the traffic, so a failing upstream is not hit by a storm.
+    #[serde(default)]
+    pub budget: RetryBudget,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            attempts: defaults::attempts(),
+            backoff: Backoff::default(),
+            on: defaults::retry_on(),
+            statuses: defaults::retry_statuses(),
+            max_replay_bytes: defaults::max_replay_bytes(),
+            budget: RetryBudget::default(),
+        }
+    }
+}
+
+/// A failure that may be retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum RetryOn {
+    /// The connection could not be made (refused, reset before a response, no route).
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+    /// The upstream answered one of `retry.statuses`.
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// The upstream answered 429; its `Retry-After` is honoured.
+    #[serde(rename = "429")]
+    TooManyRequests,
+    /// A try exceeded `perTryTimeout`.
+    #[serde(rename = "timeout")]
+    Timeout,
+}
+
+/// Exponential backoff: `min(max, base * multiplier^n)`, with full jitter when on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "duration(self.base) <= duration(self.max)",
+    "message": "backoff base must not exceed max",
+    "fieldPath": ".base",
+}]))]
+pub struct Backoff {
+    /// The wait before the first retry.
+    #[serde(default = "defaults::backoff_base")]
+    pub base: Duration,
+    /// The longest wait between tries.
+    #[serde(default = "defaults::backoff_max")]
+    pub max: Duration,
+    /// How much each wait grows over the last.
+    #[serde(default = "defaults::multiplier")]
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub multiplier: f64,
+    /// Randomise each wait between zero and its computed value (full jitter).
+    #[serde(default = "defaults::yes")]
+    pub jitter: bool,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: defaults::backoff_base(),
+            max: defaults::backoff_max(),
+            multiplier: defaults::multiplier(),
+            jitter: true,
+        }
+    }
+}
+
+/// A retry budget like Linkerd's: retries may add at most `ratio` of the
+/// original requests, plus `minPerSecond` so low traffic can still retry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Retries allowed per original request, over a ten-second window.
+    #[serde(default = "defaults::budget_ratio")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub ratio: f64,
+    /// Retries always allowed per second, whatever the ratio.
+    #[serde(default = "defaults::budget_min_per_second")]
+    #[schemars(range(min = 0, max = 10_000))]
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            ratio: defaults::budget_ratio(),
+            min_per_second: defaults::budget_min_per_second(),
+        }
+    }
+}
+
+/// A circuit breaker per dependency, with the semantics of sony/gobreaker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Trip when more than this many calls in a row fail.
+    #[serde(default = "defaults::consecutive_failures")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub consecutive_failures: u32,
+    /// Trip when the share of failed calls in the window exceeds this, in (0, 1].
+    #[serde(default = "defaults::failure_ratio")]
+    #[schemars(range(max = 1.0), extend("minimum" = 0.0, "exclusiveMinimum" = true))]
+    pub failure_ratio: f64,
+    /// The fewest calls in the window before `failureRatio` can trip the breaker.
+    #[serde(default = "defaults::min_requests")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub min_requests: u32,
+    /// The closed state's counting window; counts reset when it ends.
+    #[serde(default = "defaults::interval")]
+    pub interval: Duration,
+    /// How long the breaker stays open, failing fast, before it goes half-open.
+    #[serde(default = "defaults::open_for")]
+    pub open_for: Duration,
+    /// Calls let through while half-open; all must succeed to close the breaker.
+    #[serde(default = "defaults::half_open_requests")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub half_open_requests: u32,
+    /// What counts as a failure.
+    #[serde(default = "defaults::failure_on")]
+    #[schemars(length(min = 1, max = 3))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub failure_on: Vec<FailureKind>,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: defaults::consecutive_failures(),
+            failure_ratio: defaults::failure_ratio(),
+            min_requests: defaults::min_requests(),
+            interval: defaults::interval(),
+            open_for: defaults::open_for(),
+            half_open_requests: defaults::half_open_requests(),
+            failure_on: defaults::failure_on(),
+        }
+    }
+}
+
+/// An outcome the circuit breaker counts as a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum FailureKind {
+    /// Any 5xx response.
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// A call that ran out of time.
+    #[serde(rename = "timeout")]
+    Timeout,
+    /// A connection that could not be made.
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+}
+
+/// Protection for the application: rate, concurrency and time limits on inbound requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Inbound {
+    /// A token bucket; requests over it get 429 with `Retry-After`. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Requests in flight to the application at once; more get 503 at once.
+    #[serde(default = "defaults::max_concurrent")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub max_concurrent: u32,
+    /// How long the application may take to answer; past it the caller gets 504.
+    #[serde(default = "defaults::inbound_timeout")]
+    pub timeout: Duration,
+}
+
+impl Default for Inbound {
+    fn default() -> Self {
+        Self {
+            rate_limit: None,
+            max_concurrent: defaults::max_concurrent(),
+            timeout: defaults::inbound_timeout(),
+        }
+    }
+}
+
+/// A token bucket: `perSecond` tokens added each second, at most `burst` saved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub per_second: u32,
+    /// Requests allowed at once above the sustained rate.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub burst: u32,
+}
+
+/// Distributed tracing settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Tracing {
+    /// The share of new traces sampled, 0 to 1; a sampled parent is always followed.
+    #[serde(default = "defaults::sample_ratio")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sample_ratio: f64,
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Self {
+            sample_ratio: defaults::sample_ratio(),
+        }
+    }
+}
+
+/// The defaults, in one place: the values of the seed's Go platform where it had them.
+mod defaults {
+    use super::{Duration, FailureKind, RetryOn};
+
+    pub fn health_path() -> String {
+        "/health".into()
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn attempts() -> u32 {
+        3
+    }
+    pub fn retry_on() -> Vec<RetryOn> {
+        vec![
+            RetryOn::ConnectFailure,
+            RetryOn::ServerError,
+            RetryOn::TooManyRequests,
+        ]
+    }
+    pub fn retry_statuses() -> Vec<u16> {
+        vec![502, 503, 504]
+    }
+    pub fn max_replay_bytes() -> u32 {
+        64 * 1024
+    }
+    pub fn backoff_base() -> Duration {
+        Duration::from_millis(50)
+    }
+    pub fn backoff_max() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn multiplier() -> f64 {
+        2.0
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn budget_ratio() -> f64 {
+        0.2
+    }
+    pub fn budget_min_per_second() -> u32 {
+        10
+    }
+    pub fn consecutive_failures() -> u32 {
+        5
+    }
+    pub fn failure_ratio() -> f64 {
+        0.6
+    }
+    pub fn min_requests() -> u32 {
+        10
+    }
+    pub fn interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn open_for() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn half_open_requests() -> u32 {
+        5
+    }
+    pub fn failure_on() -> Vec<FailureKind> {
+        vec![
+            FailureKind::ServerError,
+            FailureKind::Timeout,
+            FailureKind::ConnectFailure,
+        ]
+    }
+    pub fn max_concurrent() -> u32 {
+        512
+    }
+    pub fn inbound_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn sample_ratio() -> f64 {
+        0.1
+    }
+}
