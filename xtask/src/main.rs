@@ -1,1 +1,90 @@
-fn main() {}
+//! `cargo xtask`: the project's automation, in Rust so it runs wherever cargo does.
+//!
+//! - `cluster up|down|kubeconfig|status`: a real single-node Kubernetes built from
+//!   source (see [`cluster`]);
+//! - `tools`: build the pinned Go tools (Kubernetes, etcd, CoreDNS, Helm) into the cache;
+//! - `images`: OCI images of the workspace's binaries, imported into the cluster;
+//! - `test`: the README's test command, every tier in order.
+
+mod cluster;
+mod images;
+mod paths;
+mod run;
+mod test;
+mod tools;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Trellis development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The local Kubernetes cluster.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Build the pinned Go tools into the cache (done on demand by `cluster up`) and print their paths.
+    Tools,
+    /// Build the workspace's binaries into OCI images and import them into the cluster.
+    Images {
+        /// Only write the OCI archives under target/images; do not import them.
+        #[arg(long)]
+        no_import: bool,
+        /// Only these images (e.g. `smoke pause`); all when none are named.
+        names: Vec<String>,
+    },
+    /// Run every test tier: unit, control plane, full node.
+    Test {
+        /// Skip the full-node tier (pods, images).
+        #[arg(long)]
+        no_node: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Start the cluster (idempotent: a running cluster is left as it is).
+    Up {
+        /// Only etcd, kube-apiserver and kube-controller-manager: an envtest in seconds.
+        #[arg(long)]
+        control_plane_only: bool,
+    },
+    /// Stop every process the cluster started and remove everything it added.
+    Down,
+    /// Print the admin kubeconfig's path.
+    Kubeconfig,
+    /// Say what runs.
+    Status,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Cluster { command } => match command {
+            ClusterCommand::Up { control_plane_only } => {
+                let mode = if control_plane_only {
+                    cluster::Mode::ControlPlane
+                } else {
+                    cluster::Mode::Node
+                };
+                cluster::up(mode)
+            }
+            ClusterCommand::Down => cluster::down(),
+            ClusterCommand::Kubeconfig => {
+                println!("{}", paths::admin_kubeconfig().display());
+                Ok(())
+            }
+            ClusterCommand::Status => cluster::status(),
+        },
+        Command::Tools => tools::Tools::ensure().map(|t| t.print()),
+        Command::Images { no_import, names } => images::build_named(&names, !no_import),
+        Command::Test { no_node } => test::run(!no_node),
+    }
+}

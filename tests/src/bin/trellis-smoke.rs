@@ -1,0 +1,91 @@
+//! A tiny HTTP server and client for the local cluster's smoke test, std only so its
+//! image is small and its behaviour obvious.
+//!
+//! - `trellis-smoke serve PORT`: answers every request `200 hello from <HOSTNAME>`.
+//! - `trellis-smoke get URL`: GETs an `http://host:port/path` URL, prints the body,
+//!   exits 0 on a 200 and 1 otherwise (so a Job's success is the test's assertion).
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream, ToSocketAddrs},
+    process::ExitCode,
+    time::Duration,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1..).unwrap_or_default() {
+        [cmd, port] if cmd == "serve" => serve(port),
+        [cmd, url] if cmd == "get" => get(url),
+        _ => {
+            eprintln!("usage: trellis-smoke serve PORT | trellis-smoke get http://HOST[:PORT]/PATH");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(port: &str) -> ExitCode {
+    let listener = match TcpListener::bind(format!("0.0.0.0:{port}")) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on port {port}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into());
+    eprintln!("serving on :{port}");
+    for stream in listener.incoming().flatten() {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut reader = BufReader::new(&stream);
+        let mut line = String::new();
+        // Read the request head; the body (if any) is ignored.
+        while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+            line.clear();
+        }
+        let body = format!("hello from {host}\n");
+        let _ = write!(
+            &stream,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn get(url: &str) -> ExitCode {
+    match fetch(url) {
+        Ok((200, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("{url} answered {status}: {body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("GET {url} failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fetch(url: &str) -> std::io::Result<(u16, String)> {
+    let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_owned());
+    let rest = url.strip_prefix("http://").ok_or_else(|| invalid("only http:// URLs"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let addr = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
+    let target = addr.to_socket_addrs()?.next().ok_or_else(|| invalid("no address"))?;
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| invalid("not an HTTP response"))?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}

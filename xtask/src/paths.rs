@@ -1,0 +1,60 @@
+//! Where things live: the workspace, the build cache and the cluster's state.
+//!
+//! Everything the cluster writes is under [`state_dir`] (data, certificates,
+//! logs, kubeconfigs) or [`run_dir`] (sockets, pid files), so `cluster down`
+//! can remove it all. Built tools are cached under [`cache_dir`], outside the
+//! clone, keyed by version, so a fresh clone reuses them.
+
+use std::path::{Path, PathBuf};
+
+/// The workspace root (the parent of `xtask/`).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// The cache of built tools: `$TRELLIS_CACHE`, else `$XDG_CACHE_HOME/trellis`, else `~/.cache/trellis`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TRELLIS_CACHE") {
+        return dir.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache"));
+    base.join("trellis")
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
+}
+
+/// The cluster's persistent state: `$TRELLIS_CLUSTER_DIR`, else `/var/lib/trellis/cluster`.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("TRELLIS_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/trellis/cluster".into())
+}
+
+/// Sockets and pid files: `/run/trellis`.
+pub fn run_dir() -> PathBuf {
+    "/run/trellis".into()
+}
+
+/// The component logs.
+pub fn log_dir() -> PathBuf {
+    state_dir().join("logs")
+}
+
+/// The admin kubeconfig, written by `cluster up`.
+pub fn admin_kubeconfig() -> PathBuf {
+    state_dir().join("admin.kubeconfig")
+}
+
+/// containerd's socket.
+pub fn containerd_socket() -> PathBuf {
+    run_dir().join("containerd/containerd.sock")
+}

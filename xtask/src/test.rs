@@ -1,0 +1,117 @@
+//! `cargo xtask test`: the README's test command. Every tier in order, starting
+//! what each needs and stopping what it started.
+//!
+//! 1. unit: `cargo test --workspace` (no cluster; cluster tests are `#[ignore]`d);
+//! 2. generated files: the CRD YAML matches the Rust types;
+//! 3. control plane: etcd + apiserver + controller-manager, the operator's integration tests;
+//! 4. full node: images imported, pods, Services and DNS;
+//! 5. teardown: `cluster down` leaves nothing behind.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::Result;
+
+use crate::{cluster, images, paths, run};
+
+/// Integration test targets (files in tests/tests/) of the control-plane tier.
+const CONTROL_PLANE_TESTS: &[&str] = &["operator"];
+/// Integration test targets of the full-node tier.
+const NODE_TESTS: &[&str] = &["node"];
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(paths::workspace());
+    cmd
+}
+
+fn step(name: &str) -> Instant {
+    eprintln!("\n======== {name} ========");
+    Instant::now()
+}
+
+/// Runs the integration test targets of one tier (their `#[ignore]`d tests included).
+fn tier(targets: &[&str]) -> Result<()> {
+    for target in targets {
+        if !paths::workspace()
+            .join(format!("tests/tests/{target}.rs"))
+            .exists()
+        {
+            eprintln!("    (no tests/tests/{target}.rs yet; skipped)");
+            continue;
+        }
+        run::status(
+            cargo()
+                .args([
+                    "test",
+                    "-p",
+                    "trellis-tests",
+                    "--test",
+                    target,
+                    "--",
+                    "--include-ignored",
+                ])
+                .env("KUBECONFIG", paths::admin_kubeconfig()),
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs every tier; `node` includes the full-node tier.
+pub fn run(node: bool) -> Result<()> {
+    let t = step("unit tests (no cluster)");
+    run::status(cargo().args(["test", "--workspace"]))?;
+    eprintln!("    unit tier took {:.0?}", t.elapsed());
+
+    if paths::workspace()
+        .join("operator/src/bin/crdgen.rs")
+        .exists()
+    {
+        step("generated CRD YAML matches the Rust types");
+        run::status(cargo().args([
+            "run",
+            "--quiet",
+            "-p",
+            "trellis-operator",
+            "--bin",
+            "crdgen",
+            "--",
+            "--check",
+        ]))?;
+    }
+
+    let was_running = cluster::running_mode();
+    let t = step("control-plane tier (etcd, kube-apiserver, kube-controller-manager)");
+    cluster::up(cluster::Mode::ControlPlane)?;
+    let result = tier(CONTROL_PLANE_TESTS).and_then(|()| {
+        eprintln!("    control-plane tier took {:.0?}", t.elapsed());
+        if !node {
+            return Ok(());
+        }
+        let t = step("full-node tier (containerd, kubelet, kube-proxy, CoreDNS, pods)");
+        cluster::up(cluster::Mode::Node)?;
+        images::build(true)?;
+        tier(NODE_TESTS)?;
+        eprintln!("    full-node tier took {:.0?}", t.elapsed());
+        Ok(())
+    });
+
+    if was_running.is_some() {
+        eprintln!(
+            "\nthe cluster was running before the tests; it is left running (cargo xtask cluster down stops it)"
+        );
+        return result;
+    }
+    step("teardown: cluster down leaves nothing behind");
+    let down = cluster::down();
+    result?;
+    down?;
+    run::status(cargo().args([
+        "test",
+        "-p",
+        "trellis-tests",
+        "--test",
+        "teardown",
+        "--",
+        "--include-ignored",
+    ]))
+}
