@@ -1,1 +1,161 @@
 //! Test support: a cluster, a client and a fresh namespace for each integration test.
+//!
+//! ```no_run
+//! # async fn example() {
+//! let ns = trellis_tests::TestNamespace::new("operator").await;
+//! // ns.client is a kube::Client for the local cluster; ns.name a namespace of its own,
+//! // labelled to enforce the restricted Pod Security Standard. It is deleted on drop.
+//! # }
+//! ```
+//!
+//! The cluster is the one `cargo xtask cluster up` starts (its admin kubeconfig is
+//! found through `KUBECONFIG` or at the cluster's default path). When none runs,
+//! the first test starts one (`--control-plane-only` for [`TestNamespace::new`],
+//! the whole node for [`TestNamespace::on_node`]), so a single test can be run
+//! with plain `cargo test -- --ignored`.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+/// The label every test namespace carries, so leftovers are easy to find.
+pub const TEST_LABEL: &str = "trellis.dev/test";
+
+/// The admin kubeconfig of the local cluster.
+pub fn kubeconfig_path() -> PathBuf {
+    std::env::var_os("KUBECONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("TRELLIS_CLUSTER_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/var/lib/trellis/cluster".into())
+                .join("admin.kubeconfig")
+        })
+}
+
+/// Serialises "start a cluster if none runs" across the tests of one binary.
+static STARTING: Mutex<()> = Mutex::new(());
+
+/// Makes sure a cluster runs: `cargo xtask cluster up [--control-plane-only]`
+/// (idempotent, so it is cheap when one runs already).
+pub fn ensure_cluster(node: bool) {
+    let _guard = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&workspace).args(["xtask", "cluster", "up"]);
+    if !node {
+        cmd.arg("--control-plane-only");
+    }
+    let status = cmd.status().expect("running cargo xtask cluster up");
+    assert!(status.success(), "could not start the local cluster (see the output above)");
+}
+
+/// A kube client for the local cluster.
+pub async fn client() -> Client {
+    let path = kubeconfig_path();
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}; is the cluster up?", path.display()));
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("a usable kubeconfig");
+    Client::try_from(config).expect("a kube client")
+}
+
+/// A namespace of the test's own, deleted (with everything in it) when dropped.
+pub struct TestNamespace {
+    /// A client for the local cluster.
+    pub client: Client,
+    /// The namespace's name: the prefix and a random suffix.
+    pub name: String,
+}
+
+impl TestNamespace {
+    /// A fresh namespace on a cluster with at least the control plane.
+    pub async fn new(prefix: &str) -> Self {
+        Self::create(prefix, false).await
+    }
+
+    /// A fresh namespace on the full node (pods run).
+    pub async fn on_node(prefix: &str) -> Self {
+        Self::create(prefix, true).await
+    }
+
+    async fn create(prefix: &str, node: bool) -> Self {
+        let _ = tokio::task::spawn_blocking(move || ensure_cluster(node)).await;
+        let client = client().await;
+        let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name,
+                "labels": {
+                    TEST_LABEL: "true",
+                    "pod-security.kubernetes.io/enforce": "restricted",
+                    "pod-security.kubernetes.io/enforce-version": "latest",
+                },
+            }
+        }))
+        .expect("a namespace");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        Self { client, name }
+    }
+
+    /// An `Api` for a namespaced kind in this namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::env::var_os("TRELLIS_KEEP_NAMESPACES").is_some() {
+            eprintln!("keeping namespace {} (TRELLIS_KEEP_NAMESPACES is set)", self.name);
+            return;
+        }
+        let name = self.name.clone();
+        // Drop cannot await, and may run inside a runtime: delete from a thread of its own.
+        let deleted = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let api = Api::<Namespace>::all(client().await);
+                api.delete(&name, &DeleteParams::background()).await.ok()
+            })
+        })
+        .join();
+        if !matches!(deleted, Ok(Some(_))) {
+            eprintln!("could not delete test namespace {}", self.name);
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` saying what it waited for.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
