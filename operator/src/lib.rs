@@ -1,1 +1,21 @@
-//! The Trellis operator.
+//! The Trellis operator: reconciles `MicroService` resources into running
+//! services with the Trellis sidecar.
+//!
+//! - [`crd`]: the `MicroService` types and their CRD.
+//! - [`render`]: pure functions from a MicroService to its child objects.
+//! - [`status`]: pure functions from what the operator saw to the status.
+//! - [`controller`]: the kube-runtime controller that applies them.
+//! - [`leader`]: leader election on a Lease.
+//! - [`metrics`], [`admin`], [`telemetry`]: operations.
+
+pub mod admin;
+pub mod controller;
+pub mod crd;
+pub mod leader;
+pub mod metrics;
+pub mod render;
+pub mod status;
+pub mod telemetry;
+
+pub use controller::{Context, Error, Settings, run};
+pub use crd::{MicroService, MicroServiceSpec, MicroServiceStatus, Phase};

@@ -1,0 +1,532 @@
+//! The `MicroService` custom resource (`trellis.dev/v1alpha1`).
+//!
+//! Every field carries a doc comment: it becomes the field's `description` in
+//! the CRD, which is what `kubectl explain microservice.spec...` prints.
+//! Validation lives in the schema itself (types, ranges, patterns, enums and
+//! CEL rules), so the apiserver refuses a bad resource at `kubectl apply` and
+//! names the field; the operator never sees it.
+//!
+//! The resilience, inbound, tracing, health and dependency types are the
+//! sidecar's own policy types from `trellis-policy`: the schema users write,
+//! the operator's renderer and the sidecar's parser are one type.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::ResourceRequirements,
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+    },
+    apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use trellis_policy::{Dependency, HealthCheck, Inbound, Protocol, Resilience, Tracing};
+
+/// The API group of every Trellis resource.
+pub const GROUP: &str = "trellis.dev";
+
+/// Ports the sidecar binds in every pod; the application may not use them.
+pub const RESERVED_PORTS: [i32; 3] = [15001, 15006, 15020];
+
+/// The desired state of a MicroService: the application, how many copies of
+/// it run, its configuration and what the Trellis sidecar enforces around it.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "trellis.dev",
+    version = "v1alpha1",
+    kind = "MicroService",
+    plural = "microservices",
+    singular = "microservice",
+    shortname = "ms",
+    category = "trellis",
+    namespaced,
+    status = "MicroServiceStatus",
+    derive = "PartialEq",
+    doc = "A MicroService is one application run by Trellis: the operator turns it into a \
+           Deployment with the Trellis sidecar, a Service, configuration, RBAC and, optionally, \
+           a PodDisruptionBudget and a HorizontalPodAutoscaler.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether every desired replica is ready"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "string",
+        json_path = ".status.replicaSummary",
+        description = "Ready replicas / desired replicas"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Progressing, Ready, Degraded or Failed"
+    ),
+    printcolumn(
+        name = "URL",
+        type_ = "string",
+        json_path = ".status.url",
+        description = "Where other services in the cluster reach this one"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = kube::core::Rule::new(SELF_DEPENDENCY_RULE)
+        .message("a service may not depend on itself")
+        .field_path(".spec.dependencies")
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(self.port in [15001, 15006, 15020])",
+    "message": "port 15001, 15006 and 15020 are used by the Trellis sidecar",
+    "fieldPath": ".port",
+}]))]
+pub struct MicroServiceSpec {
+    /// The application's container image, such as `trellis/order-service:0.1.0`.
+    /// Its tag becomes the `app.kubernetes.io/version` label.
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
+    pub image: String,
+
+    /// How many pods run the service. Ignored while `autoscaling` is set, when the
+    /// HorizontalPodAutoscaler decides. A PodDisruptionBudget keeps one pod
+    /// available through voluntary disruptions when more than one runs.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+
+    /// The port the application listens on inside the pod (it may bind 127.0.0.1
+    /// only: the sidecar reaches it over localhost). Not 15001, 15006 or 15020,
+    /// which the sidecar uses.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// The application's protocol: `HTTP` (HTTP/1.1 and HTTP/2) or `GRPC` (gRPC
+    /// over cleartext HTTP/2). The Service port is named after it.
+    #[serde(default)]
+    pub protocol: Protocol,
+
+    /// The application's configuration: stored in the ConfigMap `<name>-config`,
+    /// exposed as environment variables and mounted as files under
+    /// `/etc/trellis/config`. A change rolls the pods unless `hotReload` is true.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 256))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(k, k.matches('^[-._a-zA-Z0-9]+$'))",
+        "message": "config keys may contain only letters, digits, '-', '_' and '.'",
+    }]))]
+    pub config: BTreeMap<String, String>,
+
+    /// The application's own health check, polled by the sidecar; the pod is
+    /// ready only while it passes. Defaults to GET `/health` every 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+
+    /// The services this one calls, by Service name, each with optional
+    /// overrides of `resilience`. Names are unique.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"]
+    ))]
+    pub dependencies: Vec<Dependency>,
+
+    /// How calls to dependencies are protected (deadlines, retries, circuit
+    /// breaking): the defaults for every dependency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resilience: Option<Resilience>,
+
+    /// Protection for the application itself: rate, concurrency and time limits
+    /// on the requests it receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<Inbound>,
+
+    /// Distributed tracing by the sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+
+    /// Scale on CPU with a HorizontalPodAutoscaler instead of a fixed `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
+
+    /// CPU and memory for the application container (the sidecar has its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// When true, a change of `config` does not roll the pods: the mounted files
+    /// under `/etc/trellis/config` update in place (environment variables do not).
+    #[serde(default)]
+    pub hot_reload: bool,
+}
+
+/// The root CEL rule: a MicroService may not list itself as a dependency. CEL
+/// at the root can see `metadata.name` but not `metadata.namespace`, so a
+/// dependency with an explicit namespace passes here; the operator refuses a
+/// self-dependency in the own namespace when it renders the policy.
+pub const SELF_DEPENDENCY_RULE: &str = "!has(self.spec.dependencies) || \
+     self.spec.dependencies.all(d, d.name != self.metadata.name || has(d.__namespace__))";
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// Horizontal pod autoscaling on CPU utilisation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.minReplicas <= self.maxReplicas",
+    "message": "minReplicas must not exceed maxReplicas",
+    "fieldPath": ".minReplicas",
+}]))]
+pub struct Autoscaling {
+    /// The fewest pods the autoscaler keeps.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_replicas: i32,
+    /// The most pods the autoscaler may run.
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: i32,
+    /// The average CPU utilisation to aim for, in percent of the requested CPU.
+    /// Set `resources.requests.cpu`, or the autoscaler has nothing to compare with.
+    #[serde(default = "default_target_cpu")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization: i32,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+fn default_target_cpu() -> i32 {
+    80
+}
+
+/// Where a MicroService stands, as last seen by the operator.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MicroServiceStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The pods the Deployment wants.
+    #[serde(default)]
+    pub replicas: i32,
+    /// The pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// `readyReplicas/replicas`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_summary: Option<String>,
+    /// Pending, Progressing, Ready, Degraded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The in-cluster URL of the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Ready, Progressing, Degraded and ReconcileFailed, each with a reason and message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["type"]
+    ))]
+    pub conditions: Vec<Condition>,
+}
+
+/// A one-word summary of a MicroService's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Accepted; the Deployment has not reported yet.
+    Pending,
+    /// A rollout is under way.
+    Progressing,
+    /// Every desired replica is ready and up to date.
+    Ready,
+    /// Running, but with fewer ready replicas than desired, or a stalled rollout.
+    Degraded,
+    /// The operator cannot reconcile it; see the ReconcileFailed condition.
+    Failed,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The CRD as installed: the derived one, tidied for the apiserver.
+///
+/// - schemars writes `format: uint32` and `uint16` for unsigned fields; those
+///   are not OpenAPI formats Kubernetes knows (their `minimum` already says
+///   what they mean), so they are dropped.
+/// - `resources.claims` (dynamic resource allocation) needs pod-level claims
+///   the operator does not render, so it is not offered.
+///
+/// (CEL escapes property names that are CEL keywords, hence
+/// `d.__namespace__` in [`SELF_DEPENDENCY_RULE`].)
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = MicroService::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            tidy(schema);
+            if let Some(resources) = schema
+                .properties
+                .as_mut()
+                .and_then(|p| p.get_mut("spec"))
+                .and_then(|s| s.properties.as_mut())
+                .and_then(|p| p.get_mut("resources"))
+                .and_then(|r| r.properties.as_mut())
+            {
+                resources.remove("claims");
+            }
+        }
+    }
+    crd
+}
+
+fn tidy(schema: &mut JSONSchemaProps) {
+    if matches!(
+        schema.format.as_deref(),
+        Some("uint8" | "uint16" | "uint32" | "uint64")
+    ) {
+        schema.format = None;
+    }
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        tidy(child);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        tidy(items);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        tidy(extra);
+    }
+}
+
+/// The CRD as YAML, the content of `crds/microservice.yaml`.
+pub fn crd_yaml() -> String {
+    let mut out = String::from(
+        "# Generated by `cargo run -p trellis-operator --bin crdgen`; do not edit.\n\
+         # CI checks it against the Rust types with `crdgen --check`.\n",
+    );
+    out.push_str(&serde_yaml::to_string(&crd()).expect("a CRD always serialises"));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    fn schema() -> Value {
+        let crd = serde_json::to_value(crd()).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    }
+
+    fn rules(v: &Value) -> Vec<String> {
+        v["x-kubernetes-validations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["rule"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Every string, array and map under a CEL rule needs a bound, or the
+    /// apiserver's cost estimate refuses the CRD; every node needs a type
+    /// (structural schema) unless it is int-or-string or preserves unknown fields.
+    fn walk(path: &str, v: &Value, problems: &mut Vec<String>) {
+        let o = v.as_object().unwrap();
+        for key in [
+            "oneOf",
+            "anyOf",
+            "allOf",
+            "not",
+            "$ref",
+            "definitions",
+            "$defs",
+        ] {
+            if o.contains_key(key) {
+                problems.push(format!("{path}: has {key}"));
+            }
+        }
+        if o.get("format")
+            .and_then(Value::as_str)
+            .is_some_and(|f| f.starts_with("uint"))
+        {
+            problems.push(format!("{path}: format {}", o["format"]));
+        }
+        let typed = o.contains_key("type")
+            || o.contains_key("x-kubernetes-int-or-string")
+            || o.contains_key("x-kubernetes-preserve-unknown-fields");
+        if !typed {
+            problems.push(format!("{path}: no type"));
+        }
+        if o.get("type") == Some(&Value::from("array")) && !o.contains_key("maxItems") {
+            problems.push(format!("{path}: array without maxItems"));
+        }
+        for (k, child) in o
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            walk(&format!("{path}.{k}"), child, problems);
+        }
+        if let Some(items) = o.get("items") {
+            walk(&format!("{path}[]"), items, problems);
+        }
+        if let Some(extra) = o.get("additionalProperties").filter(|v| v.is_object()) {
+            walk(&format!("{path}{{}}"), extra, problems);
+        }
+    }
+
+    #[test]
+    fn names_scope_and_subresources() {
+        let crd = crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("microservices.trellis.dev")
+        );
+        assert_eq!(crd.spec.group, "trellis.dev");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.kind, "MicroService");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["ms".to_owned()]));
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        assert!(v.served && v.storage);
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<_> = v
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| (c.name.as_str(), c.json_path.as_str()))
+            .collect();
+        assert_eq!(
+            columns,
+            [
+                ("Ready", ".status.conditions[?(@.type==\"Ready\")].status"),
+                ("Replicas", ".status.replicaSummary"),
+                ("Phase", ".status.phase"),
+                ("URL", ".status.url"),
+                ("Age", ".metadata.creationTimestamp"),
+            ]
+        );
+    }
+
+    #[test]
+    fn schema_is_structural_and_bounded() {
+        let mut problems = Vec::new();
+        walk("", &schema(), &mut problems);
+        // Resource lists from k8s-openapi have no maxItems and no CEL on them.
+        problems.retain(|p| !p.starts_with(".spec.resources"));
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    #[test]
+    fn every_field_is_documented() {
+        fn walk(path: &str, v: &Value, missing: &mut Vec<String>) {
+            for (k, child) in v["properties"].as_object().into_iter().flatten() {
+                let p = format!("{path}.{k}");
+                if child.get("description").is_none() {
+                    missing.push(p.clone());
+                }
+                walk(&p, child, missing);
+                walk(&format!("{p}[]"), &child["items"], missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk("", &schema(), &mut missing);
+        missing.retain(|p| p != ".spec" && p != ".status");
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    #[test]
+    fn cel_rules_are_in_the_schema() {
+        let s = schema();
+        let spec = &s["properties"]["spec"]["properties"];
+        assert_eq!(rules(&s), [SELF_DEPENDENCY_RULE]);
+        assert!(SELF_DEPENDENCY_RULE.contains("d.name != self.metadata.name"));
+        assert_eq!(
+            rules(&s["properties"]["spec"]),
+            ["!(self.port in [15001, 15006, 15020])"]
+        );
+        assert_eq!(
+            rules(&spec["autoscaling"]),
+            ["self.minReplicas <= self.maxReplicas"]
+        );
+        assert_eq!(
+            rules(&spec["resilience"]),
+            ["!has(self.perTryTimeout) || duration(self.perTryTimeout) <= duration(self.timeout)"]
+        );
+        assert_eq!(
+            rules(&spec["resilience"]["properties"]["retry"]["properties"]["backoff"]),
+            ["duration(self.base) <= duration(self.max)"]
+        );
+        assert_eq!(
+            rules(&spec["config"]),
+            ["self.all(k, k.matches('^[-._a-zA-Z0-9]+$'))"]
+        );
+    }
+
+    #[test]
+    fn ranges_patterns_and_list_types() {
+        let s = schema();
+        let spec = &s["properties"]["spec"];
+        assert_eq!(spec["required"], serde_json::json!(["image", "port"]));
+        let p = &spec["properties"];
+        assert_eq!(
+            (
+                p["replicas"]["minimum"].as_f64(),
+                p["replicas"]["maximum"].as_f64()
+            ),
+            (Some(0.0), Some(100.0))
+        );
+        assert_eq!(p["replicas"]["default"], 1);
+        assert_eq!(
+            (p["port"]["minimum"].as_f64(), p["port"]["maximum"].as_f64()),
+            (Some(1.0), Some(65535.0))
+        );
+        assert_eq!(p["protocol"]["enum"], serde_json::json!(["HTTP", "GRPC"]));
+        assert_eq!(p["dependencies"]["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            p["dependencies"]["x-kubernetes-list-map-keys"],
+            serde_json::json!(["name"])
+        );
+        assert_eq!(p["dependencies"]["maxItems"], 64);
+        let dep = &p["dependencies"]["items"]["properties"];
+        assert_eq!(dep["name"]["pattern"], "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$");
+        assert_eq!(dep["timeout"]["pattern"], trellis_policy::DURATION_PATTERN);
+        let cb = &p["resilience"]["properties"]["circuitBreaker"]["properties"];
+        assert_eq!(cb["halfOpenRequests"]["minimum"].as_f64(), Some(1.0));
+        assert_eq!(cb["failureRatio"]["exclusiveMinimum"], true);
+        assert_eq!(cb["failureRatio"]["maximum"].as_f64(), Some(1.0));
+        assert!(p["resources"]["properties"].get("claims").is_none());
+        assert_eq!(
+            s["properties"]["status"]["properties"]["conditions"]["x-kubernetes-list-map-keys"],
+            serde_json::json!(["type"])
+        );
+    }
+
+    #[test]
+    fn a_minimal_spec_gets_defaults() {
+        let spec: MicroServiceSpec =
+            serde_json::from_value(serde_json::json!({"image": "order:1", "port": 8080})).unwrap();
+        assert_eq!(spec.replicas, 1);
+        assert_eq!(spec.protocol, Protocol::Http);
+        assert!(!spec.hot_reload);
+        assert!(spec.config.is_empty() && spec.dependencies.is_empty());
+    }
+
+    #[test]
+    fn yaml_starts_with_the_generated_notice() {
+        let y = crd_yaml();
+        assert!(y.starts_with("# Generated by"));
+        assert!(y.contains("kind: CustomResourceDefinition"));
+    }
+}

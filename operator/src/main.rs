@@ -1,0 +1,177 @@
+//! `trellis-operator`: the MicroService controller, with leader election,
+//! health endpoints and metrics. See `trellis-operator --help`.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use trellis_operator::{
+    Settings, admin,
+    leader::{LeaderElector, Timing},
+    metrics::Metrics,
+    render::{DEFAULT_SIDECAR_IMAGE, RenderConfig},
+    telemetry::{self, LogFormat},
+};
+
+/// Reconciles Trellis MicroService resources into Deployments with the Trellis
+/// sidecar, Services, configuration and RBAC.
+#[derive(Debug, Parser)]
+#[command(name = "trellis-operator", version, about, long_about = None)]
+struct Args {
+    /// The sidecar image put into every MicroService's pods.
+    #[arg(long, env = "TRELLIS_SIDECAR_IMAGE", default_value = DEFAULT_SIDECAR_IMAGE)]
+    sidecar_image: String,
+
+    /// Where the admin server listens: /livez, /readyz and /metrics.
+    #[arg(long, env = "TRELLIS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+
+    /// Elect a leader on a Lease, so that only one replica reconciles.
+    #[arg(long, env = "TRELLIS_LEADER_ELECT", default_value_t = false)]
+    leader_elect: bool,
+
+    /// The name of the leader election Lease.
+    #[arg(long, env = "TRELLIS_LEASE_NAME", default_value = "trellis-operator")]
+    lease_name: String,
+
+    /// The namespace of the leader election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "trellis-system")]
+    lease_namespace: String,
+
+    /// This replica's identity in the Lease and in Events (the pod name);
+    /// the host name when unset.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+
+    /// Watch only this namespace; all namespaces when unset.
+    #[arg(long, env = "TRELLIS_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+
+    /// The cluster's DNS domain, for the URLs in MicroService status.
+    #[arg(long, env = "TRELLIS_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+
+    /// Reconciles running at once.
+    #[arg(long, env = "TRELLIS_CONCURRENCY", default_value_t = 4)]
+    concurrency: u16,
+
+    /// Reconcile every MicroService at least this often, in seconds, even without changes.
+    #[arg(long, env = "TRELLIS_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+
+    /// Send reconcile traces to this OTLP endpoint (not yet implemented: issue 6).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+
+    /// Log line format.
+    #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+
+    /// Which log lines to write (tracing's EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info,kube=warn")]
+    log_filter: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(
+        args.log_format,
+        &args.log_filter,
+        args.otlp_endpoint.as_deref(),
+    )?;
+
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_state = admin::AdminState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let admin = tokio::spawn(admin::serve(args.metrics_addr, admin_state));
+
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("trellis-operator-{}", std::process::id()));
+    let settings = Settings {
+        render: RenderConfig {
+            sidecar_image: args.sidecar_image.clone(),
+            cluster_domain: args.cluster_domain.clone(),
+        },
+        namespace: args.watch_namespace.clone(),
+        concurrency: args.concurrency,
+        instance: Some(identity.clone()),
+        resync: Duration::from_secs(args.resync_seconds),
+    };
+    // Ready once the apiserver answers; a standby is ready too.
+    client
+        .apiserver_version()
+        .await
+        .context("cannot reach the Kubernetes apiserver")?;
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let elector = args.leader_elect.then(|| {
+        LeaderElector::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            Timing::default(),
+        )
+    });
+    if let Some(elector) = &elector {
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = shutdown_signal() => return Ok(()),
+        }
+    }
+    metrics.leader.set(1);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = trellis_operator::run(client.clone(), settings, metrics.clone(), async {
+        let _ = stop_rx.await;
+    });
+    tokio::pin!(controller);
+    let lost = async {
+        match &elector {
+            Some(e) => e.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = &mut controller => r,
+        r = admin => Err(anyhow::anyhow!("the admin server stopped: {:?}", r)),
+        () = lost => {
+            // Another replica may already be reconciling: stop at once.
+            tracing::error!("lost the leader Lease; exiting so that Kubernetes restarts this replica as a candidate");
+            std::process::exit(1);
+        }
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(());
+            let r = tokio::time::timeout(Duration::from_secs(20), &mut controller).await;
+            r.unwrap_or(Ok(()))
+        }
+    };
+    if let Some(elector) = &elector {
+        elector.release().await;
+    }
+    result
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("can install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

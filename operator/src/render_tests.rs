@@ -1,0 +1,688 @@
+//! Unit tests of the renderer: every field that matters, without a cluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{Container, PodSpec},
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use trellis_policy::{Dependency, Duration, Protocol, Resilience, SidecarPolicy};
+
+use super::*;
+use crate::crd::{Autoscaling, MicroService, MicroServiceSpec};
+
+const UID: &str = "0b5a1c9e-1111-2222-3333-444455556666";
+
+fn spec() -> MicroServiceSpec {
+    serde_json::from_value(serde_json::json!({
+        "image": "registry.local:5000/trellis/order-service:0.1.0",
+        "port": 8080,
+    }))
+    .unwrap()
+}
+
+fn ms(spec: MicroServiceSpec) -> MicroService {
+    let mut ms = MicroService::new("order", spec);
+    ms.metadata = ObjectMeta {
+        name: Some("order".into()),
+        namespace: Some("shop".into()),
+        uid: Some(UID.into()),
+        generation: Some(1),
+        ..ObjectMeta::default()
+    };
+    ms
+}
+
+fn cfg() -> RenderConfig {
+    RenderConfig {
+        sidecar_image: "trellis/sidecar:test".into(),
+        cluster_domain: "cluster.local".into(),
+    }
+}
+
+fn children(spec: MicroServiceSpec) -> Children {
+    render(&ms(spec), &cfg()).unwrap()
+}
+
+fn pod(c: &Children) -> &PodSpec {
+    c.deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+}
+
+fn sidecar(c: &Children) -> &Container {
+    let inits = pod(c).init_containers.as_ref().unwrap();
+    assert_eq!(inits.len(), 1);
+    &inits[0]
+}
+
+fn app(c: &Children) -> &Container {
+    let containers = &pod(c).containers;
+    assert_eq!(containers.len(), 1);
+    &containers[0]
+}
+
+fn env(c: &Container) -> BTreeMap<String, String> {
+    c.env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let v = match (&e.value, &e.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => {
+                    format!("fieldRef:{}", from.field_ref.as_ref().unwrap().field_path)
+                }
+                _ => String::new(),
+            };
+            (e.name.clone(), v)
+        })
+        .collect()
+}
+
+fn checksum(c: &Children) -> Option<String> {
+    c.deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()
+        .get(CONFIG_CHECKSUM_ANNOTATION)
+        .cloned()
+}
+
+#[test]
+fn names_and_owner_references() {
+    let c = children(spec());
+    let names = [
+        c.config.metadata.name.as_deref(),
+        c.policy.metadata.name.as_deref(),
+        c.service_account.metadata.name.as_deref(),
+        c.role.metadata.name.as_deref(),
+        c.role_binding.metadata.name.as_deref(),
+        c.deployment.metadata.name.as_deref(),
+        c.service.metadata.name.as_deref(),
+    ];
+    assert_eq!(
+        names.map(Option::unwrap),
+        [
+            "order-config",
+            "order-sidecar",
+            "order",
+            "order-sidecar",
+            "order-sidecar",
+            "order",
+            "order"
+        ]
+    );
+    for meta in [
+        &c.config.metadata,
+        &c.policy.metadata,
+        &c.service_account.metadata,
+        &c.role.metadata,
+        &c.role_binding.metadata,
+        &c.deployment.metadata,
+        &c.service.metadata,
+    ] {
+        assert_eq!(meta.namespace.as_deref(), Some("shop"));
+        let owners = meta.owner_references.as_ref().unwrap();
+        assert_eq!(owners.len(), 1);
+        let o = &owners[0];
+        assert_eq!(
+            (
+                o.api_version.as_str(),
+                o.kind.as_str(),
+                o.name.as_str(),
+                o.uid.as_str()
+            ),
+            ("trellis.dev/v1alpha1", "MicroService", "order", UID)
+        );
+        assert_eq!(o.controller, Some(true));
+    }
+}
+
+#[test]
+fn recommended_labels() {
+    let c = children(spec());
+    let expected = BTreeMap::from(
+        [
+            ("app.kubernetes.io/name", "order"),
+            ("app.kubernetes.io/instance", "order"),
+            ("app.kubernetes.io/part-of", "trellis"),
+            ("app.kubernetes.io/managed-by", "trellis-operator"),
+            ("app.kubernetes.io/version", "0.1.0"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    assert_eq!(c.deployment.metadata.labels.as_ref(), Some(&expected));
+    assert_eq!(c.config.metadata.labels.as_ref(), Some(&expected));
+    let template = c
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref();
+    assert_eq!(template.unwrap().labels.as_ref(), Some(&expected));
+    // The selector must not include the version: it is immutable.
+    let selector = BTreeMap::from(
+        [
+            ("app.kubernetes.io/name", "order"),
+            ("app.kubernetes.io/instance", "order"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    assert_eq!(
+        c.deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .match_labels
+            .as_ref(),
+        Some(&selector)
+    );
+    assert_eq!(
+        c.service.spec.as_ref().unwrap().selector.as_ref(),
+        Some(&selector)
+    );
+}
+
+#[test]
+fn image_versions() {
+    assert_eq!(
+        image_version("trellis/order:0.1.0").as_deref(),
+        Some("0.1.0")
+    );
+    assert_eq!(
+        image_version("localhost:5000/order").as_deref(),
+        Some("latest")
+    );
+    assert_eq!(image_version("order").as_deref(), Some("latest"));
+    assert_eq!(image_version("order@sha256:abcd").as_deref(), None);
+    assert_eq!(
+        image_version("order:1.0@sha256:abcd").as_deref(),
+        Some("1.0")
+    );
+    assert_eq!(
+        image_version("order:v1+build.7").as_deref(),
+        Some("v1_build.7")
+    );
+    let long = format!("order:{}", "a".repeat(100));
+    assert_eq!(image_version(&long).unwrap().len(), 63);
+}
+
+#[test]
+fn config_map_holds_the_config() {
+    let mut s = spec();
+    s.config = BTreeMap::from([("LOG_LEVEL".into(), "info".into())]);
+    let c = children(s);
+    assert_eq!(
+        c.config.data,
+        Some(BTreeMap::from([("LOG_LEVEL".into(), "info".into())]))
+    );
+}
+
+#[test]
+fn policy_config_map_holds_the_rendered_policy() {
+    let mut s = spec();
+    s.dependencies = vec![Dependency {
+        timeout: Some(Duration::from_millis(800)),
+        ..Dependency::named("user")
+    }];
+    s.resilience = Some(Resilience {
+        timeout: Duration::from_secs(3),
+        ..Resilience::default()
+    });
+    s.protocol = Protocol::Grpc;
+    let c = children(s);
+    let data = c.policy.data.as_ref().unwrap();
+    assert_eq!(data.len(), 1);
+    let policy = SidecarPolicy::from_json(&data[trellis_policy::POLICY_KEY]).unwrap();
+    assert_eq!(policy.service, "order");
+    assert_eq!(policy.namespace, "shop");
+    assert_eq!(policy.app_port, 8080);
+    assert_eq!(policy.protocol, Protocol::Grpc);
+    assert_eq!(policy.resilience.timeout, Duration::from_secs(3));
+    assert_eq!(policy.dependencies[0].name, "user");
+    assert_eq!(
+        policy.dependencies[0].timeout,
+        Some(Duration::from_millis(800))
+    );
+}
+
+#[test]
+fn a_self_dependency_in_the_own_namespace_is_refused() {
+    let mut s = spec();
+    s.dependencies = vec![Dependency {
+        namespace: Some("shop".into()),
+        ..Dependency::named("order")
+    }];
+    let err = render(&ms(s), &cfg()).unwrap_err();
+    assert!(
+        err.to_string().contains("may not depend on itself"),
+        "{err}"
+    );
+    // The same name in another namespace is another service.
+    let mut s = spec();
+    s.dependencies = vec![Dependency {
+        namespace: Some("other".into()),
+        ..Dependency::named("order")
+    }];
+    assert!(render(&ms(s), &cfg()).is_ok());
+}
+
+#[test]
+fn render_needs_a_uid() {
+    let mut m = ms(spec());
+    m.metadata.uid = None;
+    assert!(matches!(
+        render(&m, &cfg()),
+        Err(RenderError::MissingMetadata("uid"))
+    ));
+}
+
+#[test]
+fn checksum_follows_the_config_not_the_policy() {
+    let base = children(spec());
+    let sum = checksum(&base).unwrap();
+    assert_eq!(sum, config_checksum(&BTreeMap::new()));
+    assert_eq!(sum.len(), 64);
+
+    let mut s = spec();
+    s.config.insert("LOG_LEVEL".into(), "debug".into());
+    let changed = children(s);
+    assert_ne!(checksum(&changed).unwrap(), sum);
+
+    // A policy change changes the policy ConfigMap and nothing in the Deployment.
+    let mut s = spec();
+    s.resilience = Some(Resilience {
+        timeout: Duration::from_secs(9),
+        ..Resilience::default()
+    });
+    s.dependencies = vec![Dependency::named("user")];
+    let policy_changed = children(s);
+    assert_eq!(policy_changed.deployment, base.deployment);
+    assert_ne!(policy_changed.policy, base.policy);
+    assert_eq!(policy_changed.config, base.config);
+}
+
+#[test]
+fn checksum_is_unambiguous() {
+    let a = BTreeMap::from([("a".to_owned(), "bc".to_owned())]);
+    let b = BTreeMap::from([("ab".to_owned(), "c".to_owned())]);
+    assert_ne!(config_checksum(&a), config_checksum(&b));
+}
+
+#[test]
+fn hot_reload_does_not_roll_pods() {
+    let mut s = spec();
+    s.hot_reload = true;
+    let a = children(s.clone());
+    s.config.insert("LOG_LEVEL".into(), "debug".into());
+    let b = children(s);
+    assert_eq!(checksum(&a), None);
+    assert_eq!(a.deployment, b.deployment);
+    assert_ne!(a.config, b.config);
+}
+
+#[test]
+fn sidecar_is_a_native_sidecar_with_the_contract() {
+    let c = children(spec());
+    let sc = sidecar(&c);
+    assert_eq!(sc.name, "trellis-sidecar");
+    assert_eq!(sc.image.as_deref(), Some("trellis/sidecar:test"));
+    assert_eq!(sc.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(sc.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    let ports: Vec<_> = sc
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(ports, [("inbound", 15006), ("admin", 15020)]);
+    assert_eq!(
+        env(sc),
+        BTreeMap::from(
+            [
+                ("TRELLIS_SERVICE", "order"),
+                ("TRELLIS_POLICY_CONFIGMAP", "order-sidecar"),
+                ("POD_NAMESPACE", "fieldRef:metadata.namespace"),
+                ("POD_NAME", "fieldRef:metadata.name"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        )
+    );
+    let probe = |p: &Option<Probe>| {
+        let h = p.as_ref().unwrap().http_get.as_ref().unwrap();
+        (h.path.clone().unwrap(), h.port.clone())
+    };
+    assert_eq!(
+        probe(&sc.startup_probe),
+        ("/livez".into(), IntOrString::Int(15020))
+    );
+    assert_eq!(
+        probe(&sc.readiness_probe),
+        ("/readyz".into(), IntOrString::Int(15020))
+    );
+    assert_eq!(
+        probe(&sc.liveness_probe),
+        ("/livez".into(), IntOrString::Int(15020))
+    );
+    let mounts: Vec<_> = sc
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("policy", "/etc/trellis/policy"),
+            ("sidecar-tmp", "/tmp"),
+            (
+                "sidecar-token",
+                "/var/run/secrets/kubernetes.io/serviceaccount"
+            )
+        ]
+    );
+}
+
+#[test]
+fn app_container_goes_out_through_the_sidecar() {
+    let c = children(spec());
+    let a = app(&c);
+    assert_eq!(a.name, "app");
+    assert_eq!(
+        a.image.as_deref(),
+        Some("registry.local:5000/trellis/order-service:0.1.0")
+    );
+    assert_eq!(
+        env(a),
+        BTreeMap::from(
+            [
+                ("PORT", "8080"),
+                ("HTTP_PROXY", "http://127.0.0.1:15001"),
+                ("TRELLIS_OUTBOUND", "http://127.0.0.1:15001"),
+                ("NO_PROXY", "localhost,127.0.0.1"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        )
+    );
+    let env_from = a.env_from.as_ref().unwrap();
+    assert_eq!(
+        env_from[0].config_map_ref.as_ref().unwrap().name,
+        "order-config"
+    );
+    let h = a
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (h.path.as_deref(), &h.port),
+        (Some("/readyz"), &IntOrString::Int(15020))
+    );
+    assert!(a.liveness_probe.is_none());
+    let mounts: Vec<_> = a
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("config", "/etc/trellis/config", Some(true)),
+            ("app-tmp", "/tmp", None)
+        ]
+    );
+}
+
+#[test]
+fn both_containers_meet_restricted_pod_security() {
+    let c = children(spec());
+    let p = pod(&c);
+    let psc = p.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.run_as_user, Some(65532));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    for container in [sidecar(&c), app(&c)] {
+        let sc = container.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true), "{}", container.name);
+        assert_eq!(sc.run_as_user, Some(65532), "{}", container.name);
+        assert_eq!(
+            sc.allow_privilege_escalation,
+            Some(false),
+            "{}",
+            container.name
+        );
+        assert_eq!(sc.privileged, Some(false), "{}", container.name);
+        assert_eq!(
+            sc.read_only_root_filesystem,
+            Some(true),
+            "{}",
+            container.name
+        );
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_owned()]),
+            "{}",
+            container.name
+        );
+        assert!(sc.capabilities.as_ref().unwrap().add.is_none());
+        assert_eq!(
+            sc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault",
+            "{}",
+            container.name
+        );
+    }
+    // No hostPath, no host namespaces.
+    assert!(p.host_network.is_none() && p.host_pid.is_none() && p.host_ipc.is_none());
+    for v in p.volumes.iter().flatten() {
+        assert!(v.host_path.is_none(), "{}", v.name);
+    }
+}
+
+#[test]
+fn only_the_sidecar_gets_an_api_token() {
+    let c = children(spec());
+    let p = pod(&c);
+    assert_eq!(p.service_account_name.as_deref(), Some("order"));
+    assert_eq!(p.automount_service_account_token, Some(false));
+    assert_eq!(
+        c.service_account.automount_service_account_token,
+        Some(false)
+    );
+    assert!(
+        app(&c)
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != "sidecar-token")
+    );
+    let token = p
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "sidecar-token")
+        .unwrap();
+    let sources = token.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    assert!(sources[0].service_account_token.is_some());
+    assert_eq!(
+        sources[1].config_map.as_ref().unwrap().name,
+        "kube-root-ca.crt"
+    );
+    assert!(sources[2].downward_api.is_some());
+}
+
+#[test]
+fn volumes_point_at_the_config_maps() {
+    let c = children(spec());
+    let p = pod(&c);
+    let cm = |name: &str| {
+        p.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .and_then(|v| v.config_map.as_ref())
+            .map(|c| c.name.clone())
+    };
+    assert_eq!(cm("config").as_deref(), Some("order-config"));
+    assert_eq!(cm("policy").as_deref(), Some("order-sidecar"));
+}
+
+#[test]
+fn role_allows_endpointslices_and_the_own_policy_only() {
+    let c = children(spec());
+    let rules = c.role.rules.as_ref().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(
+        rules[0].api_groups,
+        Some(vec!["discovery.k8s.io".to_owned()])
+    );
+    assert_eq!(rules[0].resources, Some(vec!["endpointslices".to_owned()]));
+    assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+    assert_eq!(rules[0].resource_names, None);
+    assert_eq!(rules[1].api_groups, Some(vec![String::new()]));
+    assert_eq!(rules[1].resources, Some(vec!["configmaps".to_owned()]));
+    assert_eq!(
+        rules[1].resource_names,
+        Some(vec!["order-sidecar".to_owned()])
+    );
+    assert_eq!(rules[1].verbs, ["get", "list", "watch"]);
+
+    let rb = &c.role_binding;
+    assert_eq!(
+        (rb.role_ref.kind.as_str(), rb.role_ref.name.as_str()),
+        ("Role", "order-sidecar")
+    );
+    let subject = &rb.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (
+            subject.kind.as_str(),
+            subject.name.as_str(),
+            subject.namespace.as_deref()
+        ),
+        ("ServiceAccount", "order", Some("shop"))
+    );
+}
+
+#[test]
+fn service_targets_the_sidecar_inbound_port() {
+    let c = children(spec());
+    let ports = c.service.spec.as_ref().unwrap().ports.as_ref().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].name.as_deref(), Some("http"));
+    assert_eq!(ports[0].port, 80);
+    assert_eq!(ports[0].target_port, Some(IntOrString::Int(15006)));
+
+    let mut s = spec();
+    s.protocol = Protocol::Grpc;
+    let c = children(s);
+    let port = &c.service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    assert_eq!(port.name.as_deref(), Some("grpc"));
+    assert_eq!(port.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
+    assert_eq!(port.target_port, Some(IntOrString::Int(15006)));
+}
+
+#[test]
+fn replicas_pdb_and_hpa() {
+    let c = children(spec());
+    assert_eq!(c.deployment.spec.as_ref().unwrap().replicas, Some(1));
+    assert!(c.pdb.is_none());
+    assert!(c.hpa.is_none());
+
+    let mut s = spec();
+    s.replicas = 3;
+    let c = children(s);
+    assert_eq!(c.deployment.spec.as_ref().unwrap().replicas, Some(3));
+    let pdb = c.pdb.unwrap();
+    let pdb_spec = pdb.spec.unwrap();
+    assert_eq!(pdb_spec.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(
+        pdb_spec.selector.unwrap().match_labels,
+        Some(selector_labels("order"))
+    );
+    assert!(c.hpa.is_none());
+
+    let mut s = spec();
+    s.autoscaling = Some(Autoscaling {
+        min_replicas: 2,
+        max_replicas: 6,
+        target_cpu_utilization: 70,
+    });
+    let c = children(s);
+    // The HPA owns the replica count.
+    assert_eq!(c.deployment.spec.as_ref().unwrap().replicas, None);
+    assert!(c.pdb.is_some());
+    let hpa = c.hpa.unwrap().spec.unwrap();
+    assert_eq!(hpa.min_replicas, Some(2));
+    assert_eq!(hpa.max_replicas, 6);
+    assert_eq!(hpa.scale_target_ref.kind, "Deployment");
+    assert_eq!(hpa.scale_target_ref.name, "order");
+    let metric = &hpa.metrics.unwrap()[0];
+    let resource = metric.resource.as_ref().unwrap();
+    assert_eq!(resource.name, "cpu");
+    assert_eq!(resource.target.average_utilization, Some(70));
+}
+
+#[test]
+fn app_resources_are_passed_through() {
+    let s: MicroServiceSpec = serde_json::from_value(serde_json::json!({
+        "image": "order:1", "port": 8080,
+        "resources": {"requests": {"cpu": "100m"}, "limits": {"memory": "128Mi"}},
+    }))
+    .unwrap();
+    let c = children(s.clone());
+    assert_eq!(app(&c).resources, s.resources);
+}
+
+#[test]
+fn objects_serialise_with_api_version_and_kind() {
+    let c = children(spec());
+    let v = serde_json::to_value(&c.deployment).unwrap();
+    assert_eq!(v["apiVersion"], "apps/v1");
+    assert_eq!(v["kind"], "Deployment");
+    let v = serde_json::to_value(&c.role).unwrap();
+    assert_eq!(v["apiVersion"], "rbac.authorization.k8s.io/v1");
+    assert_eq!(v["kind"], "Role");
+}
+
+#[test]
+fn ownership_check_needs_the_controller_owner_reference() {
+    let m = ms(spec());
+    let owner = m.controller_owner_ref(&()).unwrap();
+    assert!(is_controlled_by(Some(std::slice::from_ref(&owner)), &m));
+    let mut other = owner.clone();
+    other.uid = "another".into();
+    assert!(!is_controlled_by(Some(&[other]), &m));
+    let mut not_controller = owner;
+    not_controller.controller = Some(false);
+    assert!(!is_controlled_by(Some(&[not_controller]), &m));
+    assert!(!is_controlled_by(None, &m));
+}
+
+#[test]
+fn status_url() {
+    assert_eq!(
+        service_url("order", "shop", "cluster.local"),
+        "http://order.shop.svc.cluster.local"
+    );
+}
