@@ -428,6 +428,26 @@ mod tests {
         assert!(problems.is_empty(), "{problems:#?}");
     }
 
+    /// kubectl reads YAML 1.1, where `on`, `off`, `yes`, `no`, `y` and `n` are
+    /// booleans: a property with such a name cannot be written in a manifest.
+    #[test]
+    fn no_property_name_is_a_yaml_1_1_boolean() {
+        fn walk(path: &str, v: &Value, bad: &mut Vec<String>) {
+            for (k, child) in v["properties"].as_object().into_iter().flatten() {
+                let p = format!("{path}.{k}");
+                let lower = k.to_ascii_lowercase();
+                if ["y", "n", "yes", "no", "on", "off", "true", "false"].contains(&lower.as_str()) {
+                    bad.push(p.clone());
+                }
+                walk(&p, child, bad);
+                walk(&format!("{p}[]"), &child["items"], bad);
+            }
+        }
+        let mut bad = Vec::new();
+        walk("", &schema(), &mut bad);
+        assert!(bad.is_empty(), "{bad:?}");
+    }
+
     #[test]
     fn every_field_is_documented() {
         fn walk(path: &str, v: &Value, missing: &mut Vec<String>) {

@@ -213,7 +213,12 @@ pub struct Retry {
     pub backoff: Backoff,
     /// Which failures are retried. Only idempotent methods (GET, HEAD, OPTIONS,
     /// PUT, DELETE) are retried unless the request carries `x-trellis-retryable: true`.
-    #[serde(default = "defaults::retry_on")]
+    //
+    // On the wire this is `retryOn`, not `on`: kubectl reads YAML 1.1, where a
+    // bare `on` key is the boolean `true`, so `on: [5xx]` in a manifest (and in
+    // the CRD's own schema) would silently become a field named "true".
+    // `on` is still accepted in JSON, where it is unambiguous.
+    #[serde(default = "defaults::retry_on", rename = "retryOn", alias = "on")]
     #[schemars(length(max = 4))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub on: Vec<RetryOn>,

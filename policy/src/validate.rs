@@ -310,6 +310,19 @@ mod tests {
     }
 
     #[test]
+    fn retry_on_is_retry_on_on_the_wire_and_on_is_still_read() {
+        let p = policy();
+        let json: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        assert!(json["resilience"]["retry"].get("retryOn").is_some());
+        assert!(json["resilience"]["retry"].get("on").is_none());
+        let old = SidecarPolicy::from_json(
+            r#"{"service":"a","namespace":"b","appPort":1,"resilience":{"retry":{"on":["timeout"]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.resilience.retry.on, [crate::RetryOn::Timeout]);
+    }
+
+    #[test]
     fn parse_errors_are_not_validation_errors() {
         let err = SidecarPolicy::from_json(r#"{"service":"a","namespace":"b","appPort":"x"}"#)
             .unwrap_err();
