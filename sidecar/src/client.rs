@@ -1,0 +1,184 @@
+//! The pooled upstream client, shared by every route and the inbound forwarder.
+//!
+//! Two hyper-util pooled clients sit behind one type: HTTP/1.1, and HTTP/2
+//! with prior knowledge (h2c). Cleartext HTTP/2 cannot be negotiated by ALPN,
+//! so the proxy decides per request: a request that arrived over HTTP/2, or
+//! that carries gRPC's content type, goes upstream as h2c; anything else as
+//! HTTP/1.1. Pools are keyed by endpoint address, so each endpoint keeps its
+//! own warm connections.
+
+use std::{net::SocketAddr, time::Duration};
+
+use http::{HeaderValue, Request, Response, Uri, Version, header};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+
+use crate::http::{Body, BoxError, boxed, headers::Stripped};
+
+/// How the proxy speaks to one upstream request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 with prior knowledge, as gRPC uses.
+    H2c,
+}
+
+impl UpstreamProtocol {
+    /// The protocol for a request: h2c when it arrived as HTTP/2, is gRPC, or
+    /// the destination is known to speak only HTTP/2 (`force_h2`).
+    pub fn for_request<B>(req: &Request<B>, force_h2: bool) -> Self {
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+        if force_h2 || grpc || req.version() == Version::HTTP_2 {
+            Self::H2c
+        } else {
+            Self::Http1
+        }
+    }
+}
+
+/// Settings of the upstream client.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// How long a TCP connect may take.
+    pub connect_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(30),
+            max_idle_per_endpoint: 64,
+        }
+    }
+}
+
+/// Why an upstream exchange failed, split the way retries and breakers
+/// (issue 5) need it: a connect failure is always safe to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No connection could be made to the endpoint.
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
+    /// The connection was made but the exchange failed.
+    #[error("request to {addr} failed: {source}")]
+    Request {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// The pooled client.
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    h1: Client<HttpConnector, Body>,
+    h2: Client<HttpConnector, Body>,
+}
+
+impl UpstreamClient {
+    /// Builds both pools.
+    pub fn new(cfg: &ClientConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        // The proxy rewrites every URI to an address; there is no name to resolve.
+        connector.enforce_http(true);
+
+        let mut b = Client::builder(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.idle_timeout)
+            .pool_max_idle_per_host(cfg.max_idle_per_endpoint)
+            // The original Host is forwarded as is; hyper must not invent one.
+            .set_host(false);
+        let h1 = b.build(connector.clone());
+        b.http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .http2_adaptive_window(true);
+        let h2 = b.build(connector);
+        Self { h1, h2 }
+    }
+
+    /// Sends `req` to `addr`, rewriting its URI to the endpoint and its version
+    /// to the chosen protocol. Hop-by-hop headers must already be stripped.
+    pub async fn send(
+        &self,
+        mut req: Request<Body>,
+        addr: SocketAddr,
+        protocol: UpstreamProtocol,
+    ) -> Result<Response<Body>, ClientError> {
+        let authority = req.uri().authority().cloned();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(addr.to_string())
+            .path_and_query(path)
+            .build()
+            .expect("an address and a path that parsed before make a URI");
+
+        let te_trailers = req
+            .extensions()
+            .get::<Stripped>()
+            .is_some_and(|s| s.te_trailers);
+        let client = match protocol {
+            UpstreamProtocol::Http1 => {
+                *req.version_mut() = Version::HTTP_11;
+                // An HTTP/2 request carries its name in :authority; HTTP/1.1 needs Host.
+                if let Some(a) = authority
+                    && !req.headers().contains_key(header::HOST)
+                    && let Ok(v) = HeaderValue::from_str(a.as_str())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                &self.h1
+            }
+            UpstreamProtocol::H2c => {
+                // :authority comes from the URI; a Host beside it could disagree.
+                let headers = req.headers_mut();
+                headers.remove(header::HOST);
+                if te_trailers {
+                    // The only TE allowed on HTTP/2, and one gRPC servers require.
+                    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                }
+                *req.version_mut() = Version::HTTP_2;
+                &self.h2
+            }
+        };
+        match client.request(req).await {
+            Ok(rsp) => Ok(rsp.map(boxed)),
+            Err(e) if e.is_connect() => Err(ClientError::Connect {
+                addr,
+                source: e.into(),
+            }),
+            Err(e) => Err(ClientError::Request {
+                addr,
+                source: e.into(),
+            }),
+        }
+    }
+}

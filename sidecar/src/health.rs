@@ -1,0 +1,299 @@
+//! Health: liveness, readiness and the detailed `/healthz` report.
+//!
+//! Kubernetes probes the sidecar, not the application; the sidecar
+//! aggregates. `/readyz` is ready when the listeners are bound, discovery
+//! has answered for every service followed, and the application's own
+//! health check — a GET of the policy's `health.path`, polled every
+//! `health.interval` — passes. `/healthz` reports each check in the seed
+//! platform's shape, plus the policy: a refused policy makes `/healthz`
+//! unhealthy (so it is seen) but not `/readyz` (the last good policy still
+//! serves traffic correctly).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use http::{Request, StatusCode};
+use serde::Serialize;
+use tokio::sync::watch;
+use trellis_policy::Protocol;
+
+use crate::{
+    client::{UpstreamClient, UpstreamProtocol},
+    discovery::Resolver,
+    http::empty,
+    policy_watch::PolicyState,
+};
+
+/// The result of one check.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckStatus {
+    /// `healthy` or `unhealthy`.
+    pub status: &'static str,
+    /// How long the check took, as text (`1.2ms`).
+    pub duration: String,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl CheckStatus {
+    fn new(ok: bool, duration: Duration, error: Option<String>) -> Self {
+        Self {
+            status: if ok { "healthy" } else { "unhealthy" },
+            duration: format!("{duration:?}"),
+            error: if ok { None } else { error },
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.status == "healthy"
+    }
+}
+
+/// The `/healthz` body: the seed's `HealthStatus`.
+#[derive(Clone, Debug, Serialize)]
+pub struct HealthReport {
+    /// `healthy` when every check is.
+    pub status: &'static str,
+    /// Each check by name.
+    pub checks: BTreeMap<&'static str, CheckStatus>,
+    /// How long the report took.
+    pub duration: String,
+    /// When it was made (RFC 3339).
+    pub timestamp: String,
+}
+
+/// The last result of the application's health check.
+#[derive(Clone, Debug)]
+struct AppCheck {
+    ok: bool,
+    duration: Duration,
+    error: Option<String>,
+}
+
+/// Everything health reports on.
+#[derive(Clone)]
+pub struct Health {
+    listeners_bound: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
+    app: Arc<Mutex<AppCheck>>,
+    resolver: Resolver,
+    policy: watch::Receiver<PolicyState>,
+}
+
+impl Health {
+    /// Health over `resolver` and `policy`; not ready until told the
+    /// listeners are bound and the app check passes.
+    pub fn new(resolver: Resolver, policy: watch::Receiver<PolicyState>) -> Self {
+        Self {
+            listeners_bound: Arc::default(),
+            draining: Arc::default(),
+            app: Arc::new(Mutex::new(AppCheck {
+                ok: false,
+                duration: Duration::ZERO,
+                error: Some("not checked yet".into()),
+            })),
+            resolver,
+            policy,
+        }
+    }
+
+    /// Marks the listeners bound.
+    pub fn set_listening(&self) {
+        self.listeners_bound.store(true, Ordering::Release);
+    }
+
+    /// Marks the sidecar draining: not ready any more, so traffic moves away.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    fn checks(&self) -> BTreeMap<&'static str, CheckStatus> {
+        let mut checks = BTreeMap::new();
+        let bound = self.listeners_bound.load(Ordering::Acquire);
+        let draining = self.draining.load(Ordering::Acquire);
+        let listeners_error = if draining {
+            Some("draining: shutting down".to_owned())
+        } else if !bound {
+            Some("listeners not bound yet".to_owned())
+        } else {
+            None
+        };
+        checks.insert(
+            "listeners",
+            CheckStatus::new(listeners_error.is_none(), Duration::ZERO, listeners_error),
+        );
+
+        let start = Instant::now();
+        let synced = self.resolver.is_synced();
+        checks.insert(
+            "discovery",
+            CheckStatus::new(
+                synced,
+                start.elapsed(),
+                Some("discovery has not answered for every service yet".into()),
+            ),
+        );
+
+        let app = self.app.lock().expect("app check lock").clone();
+        checks.insert("app", CheckStatus::new(app.ok, app.duration, app.error));
+
+        let state = self.policy.borrow();
+        let policy_error = match (&state.policy, &state.rejected) {
+            (None, None) => Some("no policy loaded yet".to_owned()),
+            (None, Some(r)) => Some(format!("no valid policy: {} (from {})", r.error, r.source)),
+            (Some(_), Some(r)) => Some(format!(
+                "running policy generation {}; a newer one was refused: {} (from {})",
+                state.generation, r.error, r.source
+            )),
+            (Some(_), None) => None,
+        };
+        checks.insert(
+            "policy",
+            CheckStatus::new(policy_error.is_none(), Duration::ZERO, policy_error),
+        );
+        checks
+    }
+
+    /// Whether traffic should be sent here, and if not, why.
+    pub fn readiness(&self) -> Result<(), String> {
+        let checks = self.checks();
+        let failing: Vec<String> = ["listeners", "discovery", "app"]
+            .iter()
+            .filter_map(|name| {
+                let c = &checks[name];
+                (!c.healthy())
+                    .then(|| format!("{name}: {}", c.error.as_deref().unwrap_or("failing")))
+            })
+            .collect();
+        if failing.is_empty() {
+            Ok(())
+        } else {
+            Err(failing.join("\n"))
+        }
+    }
+
+    /// The `/healthz` report.
+    pub fn report(&self) -> HealthReport {
+        let start = Instant::now();
+        let checks = self.checks();
+        let healthy = checks.values().all(CheckStatus::healthy);
+        HealthReport {
+            status: if healthy { "healthy" } else { "unhealthy" },
+            checks,
+            duration: format!("{:?}", start.elapsed()),
+            timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        }
+    }
+
+    fn set_app(&self, check: AppCheck) {
+        let mut app = self.app.lock().expect("app check lock");
+        if app.ok != check.ok {
+            if check.ok {
+                tracing::info!("application health check passing");
+            } else {
+                tracing::warn!(error = ?check.error, "application health check failing");
+            }
+        }
+        *app = check;
+    }
+}
+
+/// Polls the application's health path for as long as the sidecar runs,
+/// following the policy's path, interval and timeout as they change.
+pub async fn poll_app(
+    health: Health,
+    client: UpstreamClient,
+    app_host: IpAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut policy = health.policy.clone();
+    loop {
+        let current = policy.borrow_and_update().policy.clone();
+        let interval = match current {
+            None => {
+                health.set_app(AppCheck {
+                    ok: false,
+                    duration: Duration::ZERO,
+                    error: Some("no policy: the application's port is unknown".into()),
+                });
+                Duration::from_secs(1)
+            }
+            Some(p) => {
+                let addr = SocketAddr::new(app_host, p.app_port);
+                let protocol = if p.protocol == Protocol::Grpc {
+                    UpstreamProtocol::H2c
+                } else {
+                    UpstreamProtocol::Http1
+                };
+                let check = check_app(
+                    &client,
+                    addr,
+                    &p.health.path,
+                    protocol,
+                    p.health.timeout.get(),
+                )
+                .await;
+                health.set_app(check);
+                p.health.interval.get().max(Duration::from_millis(100))
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            // A new policy may move the port or path: check again at once.
+            _ = policy.changed() => {}
+            _ = crate::shutdown::signalled(&mut shutdown) => return,
+        }
+    }
+}
+
+async fn check_app(
+    client: &UpstreamClient,
+    addr: SocketAddr,
+    path: &str,
+    protocol: UpstreamProtocol,
+    timeout: Duration,
+) -> AppCheck {
+    let start = Instant::now();
+    let req = Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::USER_AGENT, "trellis-sidecar/health")
+        .body(empty())
+        .expect("a validated path makes a request");
+    let exchange = async {
+        let rsp = client.send(req, addr, protocol).await?;
+        let status = rsp.status();
+        // Read the (small) body so the pooled connection can be reused.
+        let _ = http_body_util::BodyExt::collect(rsp.into_body()).await;
+        Ok::<_, crate::client::ClientError>(status)
+    };
+    let result = tokio::time::timeout(timeout, exchange).await;
+    let duration = start.elapsed();
+    let error = match result {
+        Err(_) => Some(format!("GET {path} on {addr} took longer than {timeout:?}")),
+        Ok(Err(e)) => Some(format!("GET {path}: {e}")),
+        Ok(Ok(status)) if status.is_success() => None,
+        Ok(Ok(status)) => Some(format!("GET {path} on {addr} answered {status}")),
+    };
+    AppCheck {
+        ok: error.is_none(),
+        duration,
+        error,
+    }
+}
+
+/// The status code of a readiness or health answer.
+pub fn status_code(ok: bool) -> StatusCode {
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}

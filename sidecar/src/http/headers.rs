@@ -1,0 +1,196 @@
+//! Hop-by-hop header handling, as RFC 9110 §7.6.1 requires of a proxy.
+//!
+//! Connection-specific fields describe one TCP connection, not the message:
+//! forwarding them would, for instance, make an upstream keep a connection
+//! open that the client asked to close, or desynchronise framing
+//! (`Transfer-Encoding`). hyper re-frames every message it writes, so the
+//! proxy removes these fields on each side and lets hyper set its own.
+
+use std::task::{Context, Poll};
+
+use futures::future::{BoxFuture, FutureExt};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
+use tower::{Layer, Service};
+
+/// Fields that are connection-specific by definition (RFC 9110 §7.6.1),
+/// plus `proxy-connection`, which old clients still send.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// What stripping found that the forwarder still needs to know.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stripped {
+    /// The client sent `TE: trailers`: it accepts trailers. gRPC requires this
+    /// field on HTTP/2, where it is the one TE value allowed, so the forwarder
+    /// puts it back on an HTTP/2 request.
+    pub te_trailers: bool,
+}
+
+/// Removes hop-by-hop fields: the fixed set, and every field that a
+/// `Connection` header names (its connection options).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
+    // Collect the names listed in Connection before removing Connection itself.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    });
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    Stripped { te_trailers }
+}
+
+/// Appends the client's address to `x-forwarded-for`, keeping any earlier hops.
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    let earlier: Vec<&str> = headers
+        .get_all(&XFF)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let value = if earlier.is_empty() {
+        client.to_string()
+    } else {
+        format!("{}, {client}", earlier.join(", "))
+    };
+    // An IP address and commas are always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(XFF, value);
+    }
+}
+
+/// A layer adding [`StripHopByHop`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HopByHopLayer;
+
+impl<S> Layer<S> for HopByHopLayer {
+    type Service = StripHopByHop<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        StripHopByHop { inner }
+    }
+}
+
+/// Strips hop-by-hop fields from requests on the way in and from responses
+/// on the way out; what the request's fields said is left in its
+/// extensions as [`Stripped`] for the forwarder.
+#[derive(Clone, Debug)]
+pub struct StripHopByHop<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<Request<B>> for StripHopByHop<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let stripped = strip_hop_by_hop(req.headers_mut());
+        req.extensions_mut().insert(stripped);
+        self.inner
+            .call(req)
+            .map(|res| {
+                res.map(|mut rsp| {
+                    strip_hop_by_hop(rsp.headers_mut());
+                    rsp
+                })
+            })
+            .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn removes_the_fixed_set_and_keeps_end_to_end_fields() {
+        let mut h = map(&[
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("content-type", "text/plain"),
+            ("x-custom", "1"),
+        ]);
+        let s = strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-custom"]);
+        assert!(!s.te_trailers);
+    }
+
+    #[test]
+    fn removes_fields_named_in_connection_across_values_and_case() {
+        let mut h = map(&[
+            ("connection", "close, X-Secret"),
+            ("connection", " x-other ,"),
+            ("x-secret", "s"),
+            ("x-other", "o"),
+            ("x-kept", "k"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn remembers_te_trailers() {
+        let mut h = map(&[("te", "gzip;q=0.5, Trailers")]);
+        assert!(strip_hop_by_hop(&mut h).te_trailers);
+        assert!(h.get("te").is_none());
+    }
+
+    #[test]
+    fn appends_to_forwarded_for() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+        ]);
+        append_forwarded_for(&mut h, "::1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+}

@@ -1,0 +1,192 @@
+//! The responses the proxy writes itself, when it cannot forward a request.
+//!
+//! Each says in its body what went wrong and for which service, and carries
+//! `x-trellis-proxy-error`, so a caller can tell a proxy failure from an
+//! answer of the application (a 503 from the app and from the proxy look
+//! alike otherwise).
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures::future::{BoxFuture, FutureExt};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use tower::Service;
+
+use crate::metrics::ServiceLabel;
+
+use super::{Body, BoxError, full};
+
+/// Marks a response written by the proxy rather than by an application.
+pub const X_PROXY_ERROR: HeaderName = HeaderName::from_static("x-trellis-proxy-error");
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request named no service: no absolute URI, no Host, no `:authority`.
+    #[error(
+        "the request names no service: send it in proxy form (GET http://name/path) or with a Host header"
+    )]
+    NoAuthority,
+    /// The request named something that is not a service name.
+    #[error(
+        "{0:?} is not a service name: use name, name.namespace or name.namespace.svc.cluster.local"
+    )]
+    BadAuthority(String),
+    /// Discovery knows no service by this name.
+    #[error("unknown service {0:?}: discovery knows no service by this name")]
+    UnknownService(String),
+    /// Discovery has not answered yet about this service.
+    #[error("discovery has no answer yet for service {0:?}")]
+    DiscoveryPending(String),
+    /// The service exists but has no ready endpoint.
+    #[error("service {0:?} has no ready endpoints")]
+    NoEndpoints(String),
+    /// The upstream could not be reached or broke the exchange.
+    #[error("upstream {service:?} failed: {source}")]
+    Upstream {
+        /// The service called.
+        service: String,
+        /// What failed.
+        #[source]
+        source: BoxError,
+    },
+    /// The upstream did not answer in time.
+    #[error("upstream {service:?} did not answer within {timeout:?}")]
+    Timeout {
+        /// The service called.
+        service: String,
+        /// The deadline that passed.
+        timeout: std::time::Duration,
+    },
+    /// No valid policy has been loaded yet, so the application's port is unknown.
+    #[error("the sidecar has no valid policy yet")]
+    NoPolicy,
+    /// The request was malformed in a way hyper let through.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    /// The status code a client should see.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoAuthority | Self::BadAuthority(_) | Self::BadRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::UnknownService(_)
+            | Self::NoEndpoints(_)
+            | Self::DiscoveryPending(_)
+            | Self::NoPolicy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A short machine-readable kind, the value of `x-trellis-proxy-error`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoAuthority => "no-authority",
+            Self::BadAuthority(_) => "bad-authority",
+            Self::UnknownService(_) => "unknown-service",
+            Self::NoEndpoints(_) => "no-endpoints",
+            Self::DiscoveryPending(_) => "discovery-pending",
+            Self::Upstream { .. } => "upstream-failed",
+            Self::Timeout { .. } => "timeout",
+            Self::NoPolicy => "no-policy",
+            Self::BadRequest(_) => "bad-request",
+        }
+    }
+
+    /// The response the client gets.
+    pub fn into_response(self) -> Response<Body> {
+        let mut rsp = Response::new(full(format!("{self}\n")));
+        *rsp.status_mut() = self.status();
+        let h = rsp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(X_PROXY_ERROR, HeaderValue::from_static(self.kind()));
+        rsp
+    }
+}
+
+/// Turns any error that reached the top of a stack into a response: a
+/// [`ProxyError`] keeps its status, anything else is a 502.
+pub fn error_response(err: BoxError, service: Option<&str>) -> Response<Body> {
+    match err.downcast::<ProxyError>() {
+        Ok(e) => e.into_response(),
+        Err(source) => ProxyError::Upstream {
+            service: service.unwrap_or("unknown").to_owned(),
+            source,
+        }
+        .into_response(),
+    }
+}
+
+/// Answers a failed request with its error response, labelled with the
+/// service, so the layers above (metrics) see every outcome as a response.
+#[derive(Clone, Debug)]
+pub struct RespondToErrors<S> {
+    inner: S,
+    service: Arc<str>,
+    /// An error from `poll_ready`, answered by the next `call`.
+    not_ready: Option<Arc<str>>,
+}
+
+impl<S> RespondToErrors<S> {
+    /// Wraps `inner`, whose failures concern `service`.
+    pub fn new(inner: S, service: Arc<str>) -> Self {
+        Self {
+            inner,
+            service,
+            not_ready: None,
+        }
+    }
+}
+
+impl<S, B> Service<Request<B>> for RespondToErrors<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => {
+                self.not_ready = Some(e.to_string().into());
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let service = self.service.clone();
+        let label = move |mut rsp: Response<Body>| {
+            rsp.extensions_mut().insert(ServiceLabel(service));
+            rsp
+        };
+        if let Some(e) = self.not_ready.take() {
+            let rsp = error_response(e.to_string().into(), Some(&self.service));
+            return futures::future::ready(Ok(label(rsp))).boxed();
+        }
+        let service = self.service.clone();
+        self.inner
+            .call(req)
+            .map(move |res| {
+                Ok(label(match res {
+                    Ok(rsp) => rsp,
+                    Err(e) => error_response(e, Some(&service)),
+                }))
+            })
+            .boxed()
+    }
+}

@@ -1,0 +1,368 @@
+//! Prometheus metrics, served in the text format on the admin `/metrics`.
+//!
+//! Every series is labelled by direction and by upstream service, so one
+//! scrape answers "which dependency is failing or slow" without logs.
+//! Status is recorded as a class (`2xx`...`5xx`), not a code, to keep the
+//! number of series bounded whatever the upstreams answer.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use futures::future::{BoxFuture, FutureExt};
+use http::{Request, Response};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tower::{Layer, Service};
+
+/// Which listener a request came through.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    /// From another service to the application.
+    #[allow(non_camel_case_types)]
+    inbound,
+    /// From the application to a dependency.
+    #[allow(non_camel_case_types)]
+    outbound,
+}
+
+/// The service a request was for, set as a response extension by whatever
+/// routed it, so the metrics layer can label the request after the fact.
+#[derive(Clone, Debug)]
+pub struct ServiceLabel(pub Arc<str>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: Direction,
+    service: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    direction: Direction,
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    direction: Direction,
+    service: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Latency buckets from 0.5 ms to about 16 s, doubling.
+#[derive(Clone, Copy)]
+struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+    }
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram, LatencyBuckets>,
+    proxy_errors: Family<ErrorLabels, Counter>,
+    endpoints: Family<ServiceLabels, Gauge>,
+    connections: Family<ListenerLabels, Gauge>,
+    policy_reloads: Family<ResultLabels, Counter>,
+    policy_generation: Gauge,
+    policy_valid: Gauge,
+}
+
+/// The sidecar's metrics; cheap to clone, shared by every part.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("trellis");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Requests proxied, by direction, upstream service and status class",
+            requests.clone(),
+        );
+        let latency = Family::new_with_constructor(LatencyBuckets);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers, by direction and service",
+            latency.clone(),
+        );
+        let proxy_errors = Family::default();
+        registry.register(
+            "proxy_errors",
+            "Requests the proxy answered itself, by kind of failure",
+            proxy_errors.clone(),
+        );
+        let endpoints = Family::default();
+        registry.register(
+            "endpoints",
+            "Ready endpoints known for each upstream service",
+            endpoints.clone(),
+        );
+        let connections = Family::default();
+        registry.register(
+            "connections_active",
+            "Client connections open on each listener",
+            connections.clone(),
+        );
+        let policy_reloads = Family::default();
+        registry.register(
+            "policy_reloads",
+            "Policies offered to the sidecar, by result (applied or rejected)",
+            policy_reloads.clone(),
+        );
+        let policy_generation = Gauge::default();
+        registry.register(
+            "policy_generation",
+            "How many policies have been applied since start (the running policy's version)",
+            policy_generation.clone(),
+        );
+        let policy_valid = Gauge::default();
+        registry.register(
+            "policy_last_reload_ok",
+            "1 when the last policy offered was applied, 0 when it was rejected",
+            policy_valid.clone(),
+        );
+        Self(Arc::new(Inner {
+            registry,
+            requests,
+            latency,
+            proxy_errors,
+            endpoints,
+            connections,
+            policy_reloads,
+            policy_generation,
+            policy_valid,
+        }))
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// The class of a status code: `2xx`, `4xx`...
+fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+impl Metrics {
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.0.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Records one finished request.
+    pub fn record_request(
+        &self,
+        direction: Direction,
+        service: &str,
+        status: http::StatusCode,
+        elapsed: std::time::Duration,
+        proxy_error: Option<&str>,
+    ) {
+        self.0
+            .requests
+            .get_or_create(&RequestLabels {
+                direction,
+                service: service.to_owned(),
+                status_class: status_class(status),
+            })
+            .inc();
+        self.0
+            .latency
+            .get_or_create(&LatencyLabels {
+                direction,
+                service: service.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+        if let Some(kind) = proxy_error {
+            self.0
+                .proxy_errors
+                .get_or_create(&ErrorLabels {
+                    direction,
+                    service: service.to_owned(),
+                    kind: kind.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    /// Sets the ready endpoint count of a service.
+    pub fn set_endpoints(&self, service: &str, n: usize) {
+        self.0
+            .endpoints
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The gauge of open connections on a listener.
+    pub fn connections(&self, listener: &'static str) -> Gauge {
+        self.0
+            .connections
+            .get_or_create(&ListenerLabels { listener })
+            .clone()
+    }
+
+    /// Records a policy offered: applied (with the new generation) or rejected.
+    pub fn record_policy(&self, applied: bool, generation: u64) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.0
+            .policy_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.0.policy_valid.set(i64::from(applied));
+        if applied {
+            self.0
+                .policy_generation
+                .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// A layer recording every request that passes through it.
+#[derive(Clone, Debug)]
+pub struct MetricsLayer {
+    metrics: Metrics,
+    direction: Direction,
+}
+
+impl MetricsLayer {
+    /// Records under `direction`.
+    pub fn new(metrics: Metrics, direction: Direction) -> Self {
+        Self { metrics, direction }
+    }
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = RecordRequests<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RecordRequests {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Records status class and latency (to response headers) of each request.
+#[derive(Clone, Debug)]
+pub struct RecordRequests<S> {
+    inner: S,
+    layer: MetricsLayer,
+}
+
+impl<S, B, RB> Service<Request<B>> for RecordRequests<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let layer = self.layer.clone();
+        self.inner
+            .call(req)
+            .map(move |res| {
+                if let Ok(rsp) = &res {
+                    let service = rsp
+                        .extensions()
+                        .get::<ServiceLabel>()
+                        .map_or("unknown", |s| &s.0);
+                    let proxy_error = rsp
+                        .headers()
+                        .get(crate::http::response::X_PROXY_ERROR)
+                        .and_then(|v| v.to_str().ok());
+                    layer.metrics.record_request(
+                        layer.direction,
+                        service,
+                        rsp.status(),
+                        start.elapsed(),
+                        proxy_error,
+                    );
+                }
+                res
+            })
+            .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_requests_by_class_and_policy_results() {
+        let m = Metrics::default();
+        m.record_request(
+            Direction::outbound,
+            "user.shop",
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            std::time::Duration::from_millis(3),
+            Some("no-endpoints"),
+        );
+        m.record_policy(false, 0);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"trellis_requests_total{direction="outbound",service="user.shop",status_class="5xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"trellis_proxy_errors_total{direction="outbound",service="user.shop",kind="no-endpoints"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"trellis_policy_reloads_total{result="rejected"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("trellis_policy_last_reload_ok 0"), "{text}");
+    }
+}

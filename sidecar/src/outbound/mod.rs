@@ -1,0 +1,10 @@
+//! The outbound side: the application's way to its dependencies.
+//!
+//! The listener on 127.0.0.1 takes requests in HTTP proxy form or with the
+//! service in Host / `:authority`, finds the service ([`target`]), and hands
+//! the request to that service's route ([`router`]), whose balancer picks an
+//! [`endpoint`].
+
+pub mod endpoint;
+pub mod router;
+pub mod target;

@@ -1,0 +1,177 @@
+//! Which service an outbound request is for.
+//!
+//! An application reaches a dependency the way it would reach a Kubernetes
+//! Service through cluster DNS — `user`, `user.shop`, `user.shop.svc` or
+//! `user.shop.svc.cluster.local` — either as an HTTP proxy (absolute URI,
+//! which is what `HTTP_PROXY` makes clients send) or directly with the name in
+//! `Host` / `:authority`. The port, if any, is ignored: discovery knows the
+//! port each endpoint serves on.
+
+use std::fmt;
+
+use http::{Request, Uri, header};
+
+use crate::http::response::ProxyError;
+
+/// A Kubernetes Service, by name and namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName {
+    /// The Service's name.
+    pub name: String,
+    /// The Service's namespace.
+    pub namespace: String,
+}
+
+impl ServiceName {
+    /// A service by name and namespace.
+    pub fn new(name: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+/// How names are completed: the namespace a bare name lives in, and the
+/// cluster's DNS domain.
+#[derive(Clone, Debug)]
+pub struct NameRules {
+    /// The namespace of a bare `name` (the pod's own).
+    pub default_namespace: String,
+    /// The cluster domain, `cluster.local` unless the cluster says otherwise.
+    pub cluster_domain: String,
+}
+
+impl NameRules {
+    /// Parses a host (no port) into a service name.
+    pub fn parse_host(&self, host: &str) -> Result<ServiceName, ProxyError> {
+        let bad = || ProxyError::BadAuthority(host.to_owned());
+        let lower = host.trim_end_matches('.').to_ascii_lowercase();
+        // Strip `.svc` or `.svc.<cluster domain>`, leaving `name.namespace`.
+        let suffix_full = format!(".svc.{}", self.cluster_domain);
+        let short = lower
+            .strip_suffix(suffix_full.as_str())
+            .or_else(|| lower.strip_suffix(".svc"));
+        let labels: Vec<&str> = short.unwrap_or(&lower).split('.').collect();
+        let (name, namespace) = match (labels.as_slice(), short.is_some()) {
+            ([name], false) => (*name, self.default_namespace.as_str()),
+            ([name, ns], _) => (*name, *ns),
+            _ => return Err(bad()),
+        };
+        if !is_dns_label(name) || !is_dns_label(namespace) {
+            return Err(bad());
+        }
+        Ok(ServiceName::new(name, namespace))
+    }
+
+    /// The service a request is for: the absolute URI's host when the request
+    /// is in proxy form (or HTTP/2, whose `:authority` is in the URI), else `Host`.
+    pub fn target_of<B>(&self, req: &Request<B>) -> Result<ServiceName, ProxyError> {
+        if let Some(host) = req.uri().host() {
+            return self.parse_host(host);
+        }
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .ok_or(ProxyError::NoAuthority)?
+            .to_str()
+            .map_err(|_| ProxyError::BadAuthority("<non-ascii Host>".into()))?;
+        // Host is an authority: reuse the URI parser to split off the port.
+        let uri: Uri = format!("http://{host}/")
+            .parse()
+            .map_err(|_| ProxyError::BadAuthority(host.to_owned()))?;
+        self.parse_host(uri.host().ok_or(ProxyError::NoAuthority)?)
+    }
+}
+
+/// RFC 1123 label, as Kubernetes names Services and namespaces.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> NameRules {
+        NameRules {
+            default_namespace: "shop".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    #[test]
+    fn completes_each_dns_form() {
+        let r = rules();
+        for (host, name, ns) in [
+            ("user", "user", "shop"),
+            ("User", "user", "shop"),
+            ("user.other", "user", "other"),
+            ("user.other.svc", "user", "other"),
+            ("user.other.svc.cluster.local", "user", "other"),
+            ("user.other.svc.cluster.local.", "user", "other"),
+        ] {
+            assert_eq!(
+                r.parse_host(host).unwrap(),
+                ServiceName::new(name, ns),
+                "{host}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_a_service() {
+        let r = rules();
+        for host in [
+            "",
+            "a.b.c",
+            "user.svc",
+            "user.shop.svc.other.domain",
+            "-user",
+            "user_1",
+            "127.0.0.1",
+            &"a".repeat(64),
+        ] {
+            assert!(
+                matches!(r.parse_host(host), Err(ProxyError::BadAuthority(_))),
+                "{host:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_proxy_form_then_host() {
+        let r = rules();
+        let req = Request::get("http://user.other:8080/api/v1/users/1")
+            .header("host", "ignored")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            r.target_of(&req).unwrap(),
+            ServiceName::new("user", "other")
+        );
+
+        let req = Request::get("/api")
+            .header("host", "product:80")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            r.target_of(&req).unwrap(),
+            ServiceName::new("product", "shop")
+        );
+
+        let req = Request::get("/api").body(()).unwrap();
+        assert!(matches!(r.target_of(&req), Err(ProxyError::NoAuthority)));
+    }
+}
