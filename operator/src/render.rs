@@ -247,10 +247,19 @@ fn strings(v: &[&str]) -> Vec<String> {
 }
 
 impl Renderer<'_> {
+    /// The recommended labels every child carries.
     fn labels(&self) -> BTreeMap<String, String> {
         let mut l = selector_labels(&self.name);
         l.insert("app.kubernetes.io/part-of".into(), "trellis".into());
         l.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into());
+        l
+    }
+
+    /// The labels of the Deployment and its pods: those of every child plus
+    /// `app.kubernetes.io/version`. Only the versioned objects carry it, so an
+    /// image update rewrites the Deployment and nothing else.
+    fn versioned_labels(&self) -> BTreeMap<String, String> {
+        let mut l = self.labels();
         if let Some(v) = image_version(&self.ms.spec.image) {
             l.insert("app.kubernetes.io/version".into(), v);
         }
@@ -589,7 +598,10 @@ impl Renderer<'_> {
             annotations.insert(s(CONFIG_CHECKSUM_ANNOTATION), config_checksum(&spec.config));
         }
         Deployment {
-            metadata: self.meta(self.name.clone()),
+            metadata: ObjectMeta {
+                labels: Some(self.versioned_labels()),
+                ..self.meta(self.name.clone())
+            },
             spec: Some(DeploymentSpec {
                 // Left to the HorizontalPodAutoscaler when autoscaling.
                 replicas: spec.autoscaling.is_none().then_some(spec.replicas),
@@ -599,7 +611,7 @@ impl Renderer<'_> {
                 },
                 template: PodTemplateSpec {
                     metadata: Some(ObjectMeta {
-                        labels: Some(self.labels()),
+                        labels: Some(self.versioned_labels()),
                         annotations: Some(annotations),
                         ..ObjectMeta::default()
                     }),

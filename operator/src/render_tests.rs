@@ -153,18 +153,28 @@ fn names_and_owner_references() {
 #[test]
 fn recommended_labels() {
     let c = children(spec());
-    let expected = BTreeMap::from(
+    let mut expected = BTreeMap::from(
         [
             ("app.kubernetes.io/name", "order"),
             ("app.kubernetes.io/instance", "order"),
             ("app.kubernetes.io/part-of", "trellis"),
             ("app.kubernetes.io/managed-by", "trellis-operator"),
-            ("app.kubernetes.io/version", "0.1.0"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
+    for meta in [
+        &c.config.metadata,
+        &c.policy.metadata,
+        &c.service_account.metadata,
+        &c.role.metadata,
+        &c.role_binding.metadata,
+        &c.service.metadata,
+    ] {
+        assert_eq!(meta.labels.as_ref(), Some(&expected));
+    }
+    // The version only where there is one: the Deployment and its pods.
+    expected.insert("app.kubernetes.io/version".into(), "0.1.0".into());
     assert_eq!(c.deployment.metadata.labels.as_ref(), Some(&expected));
-    assert_eq!(c.config.metadata.labels.as_ref(), Some(&expected));
     let template = c
         .deployment
         .spec
@@ -196,6 +206,34 @@ fn recommended_labels() {
         c.service.spec.as_ref().unwrap().selector.as_ref(),
         Some(&selector)
     );
+}
+
+#[test]
+fn an_image_change_changes_the_deployment_only() {
+    let a = children(spec());
+    let mut s = spec();
+    s.image = "trellis/order-service:0.2.0".into();
+    let b = children(s);
+    assert_ne!(a.deployment, b.deployment);
+    assert_eq!(
+        (
+            &a.config,
+            &a.policy,
+            &a.service_account,
+            &a.role,
+            &a.role_binding,
+            &a.service
+        ),
+        (
+            &b.config,
+            &b.policy,
+            &b.service_account,
+            &b.role,
+            &b.role_binding,
+            &b.service
+        )
+    );
+    assert_eq!(checksum(&a), checksum(&b));
 }
 
 #[test]
