@@ -53,6 +53,10 @@ state = "{run}/state"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
   enable_selinux = false
+  # This machine withholds CAP_SYS_RESOURCE even from root, so no process may lower its
+  # oom_score_adj; the sandbox's -998 would make runc fail ("failed to update
+  # /proc/self/oom_score_adj"). Cap every container's value at containerd's own instead.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"

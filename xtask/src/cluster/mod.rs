@@ -201,6 +201,8 @@ fn start_control_plane(tools: &Tools, state: &Path) -> Result<()> {
             ),
             format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
             format!("--kubelet-certificate-authority={}", p("ca.crt")),
+            // Reach the kubelet by its address, not by resolving the node's name on the host.
+            "--kubelet-preferred-address-types=InternalIP".into(),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),

@@ -56,13 +56,30 @@ pub fn start(name: &str, cmd: &mut Command) -> Result<u32> {
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     let pid = child.id();
-    let exe = fs::canonicalize(cmd.get_program()).unwrap_or_else(|_| cmd.get_program().into());
+    let exe = resolve(Path::new(cmd.get_program()));
     fs::write(
         pid_file(name).with_extension("exe"),
         exe.to_string_lossy().as_bytes(),
     )?;
     fs::write(pid_file(name), pid.to_string())?;
     Ok(pid)
+}
+
+/// The absolute, canonical path of a program, looked up on PATH when it has no slash,
+/// which is what `/proc/<pid>/exe` will show.
+fn resolve(program: &Path) -> PathBuf {
+    let found = if program.components().count() > 1 {
+        Some(program.to_path_buf())
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(program))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    found
+        .and_then(|p| fs::canonicalize(p).ok())
+        .unwrap_or_else(|| program.to_path_buf())
 }
 
 /// Stops a component: SIGTERM, then SIGKILL after `grace`. Idempotent.
