@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::{
     Api, Client, Config,
     api::{DeleteParams, PostParams},
@@ -57,7 +57,10 @@ pub fn ensure_cluster(node: bool) {
         cmd.arg("--control-plane-only");
     }
     let status = cmd.status().expect("running cargo xtask cluster up");
-    assert!(status.success(), "could not start the local cluster (see the output above)");
+    assert!(
+        status.success(),
+        "could not start the local cluster (see the output above)"
+    );
 }
 
 /// A kube client for the local cluster.
@@ -109,6 +112,15 @@ impl TestNamespace {
             .create(&PostParams::default(), &ns)
             .await
             .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        // Pods are refused until the controller-manager has made the namespace's
+        // `default` ServiceAccount; wait for it, as kubectl users implicitly do.
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        eventually(
+            &format!("the default ServiceAccount in {name}"),
+            Duration::from_secs(30),
+            || async { accounts.get_opt("default").await.ok().flatten() },
+        )
+        .await;
         Self { client, name }
     }
 
@@ -125,13 +137,19 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         if std::env::var_os("TRELLIS_KEEP_NAMESPACES").is_some() {
-            eprintln!("keeping namespace {} (TRELLIS_KEEP_NAMESPACES is set)", self.name);
+            eprintln!(
+                "keeping namespace {} (TRELLIS_KEEP_NAMESPACES is set)",
+                self.name
+            );
             return;
         }
         let name = self.name.clone();
         // Drop cannot await, and may run inside a runtime: delete from a thread of its own.
         let deleted = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let api = Api::<Namespace>::all(client().await);
                 api.delete(&name, &DeleteParams::background()).await.ok()
@@ -155,7 +173,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -1,0 +1,272 @@
+//! The full-node tier: real pods from locally built images, a Service, cluster DNS,
+//! restricted Pod Security, and the network rule.
+//!
+//! Needs the image `trellis/smoke` imported (`cargo xtask images smoke`; `cargo xtask test` does it).
+
+use std::{process::Command, time::Duration};
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    batch::v1::Job,
+    core::v1::{Pod, Service},
+};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use trellis_tests::{TestNamespace, eventually};
+
+const IMAGE: &str = "trellis/smoke:0.1.0";
+
+/// The restricted security context every container here carries.
+fn restricted() -> serde_json::Value {
+    json!({
+        "runAsNonRoot": true,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": { "drop": ["ALL"] },
+        "seccompProfile": { "type": "RuntimeDefault" },
+    })
+}
+
+async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(value).expect("a valid object");
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("the apiserver accepts the object")
+}
+
+#[tokio::test]
+#[ignore = "needs the full local node: cargo xtask test"]
+async fn a_pod_reaches_another_through_a_service_by_its_dns_name() {
+    let ns = TestNamespace::on_node("smoke").await;
+
+    create(
+        &ns.api::<Deployment>(),
+        json!({
+            "metadata": { "name": "hello" },
+            "spec": {
+                "replicas": 1,
+                "selector": { "matchLabels": { "app": "hello" } },
+                "template": {
+                    "metadata": { "labels": { "app": "hello" } },
+                    "spec": { "containers": [{
+                        "name": "hello",
+                        "image": IMAGE,
+                        "args": ["serve", "8080"],
+                        "ports": [{ "containerPort": 8080 }],
+                        "readinessProbe": { "tcpSocket": { "port": 8080 }, "periodSeconds": 1 },
+                        "securityContext": restricted(),
+                    }]},
+                },
+            },
+        }),
+    )
+    .await;
+    create(
+        &ns.api::<Service>(),
+        json!({
+            "metadata": { "name": "hello" },
+            "spec": { "selector": { "app": "hello" }, "ports": [{ "port": 80, "targetPort": 8080 }] },
+        }),
+    )
+    .await;
+
+    let deployments = ns.api::<Deployment>();
+    eventually(
+        "the hello Deployment to be available",
+        Duration::from_secs(90),
+        || async {
+            let d = deployments.get("hello").await.ok()?;
+            (d.status?.available_replicas? == 1).then_some(())
+        },
+    )
+    .await;
+
+    // The client runs in a second pod and resolves the Service's full DNS name.
+    let url = format!("http://hello.{}.svc.cluster.local/", ns.name);
+    create(
+        &ns.api::<Job>(),
+        json!({
+            "metadata": { "name": "client" },
+            "spec": {
+                "backoffLimit": 3,
+                "template": { "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{
+                        "name": "client",
+                        "image": IMAGE,
+                        "args": ["get", url],
+                        "securityContext": restricted(),
+                    }],
+                }},
+            },
+        }),
+    )
+    .await;
+    let jobs = ns.api::<Job>();
+    eventually(
+        "the client Job to succeed",
+        Duration::from_secs(90),
+        || async {
+            let status = jobs.get("client").await.ok()?.status?;
+            assert!(
+                status.failed.unwrap_or(0) < 3,
+                "the client could not reach {url}; see its pods' logs"
+            );
+            (status.succeeded? == 1).then_some(())
+        },
+    )
+    .await;
+
+    // What the client printed is the server's answer, naming the server's pod.
+    let pods = ns.api::<Pod>();
+    let client = pods
+        .list(&ListParams::default().labels("job-name=client"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+        .expect("a succeeded client pod");
+    let server = pods
+        .list(&ListParams::default().labels("app=hello"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let logs = pods
+        .logs(
+            client.metadata.name.as_deref().unwrap(),
+            &Default::default(),
+        )
+        .await
+        .expect("the client's logs");
+    assert_eq!(
+        logs.trim(),
+        format!("hello from {}", server.metadata.name.unwrap())
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs the full local node: cargo xtask test"]
+async fn a_pod_breaking_the_restricted_standard_is_refused() {
+    let ns = TestNamespace::on_node("psa").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "root" },
+        "spec": { "containers": [{
+            "name": "root",
+            "image": IMAGE,
+            "securityContext": { "runAsUser": 0 },
+        }]},
+    }))
+    .unwrap();
+    let err = ns
+        .api::<Pod>()
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect_err("a pod running as root must be refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("violates PodSecurity \"restricted:latest\"")
+            && message.contains("runAsUser=0")
+            && message.contains("allowPrivilegeEscalation != false"),
+        "unexpected refusal: {message}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs the full local node: cargo xtask test"]
+async fn pod_and_service_ranges_are_blackholed_beyond_the_bridge() {
+    let _ns = TestNamespace::on_node("net").await;
+    let routes = Command::new("ip")
+        .args(["route", "show", "type", "blackhole"])
+        .output()
+        .expect("ip route");
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    for cidr in ["10.244.0.0/16", "10.96.0.0/16"] {
+        assert!(
+            routes.lines().any(|l| l.contains(cidr)),
+            "no blackhole route for {cidr}: {routes}"
+        );
+    }
+    // The bridge's own /24 is the only part of the pod range that routes anywhere.
+    let bridge = Command::new("ip")
+        .args(["route", "get", "10.244.0.2"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bridge.stdout).contains("dev trellis0"));
+    let elsewhere = Command::new("ip")
+        .args(["route", "get", "10.244.9.9"])
+        .output()
+        .unwrap();
+    assert!(
+        !elsewhere.status.success()
+            || String::from_utf8_lossy(&elsewhere.stdout).contains("blackhole"),
+        "10.244.9.9 must not be routable"
+    );
+    // Pod traffic may not be forwarded off the bridge.
+    let rules = Command::new("iptables")
+        .args(["-w", "-S", "TRELLIS-FORWARD"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("-A TRELLIS-FORWARD -i trellis0 -m comment"),
+        "{rules}"
+    );
+    assert!(rules.contains("-j DROP"), "{rules}");
+}
+
+#[tokio::test]
+#[ignore = "needs the full local node: cargo xtask test"]
+async fn cluster_dns_answers_nothing_outside_cluster_local() {
+    let ns = TestNamespace::on_node("dns").await;
+    // A name outside cluster.local must fail inside the cluster: CoreDNS has no upstream.
+    create(
+        &ns.api::<Job>(),
+        json!({
+            "metadata": { "name": "outside" },
+            "spec": {
+                "backoffLimit": 0,
+                "template": { "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{
+                        "name": "client",
+                        "image": IMAGE,
+                        "args": ["get", "http://outside.invalid/"],
+                        "securityContext": restricted(),
+                    }],
+                }},
+            },
+        }),
+    )
+    .await;
+    let jobs = ns.api::<Job>();
+    eventually(
+        "the outside lookup to fail",
+        Duration::from_secs(90),
+        || async {
+            let status = jobs.get("outside").await.ok()?.status?;
+            assert_eq!(
+                status.succeeded, None,
+                "a name outside cluster.local resolved"
+            );
+            (status.failed? >= 1).then_some(())
+        },
+    )
+    .await;
+    let pods = ns.api::<Pod>();
+    let pod = pods
+        .list(&ListParams::default().labels("job-name=outside"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let logs = pods
+        .logs(pod.metadata.name.as_deref().unwrap(), &Default::default())
+        .await
+        .unwrap();
+    assert!(logs.contains("failed"), "{logs}");
+}
