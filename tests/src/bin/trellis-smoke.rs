@@ -18,7 +18,9 @@ fn main() -> ExitCode {
         [cmd, port] if cmd == "serve" => serve(port),
         [cmd, url] if cmd == "get" => get(url),
         _ => {
-            eprintln!("usage: trellis-smoke serve PORT | trellis-smoke get http://HOST[:PORT]/PATH");
+            eprintln!(
+                "usage: trellis-smoke serve PORT | trellis-smoke get http://HOST[:PORT]/PATH"
+            );
             ExitCode::from(2)
         }
     }
@@ -71,14 +73,26 @@ fn get(url: &str) -> ExitCode {
 
 fn fetch(url: &str) -> std::io::Result<(u16, String)> {
     let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_owned());
-    let rest = url.strip_prefix("http://").ok_or_else(|| invalid("only http:// URLs"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| invalid("only http:// URLs"))?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
-    let addr = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
-    let target = addr.to_socket_addrs()?.next().ok_or_else(|| invalid("no address"))?;
+    let addr = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let target = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| invalid("no address"))?;
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let status = response
@@ -86,6 +100,9 @@ fn fetch(url: &str) -> std::io::Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| invalid("not an HTTP response"))?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
