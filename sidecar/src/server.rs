@@ -39,7 +39,9 @@ pub struct ServerLimits {
     /// Connections open at once; more wait in the accept backlog.
     pub max_connections: usize,
     /// Time a client has to send a complete request head (HTTP/1.1), so a
-    /// slow or idle client cannot hold a connection open by trickling bytes.
+    /// slow client cannot hold a connection open by trickling bytes. hyper
+    /// starts this clock whenever it waits for a head, between keep-alive
+    /// requests too, so it is also the HTTP/1.1 idle timeout.
     pub header_read_timeout: Duration,
     /// The largest request head accepted: HTTP/1.1 read buffer and HTTP/2
     /// header list size. Larger heads get 431 (HTTP/1.1) or a stream reset.

@@ -294,6 +294,10 @@ async fn shutdown_drains_in_flight_requests() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert!(tokio::net::TcpStream::connect(outbound).await.is_err());
+    assert!(
+        !drained.is_finished(),
+        "shutdown did not wait for in-flight requests"
+    );
     for r in in_flight {
         let a = r.await.unwrap();
         assert_eq!(a.status, StatusCode::OK);

@@ -182,6 +182,14 @@ impl Service<Request<Body>> for Router {
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let inner = self.0.clone();
         async move {
+            if req.method() == http::Method::CONNECT {
+                // A tunnel would carry opaque bytes past every policy layer.
+                let e = ProxyError::BadRequest(
+                    "CONNECT tunnels are not supported: send plain HTTP to the outbound listener"
+                        .into(),
+                );
+                return Ok(e.into_response());
+            }
             let target = match inner.rules.target_of(&req) {
                 Ok(t) => t,
                 Err(e) => return Ok(e.into_response()),
