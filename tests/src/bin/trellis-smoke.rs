@@ -1,7 +1,9 @@
 //! A tiny HTTP server and client for the local cluster's smoke test, std only so its
 //! image is small and its behaviour obvious.
 //!
-//! - `trellis-smoke serve PORT`: answers every request `200 hello from <HOSTNAME>`.
+//! - `trellis-smoke serve PORT`: answers every request `200 hello from <HOSTNAME>`;
+//!   with no arguments it serves on `$PORT`, else 8080 (so it can stand in for an
+//!   app in a MicroService, whose health path it also answers).
 //! - `trellis-smoke get URL`: GETs an `http://host:port/path` URL, prints the body,
 //!   exits 0 on a 200 and 1 otherwise (so a Job's success is the test's assertion).
 
@@ -17,6 +19,7 @@ fn main() -> ExitCode {
     match args.get(1..).unwrap_or_default() {
         [cmd, port] if cmd == "serve" => serve(port),
         [cmd, url] if cmd == "get" => get(url),
+        [] => serve(&std::env::var("PORT").unwrap_or_else(|_| "8080".into())),
         _ => {
             eprintln!(
                 "usage: trellis-smoke serve PORT | trellis-smoke get http://HOST[:PORT]/PATH"
