@@ -26,16 +26,31 @@ pub enum UpstreamProtocol {
     H2c,
 }
 
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
 impl UpstreamProtocol {
-    /// The protocol for a request: h2c when it arrived as HTTP/2, is gRPC, or
-    /// the destination is known to speak only HTTP/2 (`force_h2`).
-    pub fn for_request<B>(req: &Request<B>, force_h2: bool) -> Self {
-        let grpc = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/grpc"));
-        if force_h2 || grpc || req.version() == Version::HTTP_2 {
+    /// The protocol towards another sidecar (outbound): h2c when the request
+    /// arrived as HTTP/2 or is gRPC, else HTTP/1.1. A sidecar's inbound
+    /// speaks both, so the caller's choice is kept end to end.
+    pub fn for_request<B>(req: &Request<B>) -> Self {
+        if is_grpc(req) || req.version() == Version::HTTP_2 {
+            Self::H2c
+        } else {
+            Self::Http1
+        }
+    }
+
+    /// The protocol towards the application (inbound): what the policy says
+    /// it speaks. An HTTP application gets HTTP/1.1 even from an HTTP/2
+    /// caller, since most HTTP servers do not accept cleartext HTTP/2;
+    /// gRPC always needs HTTP/2.
+    pub fn for_app<B>(req: &Request<B>, app: trellis_policy::Protocol) -> Self {
+        if app == trellis_policy::Protocol::Grpc || is_grpc(req) {
             Self::H2c
         } else {
             Self::Http1

@@ -224,14 +224,22 @@ async fn inbound_forwards_to_the_app_with_forwarded_for() {
     assert_eq!(j["headers"]["host"][0], "order");
     assert!(j["headers"]["x-request-id"][0].is_string());
 
-    // h2c inbound too.
+    // h2c inbound too; an HTTP application still gets HTTP/1.1, because
+    // most HTTP servers do not speak cleartext HTTP/2.
     let mut h2 = h2_connect(sc.inbound).await;
     let a = h2_send(
         &mut h2,
         Request::get("http://order/x").body(full("")).unwrap(),
     )
     .await;
-    assert_eq!(a.json()["version"], "HTTP/2.0");
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.version, Version::HTTP_2);
+    assert_eq!(a.json()["version"], "HTTP/1.1");
+    assert_eq!(
+        a.json()["headers"]["host"][0],
+        "order",
+        "the :authority becomes Host"
+    );
 }
 
 #[tokio::test]

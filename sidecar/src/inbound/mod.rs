@@ -15,7 +15,6 @@ use futures::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
 use tokio::sync::watch;
 use tower::Service;
-use trellis_policy::Protocol;
 
 use crate::{
     client::{UpstreamClient, UpstreamProtocol},
@@ -65,7 +64,7 @@ impl Service<Request<Body>> for ToApp {
             append_forwarded_for(req.headers_mut(), peer.ip());
         }
         let addr = SocketAddr::new(self.app_host, policy.app_port);
-        let protocol = UpstreamProtocol::for_request(&req, policy.protocol == Protocol::Grpc);
+        let protocol = UpstreamProtocol::for_app(&req, policy.protocol);
         let client = self.client.clone();
         async move {
             let label = ServiceLabel(Arc::from(policy.service.as_str()));

@@ -48,7 +48,7 @@ impl Service<Request<Body>> for Endpoint {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let protocol = UpstreamProtocol::for_request(&req, false);
+        let protocol = UpstreamProtocol::for_request(&req);
         let (client, addr) = (self.client.clone(), self.addr);
         tracing::trace!(service = %self.service, %addr, ?protocol, "forwarding");
         async move { client.send(req, addr, protocol).await.map_err(Into::into) }.boxed()
