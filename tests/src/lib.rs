@@ -43,13 +43,17 @@ pub fn kubeconfig_path() -> PathBuf {
         })
 }
 
-/// Serialises "start a cluster if none runs" across the tests of one binary.
-static STARTING: Mutex<()> = Mutex::new(());
+/// Which modes this test binary has made sure of (control plane, node): each
+/// `cargo xtask cluster up` runs at most once per binary, not once per test.
+static ENSURED: Mutex<[bool; 2]> = Mutex::new([false; 2]);
 
 /// Makes sure a cluster runs: `cargo xtask cluster up [--control-plane-only]`
 /// (idempotent, so it is cheap when one runs already).
 pub fn ensure_cluster(node: bool) {
-    let _guard = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut ensured = ENSURED.lock().unwrap_or_else(|e| e.into_inner());
+    if ensured[usize::from(node)] {
+        return;
+    }
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(&workspace).args(["xtask", "cluster", "up"]);
@@ -61,6 +65,10 @@ pub fn ensure_cluster(node: bool) {
         status.success(),
         "could not start the local cluster (see the output above)"
     );
+    ensured[usize::from(node)] = true;
+    if node {
+        ensured[0] = true;
+    }
 }
 
 /// A kube client for the local cluster.

@@ -1,0 +1,260 @@
+//! The sidecar against a real kube-apiserver (control-plane tier): EndpointSlice
+//! discovery followed live, and the policy taken from its ConfigMap, a bad edit
+//! refused while the last good policy keeps running.
+//!
+//! The apiserver refuses loopback addresses in EndpointSlices, so the upstreams
+//! listen on the node's own bridge address (a local address: nothing leaves the host).
+
+use std::{net::SocketAddr, time::Duration};
+
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use trellis_sidecar::{Config, Discovery};
+use trellis_tests::{TestNamespace, eventually};
+
+/// The node's address, on the cluster's bridge (see xtask's cluster::network).
+const NODE_IP: &str = "10.244.0.1";
+
+/// An upstream answering every request with `hello from NAME`.
+async fn upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind((NODE_IP, 0))
+        .await
+        .expect("the node's bridge address (is the cluster up?)");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = format!("hello from {name}");
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// GET `http://SERVICE/` through the sidecar's outbound listener, in proxy form.
+async fn get(outbound: SocketAddr, service: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(outbound).await.unwrap();
+    let request =
+        format!("GET http://{service}/ HTTP/1.1\r\nhost: {service}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn slice(service: &str, endpoints: &[(SocketAddr, bool)]) -> EndpointSlice {
+    let port = endpoints.first().map_or(80, |(a, _)| a.port());
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": format!("{service}-manual"),
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": port, "protocol": "TCP" }],
+        "endpoints": endpoints.iter().map(|(addr, ready)| json!({
+            "addresses": [addr.ip().to_string()],
+            "conditions": { "ready": ready },
+        })).collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
+async fn sidecar(ns: &TestNamespace, policy_configmap: Option<&str>) -> trellis_sidecar::Running {
+    // The sidecar finds the API as a real one does outside a pod: through KUBECONFIG.
+    static EXPORT: std::sync::Once = std::sync::Once::new();
+    EXPORT.call_once(|| {
+        if std::env::var_os("KUBECONFIG").is_none() {
+            // SAFETY: set once, before any sidecar reads it; every test sets the same value.
+            unsafe { std::env::set_var("KUBECONFIG", trellis_tests::kubeconfig_path()) };
+        }
+    });
+    let mut config = Config::local(None);
+    config.namespace = ns.name.clone();
+    config.discovery = Discovery::Kubernetes { max_services: 16 };
+    config.policy_configmap = policy_configmap.map(str::to_owned);
+    config.discovery_timeout = Duration::from_secs(5);
+    trellis_sidecar::start(config)
+        .await
+        .expect("the sidecar starts")
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: cargo xtask test"]
+async fn follows_endpointslices_live_and_uses_only_ready_endpoints() {
+    let ns = TestNamespace::new("sidecar-discovery").await;
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    // Both upstreams share a port in one slice only if they share it; give each its own slice
+    // generation instead: first a (ready) and b (not ready), then b alone.
+    let services: Api<Service> = ns.api();
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": "user" },
+                "spec": { "ports": [{ "name": "http", "port": 80 }] },
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let slices: Api<EndpointSlice> = ns.api();
+    slices
+        .create(&PostParams::default(), &slice("user", &[(a, true)]))
+        .await
+        .unwrap();
+
+    let running = sidecar(&ns, None).await;
+    let (status, body) = get(running.outbound, "user").await;
+    assert_eq!((status, body.as_str()), (200, "hello from a"));
+
+    // Move the service to b: the sidecar follows without a restart.
+    slices
+        .replace("user-manual", &PostParams::default(), &{
+            let mut s = slice("user", &[(b, true)]);
+            s.metadata.resource_version = slices
+                .get("user-manual")
+                .await
+                .unwrap()
+                .metadata
+                .resource_version;
+            s
+        })
+        .await
+        .unwrap();
+    eventually("traffic to move to b", Duration::from_secs(10), || async {
+        (get(running.outbound, "user").await.1 == "hello from b").then_some(())
+    })
+    .await;
+
+    // An endpoint that is not ready gets no traffic: with none ready, a 503 naming the service.
+    let patch = json!({ "endpoints": [{ "addresses": [b.ip().to_string()], "conditions": { "ready": false } }] });
+    slices
+        .patch(
+            "user-manual",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let (status, body) = eventually(
+        "the not-ready endpoint to be dropped",
+        Duration::from_secs(10),
+        || async {
+            let (status, body) = get(running.outbound, "user").await;
+            (status == 503).then_some((status, body))
+        },
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("user"),
+        "the 503 must name the service: {body}"
+    );
+
+    // A name with no Service at all is a fast, clear 503 too.
+    let (status, body) = get(running.outbound, "nosuch").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("nosuch"), "{body}");
+    running.shutdown().await;
+}
+
+fn policy_json(service: &str, namespace: &str, attempts: u32) -> String {
+    json!({
+        "service": service,
+        "namespace": namespace,
+        "appPort": 8080,
+        "resilience": { "retry": { "attempts": attempts } },
+    })
+    .to_string()
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: cargo xtask test"]
+async fn takes_its_policy_from_the_configmap_and_keeps_the_last_good_one() {
+    let ns = TestNamespace::new("sidecar-policy").await;
+    let configmaps: Api<ConfigMap> = ns.api();
+    let name = "order-sidecar";
+    configmaps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": name },
+                "data": { "policy.json": policy_json("order", &ns.name, 2) },
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let running = sidecar(&ns, Some(name)).await;
+    let attempts = |state: trellis_sidecar::policy_watch::PolicyState| {
+        state.policy.map(|p| p.resilience.retry.attempts)
+    };
+    eventually("the first policy", Duration::from_secs(10), || async {
+        (attempts(running.policy.current()) == Some(2)).then_some(())
+    })
+    .await;
+
+    // A good edit applies live.
+    let edit = |text: String| json!({ "data": { "policy.json": text } });
+    configmaps
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&edit(policy_json("order", &ns.name, 4))),
+        )
+        .await
+        .unwrap();
+    eventually("the edited policy", Duration::from_secs(10), || async {
+        (attempts(running.policy.current()) == Some(4)).then_some(())
+    })
+    .await;
+
+    // A bad edit is refused, naming the field, and the last good policy stays in force.
+    configmaps
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&edit(policy_json("order", &ns.name, 0))),
+        )
+        .await
+        .unwrap();
+    let rejection = eventually(
+        "the bad policy to be refused",
+        Duration::from_secs(10),
+        || async { running.policy.current().rejected },
+    )
+    .await;
+    assert!(
+        rejection.error.contains("resilience.retry.attempts"),
+        "{}",
+        rejection.error
+    );
+    assert_eq!(attempts(running.policy.current()), Some(4));
+    running.shutdown().await;
+}
