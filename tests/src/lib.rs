@@ -14,6 +14,8 @@
 //! the whole node for [`TestNamespace::on_node`]), so a single test can be run
 //! with plain `cargo test -- --ignored`.
 
+pub mod operator;
+
 use std::{
     path::PathBuf,
     process::Command,
@@ -69,6 +71,32 @@ pub fn ensure_cluster(node: bool) {
     if node {
         ensured[0] = true;
     }
+}
+
+/// `kubectl` from the tools cache, pointed at the local cluster (for what users see:
+/// `kubectl describe`, `kubectl wait`).
+pub fn kubectl() -> Command {
+    let cache = std::env::var_os("TRELLIS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/trellis")
+        });
+    let binary = std::fs::read_dir(cache.join("bin"))
+        .expect("the tools cache (cargo xtask tools builds it)")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("kubernetes-"))
+                && p.join(".complete").exists()
+        })
+        .max()
+        .expect("a built Kubernetes in the tools cache")
+        .join("kubectl");
+    let mut cmd = Command::new(binary);
+    cmd.arg("--kubeconfig").arg(kubeconfig_path());
+    cmd
 }
 
 /// A kube client for the local cluster.

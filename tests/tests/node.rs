@@ -270,3 +270,123 @@ async fn cluster_dns_answers_nothing_outside_cluster_local() {
         .unwrap();
     assert!(logs.contains("failed"), "{logs}");
 }
+
+/// The operator end to end on the node: a MicroService whose app is the smoke
+/// server becomes Ready with the real sidecar injected, under restricted Pod
+/// Security, serves through its Service, and `kubectl describe` tells the story.
+#[tokio::test]
+#[ignore = "needs the full local node and the images: cargo xtask test"]
+async fn a_microservice_becomes_ready_with_its_sidecar_and_serves_through_its_service() {
+    use trellis_operator::MicroService;
+    use trellis_tests::operator::Operator;
+
+    let ns = TestNamespace::on_node("ms").await;
+    let _operator = Operator::start(&ns, "trellis/sidecar:0.1.0").await;
+    let microservice: MicroService = serde_json::from_value(json!({
+        "apiVersion": "trellis.dev/v1alpha1",
+        "kind": "MicroService",
+        "metadata": { "name": "hello" },
+        "spec": { "image": IMAGE, "port": 8080, "replicas": 1, "health": { "path": "/health", "interval": "1s" } },
+    }))
+    .unwrap();
+    ns.api::<MicroService>()
+        .create(&PostParams::default(), &microservice)
+        .await
+        .expect("the MicroService is accepted");
+
+    // What a user runs: kubectl wait --for=condition=Ready.
+    let waited = trellis_tests::kubectl()
+        .args([
+            "-n",
+            &ns.name,
+            "wait",
+            "--for=condition=Ready",
+            "microservice/hello",
+            "--timeout=150s",
+        ])
+        .output()
+        .unwrap();
+    if !waited.status.success() {
+        let describe = trellis_tests::kubectl()
+            .args(["-n", &ns.name, "describe", "microservice/hello,pods"])
+            .output()
+            .unwrap();
+        panic!(
+            "the MicroService did not become Ready: {}\n{}",
+            String::from_utf8_lossy(&waited.stderr),
+            String::from_utf8_lossy(&describe.stdout)
+        );
+    }
+
+    // The pod runs both containers, the sidecar as a native sidecar, admitted as restricted.
+    let pods = ns.api::<Pod>();
+    let pod = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=hello"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let spec = pod.spec.clone().unwrap();
+    let sidecar = spec.init_containers.unwrap_or_default().remove(0);
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(sidecar.image.as_deref(), Some("trellis/sidecar:0.1.0"));
+
+    // Through the Service: port 80 → the sidecar's inbound listener → the app.
+    let url = format!("http://hello.{}.svc.cluster.local/", ns.name);
+    create(
+        &ns.api::<Job>(),
+        json!({
+            "metadata": { "name": "caller" },
+            "spec": {
+                "backoffLimit": 3,
+                "template": { "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{ "name": "caller", "image": IMAGE, "args": ["get", url], "securityContext": restricted() }],
+                }},
+            },
+        }),
+    )
+    .await;
+    let jobs = ns.api::<Job>();
+    eventually(
+        "the caller Job to succeed",
+        Duration::from_secs(90),
+        || async {
+            let status = jobs.get("caller").await.ok()?.status?;
+            assert!(
+                status.failed.unwrap_or(0) < 3,
+                "the caller could not reach {url} through the sidecar"
+            );
+            (status.succeeded? == 1).then_some(())
+        },
+    )
+    .await;
+
+    // kubectl describe shows the status, the conditions and the events.
+    let describe = trellis_tests::kubectl()
+        .args(["-n", &ns.name, "describe", "microservice", "hello"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&describe.stdout);
+    for expected in [
+        "Phase:",
+        "Ready",
+        "Conditions:",
+        "Events:",
+        "Observed Generation:",
+    ] {
+        assert!(
+            text.contains(expected),
+            "kubectl describe lacks {expected:?}:\n{text}"
+        );
+    }
+    let printed = trellis_tests::kubectl()
+        .args(["-n", &ns.name, "get", "microservices"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.contains("READY") && printed.contains("1/1"),
+        "{printed}"
+    );
+}

@@ -8,121 +8,35 @@
 //! server-side apply. Run them with `cargo xtask test`, or with
 //! `cargo test -p trellis-tests --test operator -- --ignored`.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::{
-    api::{
-        apps::v1::Deployment,
-        autoscaling::v2::HorizontalPodAutoscaler,
-        coordination::v1::Lease,
-        core::v1::{ConfigMap, Pod, Service, ServiceAccount},
-        events::v1::Event,
-        policy::v1::PodDisruptionBudget,
-        rbac::v1::{Role, RoleBinding},
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    autoscaling::v2::HorizontalPodAutoscaler,
+    coordination::v1::Lease,
+    core::v1::{ConfigMap, Pod, Service, ServiceAccount},
+    events::v1::Event,
+    policy::v1::PodDisruptionBudget,
+    rbac::v1::{Role, RoleBinding},
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
-use tokio::{sync::oneshot, task::JoinHandle};
 use trellis_operator::{
-    MicroService, Phase, Settings,
+    MicroService, Phase,
     leader::{LeaderElector, Timing},
-    metrics::Metrics,
     render::{self, RenderConfig},
 };
 use trellis_policy::SidecarPolicy;
-use trellis_tests::{TestNamespace, eventually};
+use trellis_tests::{
+    TestNamespace, eventually,
+    operator::{Operator, install_crd},
+};
 
 const SIDECAR_IMAGE: &str = "trellis/sidecar:itest";
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Installs the CRD from the committed YAML (so the file CI checks is the
-/// file tested) and waits until the apiserver serves it.
-async fn install_crd(client: &Client) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/microservice.yaml");
-    let yaml = std::fs::read_to_string(path).expect("crds/microservice.yaml");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).expect("a CRD");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "microservices.trellis.dev",
-        &PatchParams::apply("trellis-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("installing the CRD");
-    eventually("the CRD to be established", WAIT, || {
-        let crds = crds.clone();
-        async move {
-            let crd = crds.get("microservices.trellis.dev").await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        }
-    })
-    .await;
-    // The discovery cache of a fresh apiserver lags a little behind Established.
-    let probe: Api<MicroService> = Api::namespaced(client.clone(), "default");
-    eventually("MicroServices to be served", WAIT, || {
-        let probe = probe.clone();
-        async move {
-            probe
-                .list(&ListParams::default().limit(1))
-                .await
-                .ok()
-                .map(|_| ())
-        }
-    })
-    .await;
-}
-
-/// The controller, running in this process for one namespace; stopped on drop.
-struct Operator {
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Operator {
-    async fn start(ns: &TestNamespace) -> Self {
-        install_crd(&ns.client).await;
-        let settings = Settings {
-            render: RenderConfig {
-                sidecar_image: SIDECAR_IMAGE.into(),
-                cluster_domain: "cluster.local".into(),
-            },
-            namespace: Some(ns.name.clone()),
-            instance: Some("itest".into()),
-            ..Settings::default()
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(trellis_operator::run(
-            ns.client.clone(),
-            settings,
-            Arc::new(Metrics::default()),
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        Self {
-            stop: Some(stop),
-            task,
-        }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.abort();
-    }
-}
 
 fn microservice(name: &str, spec: Value) -> MicroService {
     serde_json::from_value(json!({
@@ -312,7 +226,7 @@ fn order_spec() -> Value {
 #[ignore = "needs a cluster: cargo xtask test"]
 async fn create_makes_every_child_with_the_exact_fields() {
     let ns = TestNamespace::new("operator").await;
-    let _op = Operator::start(&ns).await;
+    let _op = Operator::start(&ns, SIDECAR_IMAGE).await;
     apply_ms(&ns, "order", order_spec()).await;
 
     let ms = wait_status(&ns, "order", "a status", |m| {
@@ -566,7 +480,7 @@ async fn update(ns: &TestNamespace, spec: Value) -> MicroService {
 #[ignore = "needs a cluster: cargo xtask test"]
 async fn updates_change_the_right_children_and_only_them() {
     let ns = TestNamespace::new("operator").await;
-    let _op = Operator::start(&ns).await;
+    let _op = Operator::start(&ns, SIDECAR_IMAGE).await;
     let mut spec = json!({ "image": "trellis/order-service:0.1.0", "port": 8080, "config": { "LOG_LEVEL": "info" } });
     update(&ns, spec.clone()).await;
     let v0 = versions(&ns).await;
@@ -669,7 +583,7 @@ async fn updates_change_the_right_children_and_only_them() {
 #[ignore = "needs a cluster: cargo xtask test"]
 async fn delete_garbage_collects_every_child() {
     let ns = TestNamespace::new("operator").await;
-    let _op = Operator::start(&ns).await;
+    let _op = Operator::start(&ns, SIDECAR_IMAGE).await;
     let mut spec = order_spec();
     spec["autoscaling"] = json!({ "minReplicas": 2, "maxReplicas": 4 });
     apply_ms(&ns, "order", spec).await;
@@ -720,7 +634,7 @@ async fn delete_garbage_collects_every_child() {
 #[ignore = "needs a cluster: cargo xtask test"]
 async fn drift_is_put_back_promptly() {
     let ns = TestNamespace::new("operator").await;
-    let _op = Operator::start(&ns).await;
+    let _op = Operator::start(&ns, SIDECAR_IMAGE).await;
     apply_ms(&ns, "order", order_spec()).await;
     wait_status(&ns, "order", "a first reconcile", |_| true).await;
     let prompt = Duration::from_secs(10);
@@ -827,7 +741,7 @@ async fn drift_is_put_back_promptly() {
 #[ignore = "needs a cluster: cargo xtask test"]
 async fn a_foreign_object_with_a_child_name_is_left_alone_and_reported() {
     let ns = TestNamespace::new("operator").await;
-    let _op = Operator::start(&ns).await;
+    let _op = Operator::start(&ns, SIDECAR_IMAGE).await;
     let foreign: ConfigMap = serde_json::from_value(json!({
         "metadata": { "name": "order-config", "labels": { "owner": "someone-else" } },
         "data": { "DATABASE_URL": "postgres://theirs" },

@@ -1,0 +1,102 @@
+//! The operator for integration tests: the CRD installed from the committed
+//! YAML (so the file CI checks is the file tested) and the controller running
+//! in-process, watching one test namespace.
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use trellis_operator::{MicroService, Settings, metrics::Metrics, render::RenderConfig};
+
+use crate::{TestNamespace, eventually};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Installs the CRD from the committed YAML (so the file CI checks is the
+/// file tested) and waits until the apiserver serves it.
+pub async fn install_crd(client: &Client) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/microservice.yaml");
+    let yaml = std::fs::read_to_string(path).expect("crds/microservice.yaml");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).expect("a CRD");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "microservices.trellis.dev",
+        &PatchParams::apply("trellis-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("installing the CRD");
+    eventually("the CRD to be established", WAIT, || {
+        let crds = crds.clone();
+        async move {
+            let crd = crds.get("microservices.trellis.dev").await.ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        }
+    })
+    .await;
+    // The discovery cache of a fresh apiserver lags a little behind Established.
+    let probe: Api<MicroService> = Api::namespaced(client.clone(), "default");
+    eventually("MicroServices to be served", WAIT, || {
+        let probe = probe.clone();
+        async move {
+            probe
+                .list(&ListParams::default().limit(1))
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+}
+
+/// The controller, running in this process for one namespace; stopped on drop.
+pub struct Operator {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Operator {
+    /// Installs the CRD and starts the controller for `ns`, rendering `sidecar_image`.
+    pub async fn start(ns: &TestNamespace, sidecar_image: &str) -> Self {
+        install_crd(&ns.client).await;
+        let settings = Settings {
+            render: RenderConfig {
+                sidecar_image: sidecar_image.into(),
+                cluster_domain: "cluster.local".into(),
+            },
+            namespace: Some(ns.name.clone()),
+            instance: Some("itest".into()),
+            ..Settings::default()
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(trellis_operator::run(
+            ns.client.clone(),
+            settings,
+            Arc::new(Metrics::default()),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            stop: Some(stop),
+            task,
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
