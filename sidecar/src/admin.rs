@@ -6,7 +6,7 @@
 //! | `/readyz`  | 200 when ready for traffic, else 503 with the reasons |
 //! | `/healthz` | JSON detail of every check (200 healthy, 503 unhealthy) |
 //! | `/metrics` | Prometheus / OpenMetrics text |
-//! | `/status`  | JSON: the policy in force, refusals, endpoints per service |
+//! | `/status`  | JSON: the policy in force, refusals, endpoints per service, and per dependency its circuit breaker (state, counts), retry budget and endpoint ejections |
 
 use std::{
     convert::Infallible,
@@ -23,6 +23,7 @@ use crate::{
     http::{Body, full},
     metrics::Metrics,
     policy_watch::PolicyStore,
+    resilience::Registry,
 };
 
 /// Identity of this sidecar, shown on `/status`.
@@ -43,6 +44,7 @@ pub struct Admin {
     metrics: Metrics,
     policy: PolicyStore,
     resolver: Resolver,
+    resilience: Registry,
     identity: Identity,
 }
 
@@ -53,6 +55,7 @@ impl Admin {
         metrics: Metrics,
         policy: PolicyStore,
         resolver: Resolver,
+        resilience: Registry,
         identity: Identity,
     ) -> Self {
         Self {
@@ -60,6 +63,7 @@ impl Admin {
             metrics,
             policy,
             resolver,
+            resilience,
             identity,
         }
     }
@@ -138,6 +142,7 @@ impl Admin {
                 "current": state.policy.as_deref(),
             },
             "discovery": endpoints,
+            "dependencies": self.resilience.status(),
         })
     }
 }

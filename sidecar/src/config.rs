@@ -15,6 +15,7 @@ use crate::{
     balance::BalanceConfig,
     client::ClientConfig,
     discovery::r#static::{StaticEndpoints, parse_flag},
+    resilience::outlier::OutlierSettings,
     server::ServerLimits,
 };
 
@@ -132,6 +133,22 @@ pub struct Args {
     pub drain_grace: Duration,
 
     /// Log filter (tracing's EnvFilter syntax), such as info or trellis_sidecar=debug.
+    /// Failures in a row (5xx, connect failure, timeout) that eject an endpoint from its balancer; 0 turns ejection off.
+    #[arg(
+        long,
+        env = "TRELLIS_OUTLIER_CONSECUTIVE_FAILURES",
+        default_value_t = 5
+    )]
+    pub outlier_consecutive_failures: u32,
+
+    /// How long an endpoint's first ejection lasts; the n-th lasts n times as long.
+    #[arg(long, env = "TRELLIS_OUTLIER_BASE_EJECTION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub outlier_base_ejection: Duration,
+
+    /// The longest ejection.
+    #[arg(long, env = "TRELLIS_OUTLIER_MAX_EJECTION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub outlier_max_ejection: Duration,
+
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log: String,
 }
@@ -189,6 +206,8 @@ pub struct Config {
     pub client: ClientConfig,
     /// Balancer tuning.
     pub balance: BalanceConfig,
+    /// Outlier ejection of endpoints.
+    pub outlier: OutlierSettings,
 }
 
 impl Config {
@@ -219,6 +238,7 @@ impl Config {
             },
             client: ClientConfig::default(),
             balance: BalanceConfig::default(),
+            outlier: OutlierSettings::default(),
         }
     }
 
@@ -273,6 +293,11 @@ impl From<Args> for Config {
                 ..ClientConfig::default()
             },
             balance: BalanceConfig::default(),
+            outlier: OutlierSettings {
+                consecutive_failures: a.outlier_consecutive_failures,
+                base_ejection: a.outlier_base_ejection,
+                max_ejection: a.outlier_max_ejection,
+            },
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy_watch;
 pub mod reload;
+pub mod resilience;
 pub mod server;
 pub mod shutdown;
 pub mod stack;
@@ -159,6 +160,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     ));
 
     let client = UpstreamClient::new(&config.client);
+    let resilience = resilience::Registry::new(metrics.clone());
     let health = Health::new(resolver.clone(), policy.subscribe());
     let parts = StackParts {
         metrics: metrics.clone(),
@@ -172,6 +174,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         balance: config.balance.clone(),
         discovery_timeout: config.discovery_timeout,
         app_host: config.app_host,
+        resilience: resilience.clone(),
+        outlier: config.outlier.clone(),
     };
 
     let (inbound_l, inbound) = bind(config.inbound_addr, "inbound").await?;
@@ -202,6 +206,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics.clone(),
         policy.clone(),
         resolver,
+        resilience,
         Identity {
             pod: config.pod_name.clone(),
             namespace: config.namespace.clone(),

@@ -67,6 +67,25 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    service: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    service: String,
+    from: &'static str,
+    to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: &'static str,
 }
@@ -96,6 +115,14 @@ struct Inner {
     policy_reloads: Family<ResultLabels, Counter>,
     policy_generation: Gauge,
     policy_valid: Gauge,
+    breaker_state: Family<BreakerLabels, Gauge>,
+    breaker_transitions: Family<TransitionLabels, Counter>,
+    retries: Family<ReasonLabels, Counter>,
+    budget_exhausted: Family<ServiceLabels, Counter>,
+    rate_limited: Family<ServiceLabels, Counter>,
+    shed: Family<ServiceLabels, Counter>,
+    ejections: Family<ServiceLabels, Counter>,
+    ejected: Family<ServiceLabels, Gauge>,
 }
 
 /// The sidecar's metrics; cheap to clone, shared by every part.
@@ -153,8 +180,64 @@ impl Default for Metrics {
             "1 when the last policy offered was applied, 0 when it was rejected",
             policy_valid.clone(),
         );
+        let breaker_state = Family::default();
+        registry.register(
+            "circuit_breaker_state",
+            "1 for the state each dependency's circuit breaker is in (closed, open, half-open), 0 for the others",
+            breaker_state.clone(),
+        );
+        let breaker_transitions = Family::default();
+        registry.register(
+            "circuit_breaker_transitions",
+            "Circuit breaker state changes, by dependency, from and to",
+            breaker_transitions.clone(),
+        );
+        let retries = Family::default();
+        registry.register(
+            "retries",
+            "Retries sent, by dependency and what was retried (connect-failure, 5xx, 429, timeout)",
+            retries.clone(),
+        );
+        let budget_exhausted = Family::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the dependency's retry budget was spent",
+            budget_exhausted.clone(),
+        );
+        let rate_limited = Family::default();
+        registry.register(
+            "inbound_rate_limited",
+            "Inbound requests refused with 429 by the rate limit",
+            rate_limited.clone(),
+        );
+        let shed = Family::default();
+        registry.register(
+            "inbound_shed",
+            "Inbound requests refused with 503 because the concurrency limit was full",
+            shed.clone(),
+        );
+        let ejections = Family::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints taken out of a dependency's balancer for consecutive failures",
+            ejections.clone(),
+        );
+        let ejected = Family::default();
+        registry.register(
+            "outlier_ejected_endpoints",
+            "Endpoints of each dependency currently ejected",
+            ejected.clone(),
+        );
         Self(Arc::new(Inner {
             registry,
+            breaker_state,
+            breaker_transitions,
+            retries,
+            budget_exhausted,
+            rate_limited,
+            shed,
+            ejections,
+            ejected,
             requests,
             latency,
             proxy_errors,
@@ -260,6 +343,85 @@ impl Metrics {
                 .policy_generation
                 .set(i64::try_from(generation).unwrap_or(i64::MAX));
         }
+    }
+}
+
+/// The metrics of the resilience layers (issue 5).
+impl Metrics {
+    /// Sets the breaker state gauge of `service` (one series per state, 1 for the current).
+    pub fn set_breaker_state(&self, service: &str, state: &'static str) {
+        for s in ["closed", "open", "half-open"] {
+            self.0
+                .breaker_state
+                .get_or_create(&BreakerLabels {
+                    service: service.to_owned(),
+                    state: s,
+                })
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Counts a breaker transition and updates the state gauge.
+    pub fn breaker_transition(&self, service: &str, from: &'static str, to: &'static str) {
+        self.0
+            .breaker_transitions
+            .get_or_create(&TransitionLabels {
+                service: service.to_owned(),
+                from,
+                to,
+            })
+            .inc();
+        self.set_breaker_state(service, to);
+    }
+
+    /// Counts one retry sent.
+    pub fn retry(&self, service: &str, reason: &'static str) {
+        self.0
+            .retries
+            .get_or_create(&ReasonLabels {
+                service: service.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    fn count(family: &Family<ServiceLabels, Counter>, service: &str) {
+        family
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a retry refused by the budget.
+    pub fn budget_exhausted(&self, service: &str) {
+        Self::count(&self.0.budget_exhausted, service);
+    }
+
+    /// Counts an inbound request refused by the rate limit.
+    pub fn rate_limited(&self, service: &str) {
+        Self::count(&self.0.rate_limited, service);
+    }
+
+    /// Counts an inbound request shed by the concurrency limit.
+    pub fn shed(&self, service: &str) {
+        Self::count(&self.0.shed, service);
+    }
+
+    /// Counts an ejection and sets how many endpoints of `service` are out.
+    pub fn ejection(&self, service: &str, ejected_now: usize) {
+        Self::count(&self.0.ejections, service);
+        self.set_ejected(service, ejected_now);
+    }
+
+    /// Sets how many endpoints of `service` are ejected.
+    pub fn set_ejected(&self, service: &str, n: usize) {
+        self.0
+            .ejected
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 

@@ -4,10 +4,11 @@
 //!
 //! ```text
 //! outbound (127.0.0.1):  metrics → request id → hop-by-hop → router
-//!     per service:       timeout → [retry → breaker: issue 5] → p2c/peak-EWMA balancer
-//!     per endpoint:      pooled client (HTTP/1.1 or h2c)
+//!     per service:       overall timeout → replay buffer → retry (budget, backoff)
+//!                        → circuit breaker → per-try timeout → p2c/peak-EWMA balancer
+//!     per endpoint:      outlier ejection (+ the try's deadline) → pooled client (HTTP/1.1 or h2c)
 //! inbound (pod IP):      metrics → request id → hop-by-hop → per policy:
-//!                        [rate limit → concurrency: issue 5] → timeout → app (x-forwarded-for)
+//!                        rate limit → concurrency limit (shed) → timeout → app (x-forwarded-for)
 //! admin:                 /livez /readyz /healthz /metrics /status
 //! ```
 
@@ -36,6 +37,13 @@ use crate::{
     },
     policy_watch::PolicyState,
     reload::PerPolicy,
+    resilience::{
+        Registry,
+        breaker::{self, BreakerService},
+        outlier::{Outlier, OutlierSettings},
+        retry::{self, Replayable, RetryPolicy},
+        timeout::{Overall, TryTimeout},
+    },
 };
 
 /// A listener's whole stack: it answers every request itself, so it never errs.
@@ -60,12 +68,18 @@ pub struct StackParts {
     pub discovery_timeout: Duration,
     /// Where the application listens.
     pub app_host: IpAddr,
+    /// Breakers, budgets and outlier state per dependency.
+    pub resilience: Registry,
+    /// Outlier ejection tuning.
+    pub outlier: OutlierSettings,
 }
 
 /// The outbound listener's stack.
 pub fn outbound(parts: &StackParts) -> ListenerService {
     let client = parts.client.clone();
     let balance = parts.balance.clone();
+    let (registry, outlier) = (parts.resilience.clone(), parts.outlier.clone());
+    let (route_registry, metrics) = (parts.resilience.clone(), parts.metrics.clone());
     let router = Router::new(RouterParts {
         rules: parts.rules.clone(),
         resolver: parts.resolver.clone(),
@@ -73,13 +87,22 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
         discovery_timeout: parts.discovery_timeout,
         make_balancer: Arc::new(move |svc: &ServiceName, watch| {
             let (client, label): (_, Arc<str>) = (client.clone(), svc.to_string().into());
+            let group = registry.outliers(&label, &outlier);
             balancer(
                 watch,
-                move |addr| Endpoint::new(addr, client.clone(), label.clone()),
+                move |addr| {
+                    Outlier::new(
+                        Endpoint::new(addr, client.clone(), label.clone()),
+                        addr,
+                        group.clone(),
+                    )
+                },
                 &balance,
             )
         }),
-        make_stack: Arc::new(outbound_route),
+        make_stack: Arc::new(move |svc, balanced, res| {
+            outbound_route(svc, balanced, res, &route_registry, &metrics)
+        }),
     });
     BoxCloneSyncService::new(
         ServiceBuilder::new()
@@ -93,30 +116,44 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
     )
 }
 
-/// The policy layers of one outbound service, over its balancer.
+/// The policy layers of one outbound service, over its balancer, outermost first:
 ///
-/// Issue 5 adds, between the timeout and the balancer: retry (with budget),
-/// then the circuit breaker. The timeout stays outermost: it is the
-/// overall deadline, retries included.
-fn outbound_route(svc: &ServiceName, balanced: Balanced, res: &Resilience) -> Balanced {
-    let timeout = res.timeout.get();
-    let service = svc.to_string();
-    BoxCloneSyncService::new(
-        ServiceBuilder::new()
-            .map_err(move |e: BoxError| {
-                if e.is::<Elapsed>() {
-                    ProxyError::Timeout {
-                        service: service.clone(),
-                        timeout,
-                    }
-                    .into()
-                } else {
-                    e
-                }
-            })
-            .timeout(timeout)
-            .service(balanced),
-    )
+/// - the overall deadline (`timeout`, retries and backoff included: 504
+///   "overall timeout");
+/// - replay buffering, which decides whether a request may be retried at all
+///   (method or `x-trellis-retryable`, body size);
+/// - tower's `Retry` with our policy (statuses, 429 + Retry-After, connect
+///   failures, per-try timeouts; backoff with full jitter; the budget);
+/// - the circuit breaker, under the retry so it counts every try and an
+///   open breaker is never retried;
+/// - the per-try deadline, under the breaker so a try that runs out counts
+///   as a timeout failure there (and 504 "per-try timeout" when final);
+/// - the balancer, so every try picks an endpoint afresh.
+///
+/// Built per policy generation; the breaker and budget come from the
+/// registry, which keeps them while their settings are unchanged.
+fn outbound_route(
+    svc: &ServiceName,
+    balanced: Balanced,
+    res: &Resilience,
+    registry: &Registry,
+    metrics: &Metrics,
+) -> Balanced {
+    let service: Arc<str> = svc.to_string().into();
+    let breaker = registry.breaker(&service, breaker::Settings::from(&res.circuit_breaker));
+    let budget = registry.budget(&service, &res.retry.budget);
+    let settings = Arc::new(retry::Settings::from(&res.retry));
+    let policy = RetryPolicy::new(settings.clone(), budget, metrics.clone(), service.clone());
+
+    let per_try = TryTimeout::new(
+        balanced,
+        res.per_try_timeout.map(|d| d.get()),
+        service.clone(),
+    );
+    let guarded = BreakerService::new(per_try, breaker);
+    let retrying = tower::retry::Retry::new(policy, guarded);
+    let replayable = Replayable::new(retrying, settings);
+    BoxCloneSyncService::new(Overall::new(replayable, res.timeout.get(), service))
 }
 
 /// The inbound listener's stack.

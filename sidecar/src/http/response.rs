@@ -22,6 +22,9 @@ use super::{Body, BoxError, full};
 /// Marks a response written by the proxy rather than by an application.
 pub const X_PROXY_ERROR: HeaderName = HeaderName::from_static("x-trellis-proxy-error");
 
+/// Names the dependency whose circuit breaker refused a request.
+pub const X_BREAKER: HeaderName = HeaderName::from_static("x-trellis-breaker");
+
 /// Why the proxy answered a request itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -53,13 +56,47 @@ pub enum ProxyError {
         #[source]
         source: BoxError,
     },
-    /// The upstream did not answer in time.
-    #[error("upstream {service:?} did not answer within {timeout:?}")]
+    /// The overall deadline of the call (retries included) passed.
+    #[error("upstream {service:?} did not answer within {timeout:?} (overall timeout)")]
     Timeout {
         /// The service called.
         service: String,
         /// The deadline that passed.
         timeout: std::time::Duration,
+    },
+    /// One try ran past `perTryTimeout` and was not (or could no longer be) retried.
+    #[error("upstream {service:?} did not answer within {timeout:?} (per-try timeout)")]
+    TryTimeout {
+        /// The service called.
+        service: String,
+        /// The per-try deadline that passed.
+        timeout: std::time::Duration,
+    },
+    /// The dependency's circuit breaker is open (or half-open and full).
+    #[error(
+        "circuit breaker for dependency {service:?} is {state}: failing fast instead of calling it"
+    )]
+    CircuitOpen {
+        /// The dependency.
+        service: String,
+        /// `open` or `half-open`.
+        state: &'static str,
+    },
+    /// The inbound rate limit refused the request.
+    #[error("rate limit of service {service:?} exceeded: retry after {retry_after}s")]
+    RateLimited {
+        /// This sidecar's service.
+        service: String,
+        /// Seconds until a request would be let through.
+        retry_after: u64,
+    },
+    /// The inbound concurrency limit is full: the request is shed, not queued.
+    #[error("service {service:?} is at its concurrency limit ({limit}): request shed")]
+    Overloaded {
+        /// This sidecar's service.
+        service: String,
+        /// The limit in force.
+        limit: u32,
     },
     /// No valid policy has been loaded yet, so the application's port is unknown.
     #[error("the sidecar has no valid policy yet")]
@@ -79,9 +116,12 @@ impl ProxyError {
             Self::UnknownService(_)
             | Self::NoEndpoints(_)
             | Self::DiscoveryPending(_)
-            | Self::NoPolicy => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::NoPolicy
+            | Self::CircuitOpen { .. }
+            | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Timeout { .. } | Self::TryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -95,6 +135,10 @@ impl ProxyError {
             Self::DiscoveryPending(_) => "discovery-pending",
             Self::Upstream { .. } => "upstream-failed",
             Self::Timeout { .. } => "timeout",
+            Self::TryTimeout { .. } => "per-try-timeout",
+            Self::CircuitOpen { .. } => "circuit-open",
+            Self::RateLimited { .. } => "rate-limited",
+            Self::Overloaded { .. } => "overloaded",
             Self::NoPolicy => "no-policy",
             Self::BadRequest(_) => "bad-request",
         }
@@ -105,6 +149,17 @@ impl ProxyError {
         let mut rsp = Response::new(full(format!("{self}\n")));
         *rsp.status_mut() = self.status();
         let h = rsp.headers_mut();
+        match &self {
+            Self::CircuitOpen { service, .. } => {
+                if let Ok(v) = HeaderValue::from_str(service) {
+                    h.insert(X_BREAKER, v);
+                }
+            }
+            Self::RateLimited { retry_after, .. } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            _ => {}
+        }
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),

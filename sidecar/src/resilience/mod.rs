@@ -1,0 +1,177 @@
+//! Resilience for calls to dependencies: deadlines, retries with a budget,
+//! a circuit breaker and outlier ejection, each its own module and layer;
+//! [`crate::stack`] puts them together.
+//!
+//! State that must outlive a policy reload — each dependency's breaker,
+//! retry budget and outlier group — lives in the [`Registry`]. A reload
+//! rebuilds the route layers; the breaker and the budget are kept when
+//! their settings did not change and start afresh (closed, empty) when they
+//! did. Outlier state belongs to the balancer, which survives every reload.
+
+pub mod backoff;
+pub mod breaker;
+pub mod budget;
+pub mod outlier;
+pub mod retry;
+pub mod timeout;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use http::Response;
+use trellis_policy::{FailureKind, RetryBudget as BudgetSpec};
+
+use crate::{
+    http::{Body, BoxError, response::ProxyError},
+    metrics::Metrics,
+};
+
+/// The first error of type `E` in `e`'s chain of sources.
+pub fn find<'a, E: std::error::Error + 'static>(
+    mut e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    loop {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        e = e.source()?;
+    }
+}
+
+/// Whether `e` is some kind of timeout.
+pub fn is_timeout(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    matches!(
+        find::<ProxyError>(e),
+        Some(ProxyError::Timeout { .. } | ProxyError::TryTimeout { .. })
+    ) || find::<tower::timeout::error::Elapsed>(e).is_some()
+        || find::<tokio::time::error::Elapsed>(e).is_some()
+}
+
+/// What kind of failure a try's result is, if it is one: a 5xx answer, a
+/// timeout, or a connection that failed or broke before the response.
+/// Any other error below the breaker (not only a [`ClientError`](crate::client::ClientError)) is a
+/// transport failure too.
+pub fn failure_kind(res: &Result<Response<Body>, BoxError>) -> Option<FailureKind> {
+    match res {
+        Ok(rsp) if rsp.status().is_server_error() => Some(FailureKind::ServerError),
+        Ok(_) => None,
+        Err(e) if is_timeout(e.as_ref()) => Some(FailureKind::Timeout),
+        Err(e) => match find::<ProxyError>(e.as_ref()) {
+            // Not the dependency's fault.
+            Some(ProxyError::CircuitOpen { .. } | ProxyError::BadRequest(_)) => None,
+            _ => Some(FailureKind::ConnectFailure),
+        },
+    }
+}
+
+#[derive(Default)]
+struct Dependency {
+    breaker: Option<Arc<breaker::Breaker>>,
+    budget: Option<(BudgetSpec, Arc<budget::RetryBudget>)>,
+    outliers: Option<Arc<outlier::Group>>,
+}
+
+/// The per-dependency state that survives reloads, shown on `/status`.
+#[derive(Clone)]
+pub struct Registry {
+    metrics: Metrics,
+    deps: Arc<Mutex<BTreeMap<String, Dependency>>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(metrics: Metrics) -> Self {
+        Self {
+            metrics,
+            deps: Arc::default(),
+        }
+    }
+
+    /// The breaker of `service`: the existing one if its settings are
+    /// unchanged, else a new closed one.
+    pub fn breaker(&self, service: &str, settings: breaker::Settings) -> Arc<breaker::Breaker> {
+        let mut deps = self.deps.lock().expect("registry lock");
+        let dep = deps.entry(service.to_owned()).or_default();
+        match &dep.breaker {
+            Some(b) if *b.settings() == settings => b.clone(),
+            old => {
+                if old.is_some() {
+                    tracing::info!(
+                        service,
+                        "circuit breaker settings changed: breaker reset to closed"
+                    );
+                }
+                let b = Arc::new(breaker::Breaker::new(
+                    service,
+                    settings,
+                    Some(self.metrics.clone()),
+                ));
+                dep.breaker = Some(b.clone());
+                b
+            }
+        }
+    }
+
+    /// The retry budget of `service`, kept while its settings are unchanged.
+    pub fn budget(&self, service: &str, spec: &BudgetSpec) -> Arc<budget::RetryBudget> {
+        let mut deps = self.deps.lock().expect("registry lock");
+        let dep = deps.entry(service.to_owned()).or_default();
+        match &dep.budget {
+            Some((s, b)) if s == spec => b.clone(),
+            _ => {
+                let b = Arc::new(budget::RetryBudget::new(spec.ratio, spec.min_per_second));
+                dep.budget = Some((spec.clone(), b.clone()));
+                b
+            }
+        }
+    }
+
+    /// The outlier group of `service` (one per balancer, made once).
+    pub fn outliers(
+        &self,
+        service: &str,
+        settings: &outlier::OutlierSettings,
+    ) -> Arc<outlier::Group> {
+        let mut deps = self.deps.lock().expect("registry lock");
+        let dep = deps.entry(service.to_owned()).or_default();
+        dep.outliers
+            .get_or_insert_with(|| {
+                Arc::new(outlier::Group::new(
+                    service.into(),
+                    settings.clone(),
+                    self.metrics.clone(),
+                ))
+            })
+            .clone()
+    }
+
+    /// Every dependency's breaker, budget and endpoints, for `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let deps = self.deps.lock().expect("registry lock");
+        let map: serde_json::Map<String, serde_json::Value> = deps
+            .iter()
+            .map(|(name, d)| {
+                let breaker = d.breaker.as_ref().map(|b| {
+                    let (state, counts) = b.snapshot();
+                    serde_json::json!({"state": state.as_str(), "counts": counts})
+                });
+                let budget = d.budget.as_ref().map(|(_, b)| {
+                    let (ratio, floor) = b.balance();
+                    serde_json::json!({"ratioBalance": ratio, "floorBalance": floor})
+                });
+                let endpoints = d.outliers.as_ref().map(|g| g.status());
+                (
+                    name.clone(),
+                    serde_json::json!({
+                        "circuitBreaker": breaker,
+                        "retryBudget": budget,
+                        "endpoints": endpoints,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::Value::Object(map)
+    }
+}
