@@ -274,7 +274,8 @@ async fn cluster_dns_answers_nothing_outside_cluster_local() {
 /// The operator end to end on the node: a MicroService whose app is the smoke
 /// server becomes Ready with the real sidecar injected, under restricted Pod
 /// Security, serves through its Service, and `kubectl describe` tells the story.
-#[tokio::test]
+// Multi-threaded: kubectl runs as a blocking child process while the in-process operator works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the full local node and the images: cargo xtask test"]
 async fn a_microservice_becomes_ready_with_its_sidecar_and_serves_through_its_service() {
     use trellis_operator::MicroService;
@@ -308,7 +309,7 @@ async fn a_microservice_becomes_ready_with_its_sidecar_and_serves_through_its_se
         .unwrap();
     if !waited.status.success() {
         let describe = trellis_tests::kubectl()
-            .args(["-n", &ns.name, "describe", "microservice/hello,pods"])
+            .args(["-n", &ns.name, "describe", "microservice/hello", "pods"])
             .output()
             .unwrap();
         panic!(
