@@ -79,6 +79,15 @@ pub fn up(mode: Mode) -> Result<()> {
         }
         _ => {}
     }
+    let nothing_runs = components(Mode::Node)
+        .iter()
+        .all(|c| process::running(c).is_none());
+    if nothing_runs && (paths::state_dir().exists() || paths::run_dir().exists()) {
+        // A cluster whose processes died (a reboot, a killed session) left state,
+        // mounts and rules behind; starting over them would mix old and new.
+        eprintln!("==> a stopped cluster left state behind; cleaning it up first");
+        down()?;
+    }
     let tools = Tools::ensure()?;
     let state = paths::state_dir();
     fs::create_dir_all(&state)?;
