@@ -12,10 +12,18 @@
 //! admin:                 /livez /readyz /healthz /metrics /status
 //! ```
 
-use std::{convert::Infallible, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use http::{Request, Response};
-use tower::{ServiceBuilder, timeout::error::Elapsed, util::BoxCloneSyncService};
+use tower::{
+    ServiceBuilder, limit::GlobalConcurrencyLimitLayer, timeout::error::Elapsed,
+    util::BoxCloneSyncService,
+};
 use trellis_policy::Resilience;
 
 use crate::{
@@ -28,7 +36,11 @@ use crate::{
         request_id::RequestIdLayer,
         response::{ProxyError, RespondToErrors},
     },
-    inbound::ToApp,
+    inbound::{
+        ToApp,
+        concurrency::{Permits, is_shed},
+        rate_limit::{RateLimit, TokenBucket},
+    },
     metrics::{Direction, Metrics, MetricsLayer},
     outbound::{
         endpoint::Endpoint,
@@ -159,8 +171,29 @@ fn outbound_route(
 /// The inbound listener's stack.
 pub fn inbound(parts: &StackParts) -> ListenerService {
     let to_app = ToApp::new(parts.client.clone(), parts.policy.clone(), parts.app_host);
+    let metrics = parts.metrics.clone();
+    // Kept across reloads while their settings are unchanged: the bucket
+    // (a reload must not hand out a fresh burst) and the semaphore
+    // (requests in flight keep counting).
+    let buckets: Arc<Mutex<Option<Arc<TokenBucket>>>> = Arc::default();
+    let permits = Arc::new(Permits::default());
     let per_policy = PerPolicy::new(parts.policy.clone(), move |state| {
-        inbound_policy(state, to_app.clone())
+        let bucket = state
+            .policy
+            .as_ref()
+            .and_then(|p| p.inbound.rate_limit.as_ref())
+            .map(|spec| {
+                let mut cur = buckets.lock().expect("bucket lock");
+                match &*cur {
+                    Some(b) if b.spec() == spec => b.clone(),
+                    _ => {
+                        let b = Arc::new(TokenBucket::new(spec));
+                        *cur = Some(b.clone());
+                        b
+                    }
+                }
+            });
+        inbound_policy(state, to_app.clone(), bucket, &permits, &metrics)
     });
     BoxCloneSyncService::new(
         ServiceBuilder::new()
@@ -171,15 +204,44 @@ pub fn inbound(parts: &StackParts) -> ListenerService {
     )
 }
 
-/// The inbound protections of one policy over the forwarder. Issue 5 adds
-/// the rate limit and the concurrency limit in front of the timeout.
-fn inbound_policy(state: &PolicyState, to_app: ToApp) -> ListenerService {
-    let (service, timeout): (Arc<str>, Duration) = match &state.policy {
-        Some(p) => (p.service.as_str().into(), p.inbound.timeout.get()),
-        None => ("unknown".into(), Duration::from_secs(30)),
+/// The inbound protections of one policy over the forwarder: the rate
+/// limit (429), then the concurrency limit (503 at once when full), then
+/// the timeout (504).
+fn inbound_policy(
+    state: &PolicyState,
+    to_app: ToApp,
+    bucket: Option<Arc<TokenBucket>>,
+    permits: &Permits,
+    metrics: &Metrics,
+) -> ListenerService {
+    let (service, timeout, max): (Arc<str>, Duration, u32) = match &state.policy {
+        Some(p) => (
+            p.service.as_str().into(),
+            p.inbound.timeout.get(),
+            p.inbound.max_concurrent,
+        ),
+        None => ("unknown".into(), Duration::from_secs(30), 512),
     };
     let name = service.to_string();
+    let (shed_name, shed_metrics) = (name.clone(), metrics.clone());
     let svc = ServiceBuilder::new()
+        .layer_fn(|inner| RateLimit::new(inner, bucket.clone(), service.clone(), metrics.clone()))
+        .map_err(move |e: BoxError| -> BoxError {
+            if is_shed(e.as_ref()) {
+                shed_metrics.shed(&shed_name);
+                ProxyError::Overloaded {
+                    service: shed_name.clone(),
+                    limit: max,
+                }
+                .into()
+            } else {
+                e
+            }
+        })
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+            permits.for_limit(max),
+        ))
         .map_err(move |e: BoxError| -> BoxError {
             if e.is::<Elapsed>() {
                 ProxyError::Timeout {

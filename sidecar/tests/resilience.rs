@@ -753,3 +753,115 @@ async fn retry_settings_change_live() {
     }
     assert_eq!(up.hits(), 5 + 15);
 }
+
+async fn inbound_get(sc: &Running, path: &str) -> Answer {
+    let req = Request::get(path)
+        .header("host", "order")
+        .body(full(""))
+        .unwrap();
+    h1(sc.inbound, req).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_rate_limit_holds_its_rate_under_twice_the_load() {
+    let _heavy = HEAVY.lock().await;
+    let app = upstream("app").await;
+    let (rate, burst) = (50.0, 5.0);
+    let inbound = json!({"inbound": {"rateLimit": {"perSecond": 50, "burst": 5}}});
+    let (sc, _) = sidecar_for(&app, &[], json!({}), inbound, no_ejection()).await;
+    let sc = Arc::new(sc);
+    // 100 requests a second for 2 s, each on its own task and connection.
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        tick.tick().await;
+        let sc = sc.clone();
+        tasks.push(tokio::spawn(async move { inbound_get(&sc, "/x").await }));
+    }
+    let offered_for = start.elapsed().as_secs_f64();
+    let (mut ok, mut limited) = (0.0, 0.0);
+    for t in tasks {
+        let a = t.await.unwrap();
+        match a.status {
+            StatusCode::OK => ok += 1.0,
+            StatusCode::TOO_MANY_REQUESTS => {
+                limited += 1.0;
+                assert_eq!(a.headers["x-trellis-proxy-error"], "rate-limited");
+                assert_eq!(a.headers["retry-after"], "1");
+            }
+            s => panic!("unexpected {s}: {}", a.text()),
+        }
+    }
+    let measured = (ok - burst) / offered_for;
+    eprintln!(
+        "rate limit {rate}/s, burst {burst}: offered {:.0}/s for {offered_for:.2}s, let through {ok} ({measured:.1}/s beyond the burst), refused {limited}",
+        200.0 / offered_for
+    );
+    assert!(
+        (rate * 0.9..=rate * 1.1).contains(&measured),
+        "{measured:.1}/s is not within 10% of {rate}/s"
+    );
+    let m = metrics(&sc).await;
+    assert_eq!(
+        metric(&m, "trellis_inbound_rate_limited_total{service=\"order\"}"),
+        limited,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_concurrency_limit_sheds_with_503_at_once() {
+    let app = upstream("app").await;
+    let inbound = json!({"inbound": {"maxConcurrent": 2}});
+    let (sc, _) = sidecar_for(&app, &[], json!({}), inbound, no_ejection()).await;
+    let sc = Arc::new(sc);
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let sc = sc.clone();
+            tokio::spawn(async move { inbound_get(&sc, "/slow?ms=600").await })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(2), || async { app.hits() == 2 }).await,
+        "the two slow calls reached the app"
+    );
+    for _ in 0..4 {
+        let start = Instant::now();
+        let a = inbound_get(&sc, "/x").await;
+        let took = start.elapsed();
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text());
+        assert_eq!(a.headers["x-trellis-proxy-error"], "overloaded");
+        assert!(a.text().contains("concurrency limit (2)"), "{}", a.text());
+        assert!(
+            took < Duration::from_millis(300),
+            "shed, not queued: {took:?}"
+        );
+    }
+    for t in busy {
+        assert_eq!(t.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(
+        inbound_get(&sc, "/x").await.status,
+        StatusCode::OK,
+        "permits come back"
+    );
+    let m = metrics(&sc).await;
+    assert_eq!(
+        metric(&m, "trellis_inbound_shed_total{service=\"order\"}"),
+        4.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_timeout_answers_504() {
+    let app = upstream("app").await;
+    let inbound = json!({"inbound": {"timeout": "100ms"}});
+    let (sc, _) = sidecar_for(&app, &[], json!({}), inbound, no_ejection()).await;
+    let start = Instant::now();
+    let a = inbound_get(&sc, "/slow?ms=2000").await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT, "{}", a.text());
+    assert!(start.elapsed() < Duration::from_millis(1000));
+    assert_eq!(inbound_get(&sc, "/x").await.status, StatusCode::OK);
+}

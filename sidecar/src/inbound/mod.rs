@@ -2,8 +2,12 @@
 //!
 //! The listener on the pod's address forwards to the application on
 //! localhost, at the port the policy names, adding `x-forwarded-for` so the
-//! application still sees who called. The policy's inbound protections wrap
-//! this in [`crate::stack`].
+//! application still sees who called. The policy's inbound protections —
+//! [`rate_limit`] and [`concurrency`], then a timeout — wrap this in
+//! [`crate::stack`].
+
+pub mod concurrency;
+pub mod rate_limit;
 
 use std::{
     net::{IpAddr, SocketAddr},
