@@ -1,7 +1,7 @@
 //! Services rebuilt when the policy changes.
 //!
-//! A stack built from a policy (timeouts now; limits, retries and breakers
-//! next) is kept and shared by every connection until a new policy is
+//! A stack built from a policy (the inbound rate limit, concurrency limit
+//! and timeout) is kept and shared by every connection until a new policy is
 //! applied; the next request then builds the new stack, and requests still
 //! in flight finish on the old one. No request is dropped by a reload.
 

@@ -175,3 +175,47 @@ impl Registry {
         serde_json::Value::Object(map)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_policy::CircuitBreaker;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_a_breaker_with_unchanged_settings_and_resets_a_changed_one() {
+        let r = Registry::new(Metrics::default());
+        let spec = CircuitBreaker {
+            consecutive_failures: 1,
+            ..CircuitBreaker::default()
+        };
+        let b = r.breaker("user.shop", breaker::Settings::from(&spec));
+        for _ in 0..2 {
+            b.try_acquire().unwrap().failure();
+        }
+        assert_eq!(b.state(), breaker::State::Open);
+        // The same settings again (a reload that changed something else).
+        let same = r.breaker("user.shop", breaker::Settings::from(&spec));
+        assert!(Arc::ptr_eq(&b, &same));
+        assert_eq!(same.state(), breaker::State::Open);
+        let status = r.status();
+        assert_eq!(status["user.shop"]["circuitBreaker"]["state"], "open");
+        // Changed settings: a new, closed breaker.
+        let changed = CircuitBreaker {
+            consecutive_failures: 2,
+            ..spec
+        };
+        let fresh = r.breaker("user.shop", breaker::Settings::from(&changed));
+        assert_eq!(fresh.state(), breaker::State::Closed);
+
+        let budget = r.budget("user.shop", &BudgetSpec::default());
+        assert!(Arc::ptr_eq(
+            &budget,
+            &r.budget("user.shop", &BudgetSpec::default())
+        ));
+        let other = BudgetSpec {
+            ratio: 0.5,
+            ..BudgetSpec::default()
+        };
+        assert!(!Arc::ptr_eq(&budget, &r.budget("user.shop", &other)));
+    }
+}
