@@ -253,7 +253,7 @@ fn go_build(module: &Path, package: &str, out: &Path, ldflags: &str) -> Result<(
     for line in BufReader::new(stderr).lines() {
         let line = line?;
         compiled += 1;
-        if compiled % 100 == 0 {
+        if compiled.is_multiple_of(100) {
             eprintln!("      {package}: {compiled} packages compiled or checked");
         }
         tail.push(line);

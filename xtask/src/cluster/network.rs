@@ -150,10 +150,10 @@ pub fn leftover_chains() -> Result<Vec<String>> {
                 continue;
             };
             for line in rules.lines() {
-                if let Some(chain) = line.strip_prefix("-N ") {
-                    if CHAIN_PREFIXES.iter().any(|p| chain.starts_with(p)) {
-                        left.push(format!("{binary} {table}/{chain}"));
-                    }
+                if let Some(chain) = line.strip_prefix("-N ")
+                    && CHAIN_PREFIXES.iter().any(|p| chain.starts_with(p))
+                {
+                    left.push(format!("{binary} {table}/{chain}"));
                 }
             }
         }
