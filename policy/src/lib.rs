@@ -16,7 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use duration::{DURATION_PATTERN, Duration, ParseDurationError};
-pub use validate::{FieldError, PolicyError};
+pub use validate::{FieldError, PolicyError, is_dns_label};
 
 /// The key under which the policy is stored in the `<name>-sidecar` ConfigMap.
 pub const POLICY_KEY: &str = "policy.json";

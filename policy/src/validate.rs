@@ -49,7 +49,8 @@ impl Errors {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// Whether `s` is an RFC 1123 label, as Kubernetes names Services and namespaces.
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

@@ -10,6 +10,7 @@
 use std::fmt;
 
 use http::{Request, Uri, header};
+use trellis_policy::is_dns_label;
 
 use crate::http::response::ProxyError;
 
@@ -88,16 +89,6 @@ impl NameRules {
             .map_err(|_| ProxyError::BadAuthority(host.to_owned()))?;
         self.parse_host(uri.host().ok_or(ProxyError::NoAuthority)?)
     }
-}
-
-/// RFC 1123 label, as Kubernetes names Services and namespaces.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 #[cfg(test)]
