@@ -1,0 +1,114 @@
+//! Serving: JSON logs, a `/health` route that checks the database, request
+//! logging, and graceful shutdown on SIGTERM or Ctrl-C.
+
+use std::{net::SocketAddr, time::Instant};
+
+use axum::{
+    Json, Router,
+    extract::{Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use http::StatusCode;
+use sqlx::AnyPool;
+use tokio::net::TcpListener;
+
+/// JSON logs on stdout, filtered by `RUST_LOG` (default `info`). Safe to call twice.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_env_filter(filter)
+        .try_init();
+}
+
+/// `GET /health`: 200 `{"status":"ok"}` when the database answers, else 503.
+pub fn health_routes(pool: AnyPool) -> Router {
+    Router::new().route("/health", get(health)).with_state(pool)
+}
+
+/// The OpenAPI document of `/health`, for services to merge into theirs.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(health))]
+pub struct HealthDoc;
+
+/// Whether the service and its database are up.
+#[utoipa::path(get, path = "/health", tag = "health", responses(
+    (status = 200, description = "The service and its database answer"),
+    (status = 503, description = "The database does not answer")))]
+pub async fn health(State(pool): State<AnyPool>) -> Response {
+    match crate::db::ping(&pool).await {
+        Ok(()) => Json(serde_json::json!({"status": "ok", "database": "ok"})).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "health: database unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"status": "unavailable", "database": e.to_string()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// A middleware that logs each request's method, path, status and duration.
+pub async fn log_requests(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let start = Instant::now();
+    let rsp = next.run(req).await;
+    if path != "/health" {
+        tracing::info!(
+            %method,
+            path,
+            status = rsp.status().as_u16(),
+            ms = start.elapsed().as_millis() as u64,
+            request_id,
+            "request"
+        );
+    }
+    rsp
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// Serves `app` (HTTP/1.1 and h2c on one port) on `0.0.0.0:port` until SIGTERM.
+pub async fn serve(app: Router, port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! The user service end to end on loopback: every REST route, bad inputs,
+//! the gRPC service on the same port, `/health` and the OpenAPI document,
+//! against SQLite and (when installed) a real PostgreSQL.
+
+use std::net::SocketAddr;
+
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+use trellis_service_kit::testing::{self, Postgres};
+use user_service::pb::{self, user_service_client::UserServiceClient};
+
+/// Every route of the service, as documented.
+const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/api/v1/users"),
+    ("POST", "/api/v1/users"),
+    ("GET", "/api/v1/users/{id}"),
+    ("PUT", "/api/v1/users/{id}"),
+    ("DELETE", "/api/v1/users/{id}"),
+    ("GET", "/health"),
+];
+
+async fn start(url: &str) -> SocketAddr {
+    let pool =
+        trellis_service_kit::db::connect(url, &user_service::SQLITE, &user_service::POSTGRES)
+            .await
+            .unwrap();
+    testing::spawn(user_service::app(pool)).await
+}
+
+struct Api {
+    base: String,
+    http: Client,
+}
+
+impl Api {
+    async fn call(&self, method: Method, path: &str, body: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_owned());
+        }
+        let rsp = req.send().await.unwrap();
+        let status = rsp.status();
+        let text = rsp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None).await
+    }
+    async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(body)).await
+    }
+    async fn put(&self, path: &str, body: &str) -> (StatusCode, Value) {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+}
+
+/// Asserts an error answer: status, `code`, and the field named.
+#[track_caller]
+fn bad(got: (StatusCode, Value), status: u16, field: &str) {
+    assert_eq!(got.0.as_u16(), status, "{:?}", got.1);
+    assert!(got.1["code"].is_string(), "{:?}", got.1);
+    assert_eq!(got.1["field"], field, "{:?}", got.1);
+}
+
+async fn scenario(url: &str) {
+    let addr = start(url).await;
+    let api = Api {
+        base: format!("http://{addr}"),
+        http: Client::new(),
+    };
+
+    // Create.
+    let (s, alice) = api
+        .post(
+            "/api/v1/users",
+            r#"{"name":"Alice","email":"Alice@Example.com","age":30}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{alice}");
+    assert_eq!(alice["email"], "alice@example.com");
+    assert_eq!(alice["active"], true);
+    let id = alice["id"].as_i64().unwrap();
+    for (name, email) in [
+        ("Bob", "bob@example.com"),
+        ("Carol", "carol@shop.test"),
+        ("Dave", "dave@example.com"),
+    ] {
+        let (s, _) = api
+            .post(
+                "/api/v1/users",
+                &json!({"name": name, "email": email, "age": 40}).to_string(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+
+    // Get.
+    let (s, got) = api.get(&format!("/api/v1/users/{id}")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(got["name"], "Alice");
+
+    // List: paging and search.
+    let (s, page) = api.get("/api/v1/users?page=1&limit=2").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(page["total"], 4);
+    assert_eq!(page["users"].as_array().unwrap().len(), 2);
+    let (_, page2) = api.get("/api/v1/users?page=2&limit=3").await;
+    assert_eq!(page2["users"].as_array().unwrap().len(), 1);
+    assert_eq!(page2["users"][0]["name"], "Dave");
+    let (_, found) = api.get("/api/v1/users?search=EXAMPLE.com").await;
+    assert_eq!(found["total"], 3, "{found}");
+    let (_, found) = api.get("/api/v1/users?search=car").await;
+    assert_eq!(found["users"][0]["name"], "Carol");
+    let (_, none) = api.get("/api/v1/users?search=%25").await;
+    assert_eq!(none["total"], 0, "a % is a literal, not a wildcard: {none}");
+
+    // Update.
+    let (s, upd) = api
+        .put(
+            &format!("/api/v1/users/{id}"),
+            r#"{"name":"Alice B","active":false}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{upd}");
+    assert_eq!(upd["name"], "Alice B");
+    assert_eq!(upd["active"], false);
+    assert_eq!(upd["email"], "alice@example.com", "unchanged");
+
+    // Bad inputs.
+    bad(
+        api.post("/api/v1/users", r#"{"name":"X","email":"#).await,
+        400,
+        "body",
+    );
+    bad(
+        api.post("/api/v1/users", r#"{"name":"X","age":3}"#).await,
+        422,
+        "email",
+    );
+    bad(
+        api.post("/api/v1/users", r#"{"name":"X","email":"nope","age":3}"#)
+            .await,
+        422,
+        "email",
+    );
+    bad(
+        api.post("/api/v1/users", r#"{"name":"","email":"e@x.io","age":3}"#)
+            .await,
+        422,
+        "name",
+    );
+    bad(
+        api.post("/api/v1/users", r#"{"name":"X","email":"e@x.io","age":-1}"#)
+            .await,
+        422,
+        "age",
+    );
+    bad(
+        api.post(
+            "/api/v1/users",
+            r#"{"name":"X","email":"e@x.io","age":"old"}"#,
+        )
+        .await,
+        422,
+        "age",
+    );
+    bad(
+        api.post(
+            "/api/v1/users",
+            r#"{"name":"X","email":"bob@example.com","age":3}"#,
+        )
+        .await,
+        409,
+        "email",
+    );
+    bad(api.get("/api/v1/users/999999").await, 404, "id");
+    bad(api.get("/api/v1/users/abc").await, 400, "id");
+    bad(api.get("/api/v1/users/-4").await, 400, "id");
+    bad(api.get("/api/v1/users?page=0").await, 400, "page");
+    bad(api.get("/api/v1/users?limit=1000").await, 400, "limit");
+    bad(api.get("/api/v1/users?page=abc").await, 400, "page");
+    bad(
+        api.put("/api/v1/users/999999", r#"{"name":"Y"}"#).await,
+        404,
+        "id",
+    );
+    bad(
+        api.put(
+            &format!("/api/v1/users/{id}"),
+            r#"{"email":"bob@example.com"}"#,
+        )
+        .await,
+        409,
+        "email",
+    );
+    bad(
+        api.put(&format!("/api/v1/users/{id}"), r#"{"age":151}"#)
+            .await,
+        422,
+        "age",
+    );
+    bad(
+        api.put(&format!("/api/v1/users/{id}"), r#"{"nickname":"x"}"#)
+            .await,
+        422,
+        "nickname",
+    );
+
+    // gRPC on the same port (h2c).
+    let mut grpc = UserServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let created = grpc
+        .create_user(pb::CreateUserRequest {
+            name: "Erin".into(),
+            email: "erin@example.com".into(),
+            age: 25,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(created.name, "Erin");
+    let got = grpc
+        .get_user(pb::GetUserRequest {
+            user_id: created.id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.user.unwrap().email, "erin@example.com");
+    let v = grpc
+        .validate_user(pb::ValidateUserRequest {
+            user_id: created.id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.valid, "{v:?}");
+    let v = grpc
+        .validate_user(pb::ValidateUserRequest { user_id: id as u64 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.valid, "Alice was deactivated: {v:?}");
+    let v = grpc
+        .validate_user(pb::ValidateUserRequest { user_id: 424242 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((v.valid, v.message.as_str()), (false, "user not found"));
+    let list = grpc
+        .list_users(pb::ListUsersRequest {
+            page: 0,
+            limit: 0,
+            search: "example.com".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.total, 4);
+    let e = grpc
+        .get_user(pb::GetUserRequest { user_id: 424242 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = grpc
+        .create_user(pb::CreateUserRequest {
+            name: "X".into(),
+            email: "not-an-email".into(),
+            age: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("email:"), "{e:?}");
+    let e = grpc
+        .create_user(pb::CreateUserRequest {
+            name: "X".into(),
+            email: "erin@example.com".into(),
+            age: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    let e = grpc
+        .list_users(pb::ListUsersRequest {
+            page: 1,
+            limit: 500,
+            search: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // Delete.
+    let (s, _) = api
+        .call(Method::DELETE, &format!("/api/v1/users/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    bad(api.get(&format!("/api/v1/users/{id}")).await, 404, "id");
+    bad(
+        api.call(Method::DELETE, &format!("/api/v1/users/{id}"), None)
+            .await,
+        404,
+        "id",
+    );
+
+    // Health checks the database.
+    let (s, h) = api.get("/health").await;
+    assert_eq!((s, &h["database"]), (StatusCode::OK, &json!("ok")));
+
+    // Unknown routes answer JSON 404.
+    bad_route(&api).await;
+    openapi_matches_routes(&api).await;
+}
+
+async fn bad_route(api: &Api) {
+    let (s, b) = api.get("/api/v2/nothing").await;
+    assert_eq!((s, &b["code"]), (StatusCode::NOT_FOUND, &json!("no_route")));
+}
+
+/// The served document is valid, documents every route, and every documented
+/// operation is a route of the app (it answers something else than "no route").
+async fn openapi_matches_routes(api: &Api) {
+    let (s, doc) = api.get("/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    testing::check_openapi(&doc, ROUTES);
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (s, b) = api.call(m, &path.replace("{id}", "1"), Some("{}")).await;
+            assert!(
+                s != StatusCode::METHOD_NOT_ALLOWED && b["code"] != "no_route",
+                "documented {method} {path} is not served: {s} {b}"
+            );
+        }
+    }
+    assert_eq!(doc, serde_json::to_value(user_service::openapi()).unwrap());
+}
+
+#[tokio::test]
+async fn sqlite() {
+    scenario(&testing::sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn postgres() {
+    let Some(pg) = Postgres::start() else { return };
+    scenario(&pg.url()).await;
+}
