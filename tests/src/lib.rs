@@ -73,28 +73,40 @@ pub fn ensure_cluster(node: bool) {
     }
 }
 
-/// `kubectl` from the tools cache, pointed at the local cluster (for what users see:
-/// `kubectl describe`, `kubectl wait`).
-pub fn kubectl() -> Command {
+/// A binary from the tools cache (`cargo xtask tools` builds it): the newest
+/// complete `<tool>-<version>-<key>/<binary>`.
+pub fn cached_tool(tool: &str, binary: &str) -> PathBuf {
     let cache = std::env::var_os("TRELLIS_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
                 .join(".cache/trellis")
         });
-    let binary = std::fs::read_dir(cache.join("bin"))
+    std::fs::read_dir(cache.join("bin"))
         .expect("the tools cache (cargo xtask tools builds it)")
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("kubernetes-"))
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{tool}-")))
                 && p.join(".complete").exists()
         })
         .max()
-        .expect("a built Kubernetes in the tools cache")
-        .join("kubectl");
-    let mut cmd = Command::new(binary);
+        .unwrap_or_else(|| panic!("no built {tool} in the tools cache: run cargo xtask tools"))
+        .join(binary)
+}
+
+/// `kubectl` from the tools cache, pointed at the local cluster (for what users see:
+/// `kubectl describe`, `kubectl wait`).
+pub fn kubectl() -> Command {
+    let mut cmd = Command::new(cached_tool("kubernetes", "kubectl"));
+    cmd.arg("--kubeconfig").arg(kubeconfig_path());
+    cmd
+}
+
+/// `helm` from the tools cache, pointed at the local cluster.
+pub fn helm() -> Command {
+    let mut cmd = Command::new(cached_tool("helm", "helm"));
     cmd.arg("--kubeconfig").arg(kubeconfig_path());
     cmd
 }

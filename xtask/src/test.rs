@@ -16,7 +16,7 @@ use crate::{cluster, images, paths, run};
 /// Integration test targets (files in tests/tests/) of the control-plane tier.
 const CONTROL_PLANE_TESTS: &[&str] = &["operator", "sidecar"];
 /// Integration test targets of the full-node tier.
-const NODE_TESTS: &[&str] = &["node"];
+const NODE_TESTS: &[&str] = &["node", "chart"];
 
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
