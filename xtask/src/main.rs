@@ -4,8 +4,10 @@
 //!   source (see [`cluster`]);
 //! - `tools`: build the pinned Go tools (Kubernetes, etcd, CoreDNS, Helm) into the cache;
 //! - `images`: OCI images of the workspace's binaries, imported into the cluster;
-//! - `test`: the README's test command, every tier in order.
+//! - `test`: the README's test command, every tier in order;
+//! - `bench sidecar`: the sidecar's RSS and CPU, idle and under load.
 
+mod bench;
 mod cluster;
 mod images;
 mod paths;
@@ -46,6 +48,18 @@ enum Command {
         #[arg(long)]
         no_node: bool,
     },
+    /// Benchmarks: print numbers, assert nothing about speed.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Two release sidecars in static mode on loopback (load → A outbound → B inbound →
+    /// upstream): idle RSS, RSS under load, requests/s, latency, CPU seconds.
+    Sidecar(bench::SidecarBench),
 }
 
 #[derive(Subcommand)]
@@ -86,5 +100,8 @@ fn main() -> Result<()> {
         Command::Tools => tools::Tools::ensure().map(|t| t.print()),
         Command::Images { no_import, names } => images::build_named(&names, !no_import),
         Command::Test { no_node } => test::run(!no_node),
+        Command::Bench { command } => match command {
+            BenchCommand::Sidecar(opts) => bench::sidecar(&opts),
+        },
     }
 }
