@@ -54,6 +54,20 @@ pub async fn health(State(pool): State<AnyPool>) -> Response {
     }
 }
 
+/// The fallback of every service: a JSON 404 with code `no_route`.
+pub async fn no_route() -> crate::ApiError {
+    crate::ApiError::new(StatusCode::NOT_FOUND, "no_route", None, "no such route")
+}
+
+/// A lazily connecting pool that never connects, for building a router only
+/// to read its OpenAPI document.
+pub fn unconnected_pool() -> AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .connect_lazy("sqlite::memory:")
+        .expect("a lazy pool")
+}
+
 /// A middleware that logs each request's method, path, status and duration.
 pub async fn log_requests(req: Request, next: Next) -> Response {
     let method = req.method().clone();

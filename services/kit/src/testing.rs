@@ -191,6 +191,95 @@ impl Drop for Postgres {
     }
 }
 
+/// A JSON client of one service's REST API.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+    /// Sends a request (with a JSON body when given) and returns the status
+    /// and the body as JSON (a string when it is not JSON).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_owned());
+        }
+        let rsp = req.send().await.unwrap();
+        let status = rsp.status();
+        let text = rsp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+    pub async fn get(&self, path: &str) -> (reqwest::StatusCode, serde_json::Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+    pub async fn post(&self, path: &str, body: &str) -> (reqwest::StatusCode, serde_json::Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+    pub async fn put(&self, path: &str, body: &str) -> (reqwest::StatusCode, serde_json::Value) {
+        self.call(reqwest::Method::PUT, path, Some(body)).await
+    }
+    pub async fn delete(&self, path: &str) -> (reqwest::StatusCode, serde_json::Value) {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// Fetches `/openapi.json`, checks it with [`check_openapi`] against
+    /// `routes`, and checks that every documented operation is served (it
+    /// answers neither 405 nor the fallback's `no_route`), with `1` for each
+    /// path parameter. Returns the document.
+    pub async fn check_openapi_routes(&self, routes: &[(&str, &str)]) -> serde_json::Value {
+        let (s, doc) = self.get("/openapi.json").await;
+        assert_eq!(s, reqwest::StatusCode::OK, "{doc}");
+        check_openapi(&doc, routes);
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                let concrete: String = path
+                    .split('/')
+                    .map(|seg| if seg.starts_with('{') { "1" } else { seg })
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let (s, b) = self.call(m, &concrete, Some("{}")).await;
+                assert!(
+                    s != reqwest::StatusCode::METHOD_NOT_ALLOWED && b["code"] != "no_route",
+                    "documented {method} {path} is not served: {s} {b}"
+                );
+            }
+        }
+        let (s, b) = self.get("/no/such/route").await;
+        assert_eq!(
+            (s.as_u16(), &b["code"]),
+            (404, &serde_json::json!("no_route"))
+        );
+        doc
+    }
+}
+
+/// Asserts an error answer: the status, a `code`, and the field named.
+#[track_caller]
+pub fn assert_error(got: (reqwest::StatusCode, serde_json::Value), status: u16, field: &str) {
+    assert_eq!(got.0.as_u16(), status, "{}", got.1);
+    assert!(got.1["code"].is_string(), "no code: {}", got.1);
+    assert!(got.1["message"].is_string(), "no message: {}", got.1);
+    assert_eq!(got.1["field"], field, "{}", got.1);
+}
+
 /// Checks that `doc` is a valid OpenAPI 3 document (the required fields,
 /// unique operation ids, every path parameter declared, every response
 /// described, every `$ref` resolving) and that it documents each of

@@ -18,7 +18,7 @@ pub mod pb {
 use axum::{Router, routing::get};
 use sqlx::{AnyPool, migrate::Migrator};
 use tonic::server::NamedService;
-use trellis_service_kit::{ApiError, server};
+use trellis_service_kit::server;
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -48,14 +48,7 @@ fn rest(pool: AnyPool) -> (Router, utoipa::openapi::OpenApi) {
 
 /// The OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    rest(empty_pool()).1
-}
-
-fn empty_pool() -> AnyPool {
-    sqlx::any::install_default_drivers();
-    sqlx::any::AnyPoolOptions::new()
-        .connect_lazy("sqlite::memory:")
-        .expect("a lazy pool")
+    rest(server::unconnected_pool()).1
 }
 
 /// The whole application: REST, gRPC, `/health`, `/openapi.json`.
@@ -69,14 +62,7 @@ pub fn app(pool: AnyPool) -> Router {
     rest.merge(server::health_routes(pool))
         .route("/openapi.json", get(move || async move { axum::Json(doc) }))
         .route_service(&grpc_path, grpc)
-        .fallback(|| async {
-            ApiError::new(
-                http::StatusCode::NOT_FOUND,
-                "no_route",
-                None,
-                "no such route",
-            )
-        })
+        .fallback(server::no_route)
         .layer(axum::middleware::from_fn(server::log_requests))
 }
 

@@ -4,9 +4,9 @@
 
 use std::net::SocketAddr;
 
-use reqwest::{Client, Method, StatusCode};
-use serde_json::{Value, json};
-use trellis_service_kit::testing::{self, Postgres};
+use reqwest::StatusCode;
+use serde_json::json;
+use trellis_service_kit::testing::{self, Api, Postgres, assert_error as bad};
 use user_service::pb::{self, user_service_client::UserServiceClient};
 
 /// Every route of the service, as documented.
@@ -27,52 +27,9 @@ async fn start(url: &str) -> SocketAddr {
     testing::spawn(user_service::app(pool)).await
 }
 
-struct Api {
-    base: String,
-    http: Client,
-}
-
-impl Api {
-    async fn call(&self, method: Method, path: &str, body: Option<&str>) -> (StatusCode, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_owned());
-        }
-        let rsp = req.send().await.unwrap();
-        let status = rsp.status();
-        let text = rsp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.call(Method::GET, path, None).await
-    }
-    async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
-        self.call(Method::POST, path, Some(body)).await
-    }
-    async fn put(&self, path: &str, body: &str) -> (StatusCode, Value) {
-        self.call(Method::PUT, path, Some(body)).await
-    }
-}
-
-/// Asserts an error answer: status, `code`, and the field named.
-#[track_caller]
-fn bad(got: (StatusCode, Value), status: u16, field: &str) {
-    assert_eq!(got.0.as_u16(), status, "{:?}", got.1);
-    assert!(got.1["code"].is_string(), "{:?}", got.1);
-    assert_eq!(got.1["field"], field, "{:?}", got.1);
-}
-
 async fn scenario(url: &str) {
     let addr = start(url).await;
-    let api = Api {
-        base: format!("http://{addr}"),
-        http: Client::new(),
-    };
+    let api = Api::new(addr);
 
     // Create.
     let (s, alice) = api
@@ -300,48 +257,18 @@ async fn scenario(url: &str) {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
     // Delete.
-    let (s, _) = api
-        .call(Method::DELETE, &format!("/api/v1/users/{id}"), None)
-        .await;
+    let (s, _) = api.delete(&format!("/api/v1/users/{id}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     bad(api.get(&format!("/api/v1/users/{id}")).await, 404, "id");
-    bad(
-        api.call(Method::DELETE, &format!("/api/v1/users/{id}"), None)
-            .await,
-        404,
-        "id",
-    );
+    bad(api.delete(&format!("/api/v1/users/{id}")).await, 404, "id");
 
     // Health checks the database.
     let (s, h) = api.get("/health").await;
     assert_eq!((s, &h["database"]), (StatusCode::OK, &json!("ok")));
 
-    // Unknown routes answer JSON 404.
-    bad_route(&api).await;
-    openapi_matches_routes(&api).await;
-}
-
-async fn bad_route(api: &Api) {
-    let (s, b) = api.get("/api/v2/nothing").await;
-    assert_eq!((s, &b["code"]), (StatusCode::NOT_FOUND, &json!("no_route")));
-}
-
-/// The served document is valid, documents every route, and every documented
-/// operation is a route of the app (it answers something else than "no route").
-async fn openapi_matches_routes(api: &Api) {
-    let (s, doc) = api.get("/openapi.json").await;
-    assert_eq!(s, StatusCode::OK);
-    testing::check_openapi(&doc, ROUTES);
-    for (path, item) in doc["paths"].as_object().unwrap() {
-        for method in item.as_object().unwrap().keys() {
-            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-            let (s, b) = api.call(m, &path.replace("{id}", "1"), Some("{}")).await;
-            assert!(
-                s != StatusCode::METHOD_NOT_ALLOWED && b["code"] != "no_route",
-                "documented {method} {path} is not served: {s} {b}"
-            );
-        }
-    }
+    // The served document is valid, documents every route, and every
+    // documented operation is served.
+    let doc = api.check_openapi_routes(ROUTES).await;
     assert_eq!(doc, serde_json::to_value(user_service::openapi()).unwrap());
 }
 
