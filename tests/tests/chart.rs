@@ -202,7 +202,7 @@ fn values_choose_leader_election_scope_and_monitoring() {
     let args =
         find(&two, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(
-        args.contains("--leader-elect=true"),
+        args.contains("\"--leader-elect\""),
         "two replicas must elect a leader: {args}"
     );
 
