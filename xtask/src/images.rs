@@ -59,6 +59,21 @@ pub const ALL: &[Image] = &[
         package: "trellis-tests",
         binary: "trellis-smoke",
     },
+    Image {
+        name: "trellis/user-service",
+        package: "user-service",
+        binary: "user-service",
+    },
+    Image {
+        name: "trellis/product-service",
+        package: "product-service",
+        binary: "product-service",
+    },
+    Image {
+        name: "trellis/order-service",
+        package: "order-service",
+        binary: "order-service",
+    },
 ];
 
 /// `ctr` against the cluster's containerd, in the namespace the kubelet uses.
