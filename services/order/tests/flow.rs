@@ -432,3 +432,62 @@ async fn dependency_failures_are_503s_naming_the_dependency() {
     let (_, orders) = o.get(&format!("/api/v1/orders?user_id={alice}")).await;
     assert_eq!(orders["total"], 0);
 }
+
+/// The W3C headers of the request the order service serves reach the
+/// product service on the reservation it makes (the trace id kept; the
+/// sidecars may start new spans under it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_headers_reach_the_dependencies() {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<http::HeaderMap>>> = Arc::default();
+    let record = seen.clone();
+    // A stand-in product service that records each request's headers.
+    let fake_product = axum::Router::new().route(
+        "/api/v1/products/{id}/{action}",
+        axum::routing::post(move |headers: http::HeaderMap| {
+            let record = record.clone();
+            async move {
+                record.lock().unwrap().push(headers);
+                axum::Json(json!({"price_cents": 100, "stock": 1}))
+            }
+        }),
+    );
+    let product = testing::spawn(fake_product).await;
+    let user = user_app().await;
+    let alice = new_user(&Api::new(user), "alice").await;
+    let u = sidecar(policy("user", user), &[]).await;
+    let p = sidecar(policy("product", product), &[]).await;
+    let (o, _o) = order_app(
+        &testing::sqlite_url(),
+        policy("order", ([127, 0, 0, 1], 1).into()),
+        u.inbound,
+        p.inbound,
+    )
+    .await;
+
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let rsp = o
+        .http
+        .post(format!("{}/api/v1/orders", o.base))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .header("baggage", "tenant=acme")
+        .header("x-request-id", "req-42")
+        .json(&json!({"user_id": alice, "items": [{"product_id": 7, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        rsp.status(),
+        StatusCode::CREATED,
+        "{}",
+        rsp.text().await.unwrap()
+    );
+    let seen = seen.lock().unwrap();
+    let h = seen
+        .last()
+        .expect("the reservation reached the product service");
+    let traceparent = h["traceparent"].to_str().unwrap();
+    assert!(traceparent.contains(trace_id), "{traceparent}");
+    assert_eq!(h["baggage"], "tenant=acme");
+    assert_eq!(h["x-request-id"], "req-42");
+}
