@@ -192,7 +192,10 @@ fn the_operator_runs_restricted_with_exactly_the_rbac_it_needs() {
         args.contains(&"--sidecar-image=trellis/sidecar:0.1.0"),
         "{args:?}"
     );
-    assert!(!args.contains(&"--leader-elect"), "one replica needs no election: {args:?}");
+    assert!(
+        !args.contains(&"--leader-elect"),
+        "one replica needs no election: {args:?}"
+    );
 }
 
 #[test]
