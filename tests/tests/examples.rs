@@ -59,7 +59,9 @@ async fn the_shop_example_is_accepted_by_the_apiserver() {
                 Api::namespaced_with(ns.client.clone(), &ns.name, &ApiResource::from(resource));
             api.patch(
                 &name,
-                &PatchParams::apply("trellis-tests").dry_run(),
+                &PatchParams::apply("trellis-tests")
+                    .dry_run()
+                    .validation_strict(),
                 &Patch::Apply(&object),
             )
             .await
