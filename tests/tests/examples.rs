@@ -5,7 +5,7 @@
 use kube::{
     Api,
     api::{DynamicObject, Patch, PatchParams},
-    discovery::{ApiResource, Discovery},
+    discovery::Discovery,
 };
 use trellis_tests::{TestNamespace, operator::install_crd};
 
@@ -56,7 +56,7 @@ async fn the_shop_example_is_accepted_by_the_apiserver() {
             object.metadata.namespace = Some(ns.name.clone());
             let name = object.metadata.name.clone().expect("a name");
             let api: Api<DynamicObject> =
-                Api::namespaced_with(ns.client.clone(), &ns.name, &ApiResource::from(resource));
+                Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
             api.patch(
                 &name,
                 &PatchParams::apply("trellis-tests")
