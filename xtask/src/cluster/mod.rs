@@ -229,27 +229,19 @@ fn start_control_plane(tools: &Tools, state: &Path) -> Result<()> {
 
     process::start(
         "kube-controller-manager",
-        Command::new(tools.kube("kube-controller-manager")).args([
-            format!(
-                "--kubeconfig={}",
-                state.join("controller-manager.kubeconfig").display()
-            ),
-            format!(
-                "--authentication-kubeconfig={}",
-                state.join("controller-manager.kubeconfig").display()
-            ),
-            format!(
-                "--authorization-kubeconfig={}",
-                state.join("controller-manager.kubeconfig").display()
-            ),
-            format!("--service-account-private-key-file={}", p("sa.key")),
-            format!("--root-ca-file={}", p("ca.crt")),
-            "--use-service-account-credentials=true".into(),
-            "--leader-elect=false".into(),
-            "--bind-address=127.0.0.1".into(),
-            "--controllers=*".into(),
-            "--v=1".into(),
-        ]),
+        Command::new(tools.kube("kube-controller-manager"))
+            .args(kubeconfig_flags(
+                &state.join("controller-manager.kubeconfig"),
+            ))
+            .args([
+                format!("--service-account-private-key-file={}", p("sa.key")),
+                format!("--root-ca-file={}", p("ca.crt")),
+                "--use-service-account-credentials=true".into(),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                "--controllers=*".into(),
+                "--v=1".into(),
+            ]),
     )?;
     // The service-account controller makes `default` in every namespace: proof the
     // controllers run and can write.
@@ -261,25 +253,23 @@ fn start_control_plane(tools: &Tools, state: &Path) -> Result<()> {
     )
 }
 
+/// The controller-manager and the scheduler use one identity for the API and for
+/// checking who calls their own health and metrics endpoints.
+fn kubeconfig_flags(kubeconfig: &Path) -> [String; 3] {
+    [
+        "kubeconfig",
+        "authentication-kubeconfig",
+        "authorization-kubeconfig",
+    ]
+    .map(|flag| format!("--{flag}={}", kubeconfig.display()))
+}
+
 fn start_node(tools: &Tools, state: &Path) -> Result<()> {
     process::start(
         "kube-scheduler",
-        Command::new(tools.kube("kube-scheduler")).args([
-            format!(
-                "--kubeconfig={}",
-                state.join("scheduler.kubeconfig").display()
-            ),
-            format!(
-                "--authentication-kubeconfig={}",
-                state.join("scheduler.kubeconfig").display()
-            ),
-            format!(
-                "--authorization-kubeconfig={}",
-                state.join("scheduler.kubeconfig").display()
-            ),
-            "--leader-elect=false".into(),
-            "--bind-address=127.0.0.1".into(),
-        ]),
+        Command::new(tools.kube("kube-scheduler"))
+            .args(kubeconfig_flags(&state.join("scheduler.kubeconfig")))
+            .args(["--leader-elect=false", "--bind-address=127.0.0.1"]),
     )?;
 
     for dir in ["cni/net.d", "cni/ipam", "containerd", "kubelet"] {
