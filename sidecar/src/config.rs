@@ -17,6 +17,7 @@ use crate::{
     discovery::r#static::{StaticEndpoints, parse_flag},
     resilience::outlier::OutlierSettings,
     server::ServerLimits,
+    trace::ExportSettings,
 };
 
 /// Where endpoints come from.
@@ -151,6 +152,23 @@ pub struct Args {
 
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log: String,
+
+    /// Export spans over OTLP/gRPC to this endpoint (`http://collector:4317`);
+    /// unset, no spans are made and trace headers pass through untouched.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// `service.version` on the spans.
+    #[arg(long, env = "TRELLIS_SERVICE_VERSION")]
+    pub service_version: Option<String>,
+
+    /// Longest a finished span waits before its batch is exported.
+    #[arg(long, env = "TRELLIS_TRACE_EXPORT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub trace_export_interval: Duration,
+
+    /// Finished spans held for export; beyond it they are dropped and counted.
+    #[arg(long, env = "TRELLIS_TRACE_QUEUE", default_value_t = 2048)]
+    pub trace_queue: usize,
 }
 
 /// How discovery is set up.
@@ -208,6 +226,12 @@ pub struct Config {
     pub balance: BalanceConfig,
     /// Outlier ejection of endpoints.
     pub outlier: OutlierSettings,
+    /// OTLP/gRPC endpoint for spans; `None` turns tracing off.
+    pub otlp_endpoint: Option<String>,
+    /// `service.version` on the spans.
+    pub service_version: Option<String>,
+    /// Span export queue and timing.
+    pub trace_export: ExportSettings,
 }
 
 impl Config {
@@ -239,6 +263,12 @@ impl Config {
             client: ClientConfig::default(),
             balance: BalanceConfig::default(),
             outlier: OutlierSettings::default(),
+            otlp_endpoint: None,
+            service_version: None,
+            trace_export: ExportSettings {
+                interval: Duration::from_millis(200),
+                ..ExportSettings::default()
+            },
         }
     }
 
@@ -297,6 +327,13 @@ impl From<Args> for Config {
                 consecutive_failures: a.outlier_consecutive_failures,
                 base_ejection: a.outlier_base_ejection,
                 max_ejection: a.outlier_max_ejection,
+            },
+            otlp_endpoint: a.otlp_endpoint.filter(|e| !e.is_empty()),
+            service_version: a.service_version,
+            trace_export: ExportSettings {
+                queue: a.trace_queue,
+                interval: a.trace_export_interval,
+                ..ExportSettings::default()
             },
         }
     }

@@ -24,6 +24,7 @@ pub mod resilience;
 pub mod server;
 pub mod shutdown;
 pub mod stack;
+pub mod trace;
 
 use std::net::SocketAddr;
 
@@ -62,6 +63,7 @@ pub struct Running {
     /// Health.
     pub health: Health,
     static_resolver: Option<StaticResolver>,
+    tracing: trace::Tracing,
     shutdown: watch::Sender<bool>,
     admin_shutdown: watch::Sender<bool>,
     proxies: Vec<JoinHandle<()>>,
@@ -82,6 +84,8 @@ impl Running {
         for task in self.proxies {
             let _ = task.await;
         }
+        // The drained requests' spans are the last ones: send them.
+        self.tracing.flush(std::time::Duration::from_secs(5)).await;
         let _ = self.admin_shutdown.send(true);
         let _ = self.admin_task.await;
         tracing::info!("drained; exiting");
@@ -162,7 +166,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let client = UpstreamClient::new(&config.client);
     let resilience = resilience::Registry::new(metrics.clone());
     let health = Health::new(resolver.clone(), policy.subscribe());
+    let tracing = trace::Tracing::start(
+        &trace::TraceConfig {
+            otlp_endpoint: config.otlp_endpoint.clone(),
+            service: config.service.clone().unwrap_or_else(|| "unknown".into()),
+            namespace: config.namespace.clone(),
+            pod: config.pod_name.clone(),
+            version: config.service_version.clone(),
+            export: config.trace_export.clone(),
+        },
+        policy.subscribe(),
+        metrics.clone(),
+    )?;
     let parts = StackParts {
+        tracing: tracing.clone(),
         metrics: metrics.clone(),
         client: client.clone(),
         resolver: resolver.clone(),
@@ -238,6 +255,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         policy,
         health,
         static_resolver,
+        tracing,
         shutdown,
         admin_shutdown,
         proxies,

@@ -49,6 +49,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LatencyLabels {
     direction: Direction,
     service: String,
@@ -123,6 +128,7 @@ struct Inner {
     shed: Family<ServiceLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     ejected: Family<ServiceLabels, Gauge>,
+    trace_spans: Family<OutcomeLabels, Counter>,
 }
 
 /// The sidecar's metrics; cheap to clone, shared by every part.
@@ -228,8 +234,15 @@ impl Default for Metrics {
             "Endpoints of each dependency currently ejected",
             ejected.clone(),
         );
+        let trace_spans = Family::default();
+        registry.register(
+            "trace_spans",
+            "Sampled spans by what became of them: exported, dropped (export queue full) or failed (the collector refused or could not be reached)",
+            trace_spans.clone(),
+        );
         Self(Arc::new(Inner {
             registry,
+            trace_spans,
             breaker_state,
             breaker_transitions,
             retries,
@@ -406,6 +419,14 @@ impl Metrics {
     /// Counts an inbound request shed by the concurrency limit.
     pub fn shed(&self, service: &str) {
         Self::count(&self.0.shed, service);
+    }
+
+    /// Counts `n` sampled spans that were `exported`, `dropped` or `failed`.
+    pub fn trace_spans(&self, outcome: &'static str, n: u64) {
+        self.0
+            .trace_spans
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(n);
     }
 
     /// Counts an ejection and sets how many endpoints of `service` are out.

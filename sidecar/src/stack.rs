@@ -5,9 +5,10 @@
 //! ```text
 //! outbound (127.0.0.1):  metrics → request id → hop-by-hop → router
 //!     per service:       overall timeout → replay buffer → retry (budget, backoff)
-//!                        → circuit breaker → per-try timeout → p2c/peak-EWMA balancer
+//!                        → client span (one per try) → circuit breaker → per-try timeout
+//!                        → p2c/peak-EWMA balancer
 //!     per endpoint:      outlier ejection (+ the try's deadline) → pooled client (HTTP/1.1 or h2c)
-//! inbound (pod IP):      metrics → request id → hop-by-hop → per policy:
+//! inbound (pod IP):      server span → metrics → request id → hop-by-hop → per policy:
 //!                        rate limit → concurrency limit (shed) → timeout → app (x-forwarded-for)
 //! admin:                 /livez /readyz /healthz /metrics /status
 //! ```
@@ -56,6 +57,11 @@ use crate::{
         retry::{self, Replayable, RetryPolicy},
         timeout::{Overall, TryTimeout},
     },
+    trace::{
+        Tracing,
+        client::{ClientSpan, CountTries},
+        server::ServerSpanLayer,
+    },
 };
 
 /// A listener's whole stack: it answers every request itself, so it never errs.
@@ -84,6 +90,8 @@ pub struct StackParts {
     pub resilience: Registry,
     /// Outlier ejection tuning.
     pub outlier: OutlierSettings,
+    /// Spans (or nothing, when tracing is off).
+    pub tracing: Tracing,
 }
 
 /// The outbound listener's stack.
@@ -92,6 +100,7 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
     let balance = parts.balance.clone();
     let (registry, outlier) = (parts.resilience.clone(), parts.outlier.clone());
     let (route_registry, metrics) = (parts.resilience.clone(), parts.metrics.clone());
+    let tracing = parts.tracing.clone();
     let router = Router::new(RouterParts {
         rules: parts.rules.clone(),
         resolver: parts.resolver.clone(),
@@ -113,7 +122,7 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
             )
         }),
         make_stack: Arc::new(move |svc, balanced, res| {
-            outbound_route(svc, balanced, res, &route_registry, &metrics)
+            outbound_route(svc, balanced, res, &route_registry, &metrics, &tracing)
         }),
     });
     BoxCloneSyncService::new(
@@ -134,8 +143,10 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
 ///   "overall timeout");
 /// - replay buffering, which decides whether a request may be retried at all
 ///   (method or `x-trellis-retryable`, body size);
+/// - a counter of tries, for the spans' `http.request.resend_count`;
 /// - tower's `Retry` with our policy (statuses, 429 + Retry-After, connect
 ///   failures, per-try timeouts; backoff with full jitter; the budget);
+/// - the client span, one per try, so retries are sibling spans;
 /// - the circuit breaker, under the retry so it counts every try and an
 ///   open breaker is never retried;
 /// - the per-try deadline, under the breaker so a try that runs out counts
@@ -150,6 +161,7 @@ fn outbound_route(
     res: &Resilience,
     registry: &Registry,
     metrics: &Metrics,
+    tracing: &Tracing,
 ) -> Balanced {
     let service: Arc<str> = svc.to_string().into();
     let breaker = registry.breaker(&service, breaker::Settings::from(&res.circuit_breaker));
@@ -163,7 +175,8 @@ fn outbound_route(
         service.clone(),
     );
     let guarded = BreakerService::new(per_try, breaker);
-    let retrying = tower::retry::Retry::new(policy, guarded);
+    let traced = ClientSpan::new(guarded, tracing.clone(), service.clone());
+    let retrying = CountTries::new(tower::retry::Retry::new(policy, traced));
     let replayable = Replayable::new(retrying, settings);
     BoxCloneSyncService::new(Overall::new(replayable, res.timeout.get(), service))
 }
@@ -197,6 +210,7 @@ pub fn inbound(parts: &StackParts) -> ListenerService {
     });
     BoxCloneSyncService::new(
         ServiceBuilder::new()
+            .layer(ServerSpanLayer::new(parts.tracing.clone()))
             .layer(MetricsLayer::new(parts.metrics.clone(), Direction::inbound))
             .layer(RequestIdLayer)
             .layer(HopByHopLayer)
