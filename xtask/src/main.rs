@@ -1,16 +1,18 @@
 //! `cargo xtask`: the project's automation, in Rust so it runs wherever cargo does.
 //!
-//! - `cluster up|down|kubeconfig|status`: a real single-node Kubernetes built from
+//! - `cluster up|down|restart|kubeconfig|status`: a real single-node Kubernetes built from
 //!   source (see [`cluster`]);
 //! - `tools`: build the pinned Go tools (Kubernetes, etcd, CoreDNS, Helm) into the cache;
 //! - `images`: OCI images of the workspace's binaries, imported into the cluster;
 //! - `test`: the README's test command, every tier in order;
+//! - `postgres up|down|status`: the example shop's database on the node;
 //! - `bench sidecar`: the sidecar's RSS and CPU, idle and under load.
 
 mod bench;
 mod cluster;
 mod images;
 mod paths;
+mod postgres;
 mod run;
 mod test;
 mod tools;
@@ -48,11 +50,26 @@ enum Command {
         #[arg(long)]
         no_node: bool,
     },
+    /// The example shop's PostgreSQL on the node's bridge address (10.244.0.1:5432).
+    Postgres {
+        #[command(subcommand)]
+        command: PostgresCommand,
+    },
     /// Benchmarks: print numbers, assert nothing about speed.
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum PostgresCommand {
+    /// Start it (creating its cluster, role and databases when missing); idempotent.
+    Up,
+    /// Stop it and delete its data (`cluster down` does this too).
+    Down,
+    /// Say whether it runs.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -76,6 +93,11 @@ enum ClusterCommand {
     Kubeconfig,
     /// Say what runs.
     Status,
+    /// Stop one component of the running cluster and start it again (fault injection).
+    Restart {
+        /// The component, as `status` names it (e.g. `kube-apiserver`).
+        component: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -96,10 +118,16 @@ fn main() -> Result<()> {
                 Ok(())
             }
             ClusterCommand::Status => cluster::status(),
+            ClusterCommand::Restart { component } => cluster::restart(&component),
         },
         Command::Tools => tools::Tools::ensure().map(|t| t.print()),
         Command::Images { no_import, names } => images::build_named(&names, !no_import),
         Command::Test { no_node } => test::run(!no_node),
+        Command::Postgres { command } => match command {
+            PostgresCommand::Up => postgres::up(),
+            PostgresCommand::Down => postgres::down(),
+            PostgresCommand::Status => postgres::status(),
+        },
         Command::Bench { command } => match command {
             BenchCommand::Sidecar(opts) => bench::sidecar(&opts),
         },

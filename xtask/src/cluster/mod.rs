@@ -116,7 +116,7 @@ pub fn up(mode: Mode) -> Result<()> {
     let server = format!("https://127.0.0.1:{API_PORT}");
     for id in pki::CLIENTS {
         let path = state.join(format!("{}.kubeconfig", id.file));
-        fs::write(&path, config::kubeconfig(&pki, id.file, &server))?;
+        write_if_changed(&path, config::kubeconfig(&pki, id.file, &server))?;
     }
     network::up(&state)?;
 
@@ -276,8 +276,8 @@ fn start_node(tools: &Tools, state: &Path) -> Result<()> {
         fs::create_dir_all(state.join(dir))?;
     }
     fs::create_dir_all(paths::run_dir().join("containerd"))?;
-    fs::write(state.join("containerd.toml"), config::containerd(state))?;
-    fs::write(
+    write_if_changed(state.join("containerd.toml"), config::containerd(state))?;
+    write_if_changed(
         state.join("cni/net.d/10-trellis.conflist"),
         config::cni(state),
     )?;
@@ -292,8 +292,8 @@ fn start_node(tools: &Tools, state: &Path) -> Result<()> {
     })?;
     images::ensure_pause()?;
 
-    fs::write(state.join("kubelet.yaml"), config::kubelet(state))?;
-    fs::write(state.join("resolv.conf"), config::resolv_conf())?;
+    write_if_changed(state.join("kubelet.yaml"), config::kubelet(state))?;
+    write_if_changed(state.join("resolv.conf"), config::resolv_conf())?;
     process::start(
         "kubelet",
         Command::new(tools.kube("kubelet")).args([
@@ -309,7 +309,7 @@ fn start_node(tools: &Tools, state: &Path) -> Result<()> {
         ]),
     )?;
 
-    fs::write(state.join("kube-proxy.yaml"), config::kube_proxy(state))?;
+    write_if_changed(state.join("kube-proxy.yaml"), config::kube_proxy(state))?;
     process::start(
         "kube-proxy",
         Command::new(tools.kube("kube-proxy")).arg(format!(
@@ -319,9 +319,9 @@ fn start_node(tools: &Tools, state: &Path) -> Result<()> {
     )?;
 
     let rbac = state.join("coredns-rbac.yaml");
-    fs::write(&rbac, config::COREDNS_RBAC)?;
+    write_if_changed(&rbac, config::COREDNS_RBAC)?;
     run::output(tools.kubectl().args(["apply", "-f"]).arg(&rbac))?;
-    fs::write(state.join("Corefile"), config::corefile(state))?;
+    write_if_changed(state.join("Corefile"), config::corefile(state))?;
     process::start(
         "coredns",
         Command::new(tools.coredns())
@@ -349,9 +349,41 @@ fn start_node(tools: &Tools, state: &Path) -> Result<()> {
     })
 }
 
+/// Writes a component's configuration only when it differs from what is there:
+/// kube-proxy exits when its configuration file is written while it runs, so
+/// `up` on a partly running cluster (or `restart`) must leave unchanged files alone.
+fn write_if_changed(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> Result<()> {
+    let (path, contents) = (path.as_ref(), contents.as_ref());
+    if fs::read(path).is_ok_and(|old| old == contents) {
+        return Ok(());
+    }
+    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Restarts one component of a running cluster: stops it (SIGTERM, then SIGKILL)
+/// and starts it again through [`up`], with the same flags, waiting until it is
+/// ready again. Fault-injection tests (tests/tests/faults.rs) use it to restart
+/// the apiserver under the operator.
+pub fn restart(name: &str) -> Result<()> {
+    let Some(mode) = running_mode() else {
+        bail!("the local cluster is not running: cargo xtask cluster up");
+    };
+    if !components(mode).contains(&name) {
+        bail!(
+            "no component {name:?} in the running cluster; one of: {}",
+            components(mode).join(", ")
+        );
+    }
+    eprintln!("==> restarting {name}");
+    process::stop(name, Duration::from_secs(10))?;
+    up(mode)
+}
+
 /// Stops every component and removes everything the cluster added. Idempotent.
 pub fn down() -> Result<()> {
     let state = paths::state_dir();
+    // The shop's PostgreSQL listens on the bridge removed below.
+    crate::postgres::down()?;
     eprintln!("==> stopping the local cluster");
     for name in ["coredns", "kube-proxy", "kubelet", "kube-scheduler"] {
         process::stop(name, Duration::from_secs(10))?;
