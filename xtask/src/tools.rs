@@ -1,4 +1,5 @@
-//! The pinned Go tools: Kubernetes, etcd, CoreDNS and Helm, built from the Go module proxy.
+//! The pinned Go tools: Kubernetes, etcd, CoreDNS, Helm and the OpenTelemetry
+//! Collector, built from the Go module proxy.
 //!
 //! Each tool has a Go module under `tools/` whose go.mod and go.sum pin it.
 //! Binaries go to `~/.cache/trellis/bin/<tool>-<version>-<key>/`, where the key
@@ -65,6 +66,14 @@ const HELM: Tool = Tool {
     binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")],
 };
 
+/// The OpenTelemetry Collector: the pinned builder (ocb) in tools/otelcol/go.mod
+/// generates and compiles a distribution with the components builder-config.yaml pins.
+const OTELCOL: Tool = Tool {
+    dir: "otelcol",
+    pinned: "go.opentelemetry.io/collector/cmd/builder",
+    binaries: &[("otelcol", "")],
+};
+
 /// Paths of every built tool binary.
 #[derive(Clone, Debug)]
 pub struct Tools {
@@ -72,6 +81,7 @@ pub struct Tools {
     etcd: PathBuf,
     coredns: PathBuf,
     helm: PathBuf,
+    otelcol: PathBuf,
     /// The Kubernetes release the cluster runs, e.g. `v1.34.4`.
     pub kubernetes_version: String,
 }
@@ -85,6 +95,7 @@ impl Tools {
             etcd: ensure_tool(&ETCD)?,
             coredns: ensure_tool(&COREDNS)?,
             helm: ensure_tool(&HELM)?,
+            otelcol: ensure_tool(&OTELCOL)?,
             kubernetes_version,
         };
         Ok(tools)
@@ -110,6 +121,11 @@ impl Tools {
         self.helm.join("helm")
     }
 
+    /// The OpenTelemetry Collector (OTLP receiver, file exporter).
+    pub fn otelcol(&self) -> PathBuf {
+        self.otelcol.join("otelcol")
+    }
+
     /// Prints where each tool is, for people who want them on their PATH.
     pub fn print(&self) {
         println!(
@@ -120,6 +136,7 @@ impl Tools {
         println!("etcd:       {}", self.etcd().display());
         println!("coredns:    {}", self.coredns().display());
         println!("helm:       {}", self.helm().display());
+        println!("otelcol:    {}", self.otelcol().display());
     }
 
     /// A `kubectl` command against the local cluster.
@@ -188,11 +205,12 @@ fn ensure_tool(tool: &Tool) -> Result<PathBuf> {
     let module = tools_dir().join(tool.dir);
     let flags = ldflags(tool, &version);
     let mut key = Sha256::new();
-    for file in ["go.mod", "go.sum"] {
-        key.update(
-            fs::read(module.join(file))
-                .with_context(|| format!("reading tools/{}/{file}", tool.dir))?,
-        );
+    for file in ["go.mod", "go.sum", "builder-config.yaml"] {
+        match fs::read(module.join(file)) {
+            Ok(bytes) => key.update(bytes),
+            Err(_) if file == "builder-config.yaml" => {}
+            Err(e) => return Err(e).with_context(|| format!("reading tools/{}/{file}", tool.dir)),
+        }
     }
     key.update(go_version()?);
     key.update(&flags);
@@ -217,7 +235,16 @@ fn ensure_tool(tool: &Tool) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial)?;
     let started = Instant::now();
-    for (i, (name, package)) in tool.binaries.iter().enumerate() {
+    if tool.pinned == OTELCOL.pinned {
+        build_collector(&module, &partial, &flags)?;
+        eprintln!("    [1/1] otelcol built ({:.0?})", started.elapsed());
+    }
+    for (i, (name, package)) in tool
+        .binaries
+        .iter()
+        .filter(|(_, package)| !package.is_empty())
+        .enumerate()
+    {
         go_build(&module, package, &partial.join(name), &flags).with_context(|| {
             format!("building {name} from tools/{}: check the Go proxy is reachable and tools/{}/go.sum is current (`go mod tidy` there)", tool.dir, tool.dir)
         })?;
@@ -265,5 +292,42 @@ fn go_build(module: &Path, package: &str, out: &Path, ldflags: &str) -> Result<(
     if !status.success() {
         bail!("go build {package} failed ({status}):\n{}", tail.join("\n"));
     }
+    Ok(())
+}
+
+/// Runs the pinned collector builder on builder-config.yaml with the output
+/// folder moved under `partial`, then keeps only the binary.
+fn build_collector(module: &Path, partial: &Path, ldflags: &str) -> Result<()> {
+    let sources = partial.join("src");
+    let config = fs::read_to_string(module.join("builder-config.yaml"))
+        .context("reading tools/otelcol/builder-config.yaml")?;
+    let config = config.replace(
+        "output_path: ./out",
+        &format!("output_path: {}", sources.display()),
+    );
+    let config_path = partial.join("builder-config.yaml");
+    fs::write(&config_path, config)?;
+    eprintln!("    generating and compiling the collector (about two minutes on two cores)");
+    let out = Command::new("go")
+        .current_dir(module)
+        .env("GOTOOLCHAIN", "local")
+        .env_remove("GOFLAGS")
+        .args(["tool", "builder", "--config"])
+        .arg(&config_path)
+        .arg(format!("--ldflags={ldflags}"))
+        .output()
+        .context("could not start `go tool builder`")?;
+    if !out.status.success() {
+        let log = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<_> = log.lines().rev().take(30).collect();
+        bail!(
+            "the collector builder failed ({}): check the Go proxy is reachable and tools/otelcol/builder-config.yaml names released versions\n{}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    fs::rename(sources.join("otelcol"), partial.join("otelcol"))?;
+    fs::remove_dir_all(&sources)?;
+    fs::remove_file(&config_path)?;
     Ok(())
 }
