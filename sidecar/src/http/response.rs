@@ -48,7 +48,7 @@ pub enum ProxyError {
     #[error("service {0:?} has no ready endpoints")]
     NoEndpoints(String),
     /// The upstream could not be reached or broke the exchange.
-    #[error("upstream {service:?} failed: {source}")]
+    #[error("upstream {service:?} failed: {}", with_causes(.source.as_ref()))]
     Upstream {
         /// The service called.
         service: String,
@@ -104,6 +104,26 @@ pub enum ProxyError {
     /// The request was malformed in a way hyper let through.
     #[error("bad request: {0}")]
     BadRequest(String),
+}
+
+/// An error with every cause under it, `outer: inner: innermost`.
+///
+/// hyper's client errors say only their kind at the top ("client error
+/// (Connect)"); what a caller needs to know — connection refused, closed
+/// before the message completed, an invalid HTTP version — is further down
+/// the chain. A cause whose text its parent already quotes is not repeated.
+pub fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let t = e.to_string();
+        if !t.is_empty() && !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 impl ProxyError {
@@ -243,5 +263,30 @@ where
                 }))
             })
             .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error (Connect)")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_upstream_error_says_its_root_cause_once() {
+        let root = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let e = ProxyError::Upstream {
+            service: "user.shop".into(),
+            source: Box::new(Outer(root)),
+        };
+        assert_eq!(
+            e.to_string(),
+            r#"upstream "user.shop" failed: client error (Connect): Connection refused"#
+        );
+        let rsp = e.into_response();
+        assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(rsp.headers()[X_PROXY_ERROR], "upstream-failed");
     }
 }
