@@ -3,7 +3,9 @@
 //!
 //! - `trellis-smoke serve PORT`: answers every request `200 hello from <HOSTNAME>`;
 //!   with no arguments it serves on `$PORT`, else 8080 (so it can stand in for an
-//!   app in a MicroService, whose health path it also answers).
+//!   app in a MicroService, whose health path it also answers). It binds
+//!   `$BIND_ADDRESS` (default `0.0.0.0`): `127.0.0.1` makes an app reachable only
+//!   from inside its pod, through its sidecar.
 //! - `trellis-smoke get URL`: GETs an `http://host:port/path` URL, prints the body,
 //!   exits 0 on a 200 and 1 otherwise (so a Job's success is the test's assertion).
 
@@ -30,15 +32,16 @@ fn main() -> ExitCode {
 }
 
 fn serve(port: &str) -> ExitCode {
-    let listener = match TcpListener::bind(format!("0.0.0.0:{port}")) {
+    let ip = std::env::var("BIND_ADDRESS").unwrap_or_else(|_| "0.0.0.0".into());
+    let listener = match TcpListener::bind(format!("{ip}:{port}")) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("cannot listen on port {port}: {e}");
+            eprintln!("cannot listen on {ip}:{port}: {e}");
             return ExitCode::FAILURE;
         }
     };
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into());
-    eprintln!("serving on :{port}");
+    eprintln!("serving on {ip}:{port}");
     for stream in listener.incoming().flatten() {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let mut reader = BufReader::new(&stream);
