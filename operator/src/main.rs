@@ -63,7 +63,9 @@ struct Args {
     #[arg(long, env = "TRELLIS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
 
-    /// Send reconcile traces to this OTLP endpoint (not yet implemented: issue 6).
+    /// Send traces to this OTLP/gRPC endpoint (`http://collector.observability:4317`):
+    /// the operator's reconciles, and every sidecar's spans (the sidecars get it as
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`). Unset, nothing is traced.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
 
@@ -79,7 +81,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init(
+    let _telemetry = telemetry::init(
         args.log_format,
         &args.log_filter,
         args.otlp_endpoint.as_deref(),
@@ -105,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
         render: RenderConfig {
             sidecar_image: args.sidecar_image.clone(),
             cluster_domain: args.cluster_domain.clone(),
+            otlp_endpoint: args.otlp_endpoint.clone(),
         },
         namespace: args.watch_namespace.clone(),
         concurrency: args.concurrency,

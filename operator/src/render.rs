@@ -67,6 +67,9 @@ pub struct RenderConfig {
     pub sidecar_image: String,
     /// The cluster's DNS domain, for the status URL.
     pub cluster_domain: String,
+    /// Where sidecars export spans (OTLP/gRPC), passed to them as
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; `None` leaves tracing off.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for RenderConfig {
@@ -74,6 +77,7 @@ impl Default for RenderConfig {
         Self {
             sidecar_image: DEFAULT_SIDECAR_IMAGE.into(),
             cluster_domain: "cluster.local".into(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -409,6 +413,24 @@ impl Renderer<'_> {
         }
     }
 
+    /// Who the sidecar serves and where its policy is; the trace endpoint and
+    /// the version its spans carry when tracing is on.
+    fn sidecar_env(&self) -> Vec<EnvVar> {
+        let mut env = vec![
+            Self::env("TRELLIS_SERVICE", self.name.clone()),
+            Self::env("TRELLIS_POLICY_CONFIGMAP", sidecar_name(&self.name)),
+            Self::field_env("POD_NAMESPACE", "metadata.namespace"),
+            Self::field_env("POD_NAME", "metadata.name"),
+        ];
+        if let Some(endpoint) = &self.cfg.otlp_endpoint {
+            env.push(Self::env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
+            if let Some(version) = image_version(&self.ms.spec.image) {
+                env.push(Self::env("TRELLIS_SERVICE_VERSION", version));
+            }
+        }
+        env
+    }
+
     /// The sidecar, as a native sidecar (init container with `restartPolicy: Always`).
     ///
     /// Its startup probe is `/livez`, not `/readyz`: the app container starts
@@ -434,12 +456,7 @@ impl Renderer<'_> {
                     ..ContainerPort::default()
                 },
             ]),
-            env: Some(vec![
-                Self::env("TRELLIS_SERVICE", self.name.clone()),
-                Self::env("TRELLIS_POLICY_CONFIGMAP", sidecar_name(&self.name)),
-                Self::field_env("POD_NAMESPACE", "metadata.namespace"),
-                Self::field_env("POD_NAME", "metadata.name"),
-            ]),
+            env: Some(self.sidecar_env()),
             startup_probe: Some(Self::http_probe("/livez", 1, 60)),
             readiness_probe: Some(Self::http_probe("/readyz", 5, 3)),
             liveness_probe: Some(Self::http_probe("/livez", 10, 3)),

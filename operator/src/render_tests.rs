@@ -37,6 +37,7 @@ fn cfg() -> RenderConfig {
     RenderConfig {
         sidecar_image: "trellis/sidecar:test".into(),
         cluster_domain: "cluster.local".into(),
+        otlp_endpoint: None,
     }
 }
 
@@ -372,6 +373,24 @@ fn hot_reload_does_not_roll_pods() {
     assert_eq!(checksum(&a), None);
     assert_eq!(a.deployment, b.deployment);
     assert_ne!(a.config, b.config);
+}
+
+#[test]
+fn an_otlp_endpoint_reaches_the_sidecar_with_the_version() {
+    let mut config = cfg();
+    config.otlp_endpoint = Some("http://otel.observability:4317".into());
+    let mut s = spec();
+    s.image = "trellis/order-service:1.4.2".into();
+    let c = render(&ms(s), &config).unwrap();
+    let e = env(sidecar(&c));
+    assert_eq!(
+        e["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        "http://otel.observability:4317"
+    );
+    assert_eq!(e["TRELLIS_SERVICE_VERSION"], "1.4.2");
+    // Off by default: no endpoint, no tracing variables.
+    let e = env(sidecar(&children(spec())));
+    assert!(!e.contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e:?}");
 }
 
 #[test]

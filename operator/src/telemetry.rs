@@ -1,16 +1,23 @@
-//! Logs (and, later, traces).
+//! Logs and traces.
 //!
 //! Logs are JSON lines by default (`--log-format text` for people), filtered
 //! by `RUST_LOG` or `--log-filter`. Every reconcile runs in a `reconcile` span
 //! naming the MicroService, so its log lines carry the name and namespace.
 //!
-//! TODO(issue 6): export those spans over OTLP when `--otlp-endpoint` is set.
-//! The opentelemetry, opentelemetry-otlp and tracing-opentelemetry crates
-//! are not in the workspace yet, and the sidecar's telemetry (issue 6) will
-//! choose their versions; the operator should use the same ones rather than
-//! pin a second set. Until then the flag is accepted and a warning logged, so
-//! deployments can already set it.
+//! With `--otlp-endpoint`, the same spans are exported over OTLP/gRPC
+//! through tracing-opentelemetry, so each reconcile is a trace (named
+//! `reconcile`, with the MicroService, namespace and generation as
+//! attributes and its log lines as events). The batch processor runs on
+//! the Tokio runtime: the tonic exporter needs its reactor, which the
+//! SDK's default thread-based batch processor does not provide.
 
+use anyhow::Context as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{
+    Resource, runtime,
+    trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
+};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// How log lines are written.
@@ -23,10 +30,29 @@ pub enum LogFormat {
     Text,
 }
 
-/// Installs the global subscriber.
-pub fn init(format: LogFormat, filter: &str, otlp_endpoint: Option<&str>) -> anyhow::Result<()> {
+/// What must live until exit: the trace pipeline, flushed on drop.
+#[must_use = "traces are only exported while the guard lives"]
+pub struct Guard(Option<SdkTracerProvider>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.0.take()
+            && let Err(error) = provider.shutdown()
+        {
+            eprintln!("could not flush the last reconcile traces: {error}");
+        }
+    }
+}
+
+/// Installs the global subscriber, exporting spans when `otlp_endpoint` is
+/// set. Must run inside the Tokio runtime.
+pub fn init(format: LogFormat, filter: &str, otlp_endpoint: Option<&str>) -> anyhow::Result<Guard> {
     let filter = EnvFilter::try_new(filter)?;
-    let registry = tracing_subscriber::registry().with(filter);
+    let provider = otlp_endpoint.map(provider).transpose()?;
+    let traces = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("trellis-operator")));
+    let registry = tracing_subscriber::registry().with(filter).with(traces);
     match format {
         LogFormat::Json => registry
             .with(
@@ -40,10 +66,22 @@ pub fn init(format: LogFormat, filter: &str, otlp_endpoint: Option<&str>) -> any
         LogFormat::Text => registry.with(fmt::layer()).try_init()?,
     }
     if let Some(endpoint) = otlp_endpoint {
-        tracing::warn!(
-            endpoint,
-            "OTLP trace export is not built into this operator yet (issue 6); spans are only logged"
-        );
+        tracing::info!(endpoint, "exporting reconcile traces over OTLP/gRPC");
     }
-    Ok(())
+    Ok(Guard(provider))
+}
+
+fn provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .with_context(|| format!("cannot set up the OTLP exporter for {endpoint:?}"))?;
+    let resource = Resource::builder()
+        .with_service_name("trellis-operator")
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(BatchSpanProcessor::builder(exporter, runtime::Tokio).build())
+        .with_resource(resource)
+        .build())
 }

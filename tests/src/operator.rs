@@ -71,6 +71,7 @@ impl Operator {
             render: RenderConfig {
                 sidecar_image: sidecar_image.into(),
                 cluster_domain: "cluster.local".into(),
+                otlp_endpoint: None,
             },
             namespace: Some(ns.name.clone()),
             instance: Some("itest".into()),
