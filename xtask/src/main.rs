@@ -4,12 +4,16 @@
 //!   source (see [`cluster`]);
 //! - `tools`: build the pinned Go tools (Kubernetes, etcd, CoreDNS, Helm) into the cache;
 //! - `images`: OCI images of the workspace's binaries, imported into the cluster;
+//! - `demo`: the README's first command: everything up, the shop, a narrated scenario;
+//! - `e2e [--kind]`: the end-to-end suite alone, on the local node or on kind;
 //! - `test`: the README's test command, every tier in order;
 //! - `postgres up|down|status`: the example shop's database on the node;
 //! - `bench sidecar`: the sidecar's RSS and CPU, idle and under load.
 
 mod bench;
 mod cluster;
+mod demo;
+mod e2e;
 mod images;
 mod paths;
 mod postgres;
@@ -44,6 +48,11 @@ enum Command {
         /// Only these images (e.g. `smoke pause`); all when none are named.
         names: Vec<String>,
     },
+    /// The README's first command: build what is missing, start the cluster, deploy the
+    /// shop and run a narrated scenario; leaves it all running.
+    Demo,
+    /// The end-to-end suite (tests/tests/shop.rs) alone: on the local node, or on kind.
+    E2e(e2e::E2e),
     /// Run every test tier: unit, control plane, full node.
     Test {
         /// Skip the full-node tier (pods, images).
@@ -122,6 +131,8 @@ fn main() -> Result<()> {
         },
         Command::Tools => tools::Tools::ensure().map(|t| t.print()),
         Command::Images { no_import, names } => images::build_named(&names, !no_import),
+        Command::Demo => demo::run(),
+        Command::E2e(opts) => e2e::run(&opts),
         Command::Test { no_node } => test::run(!no_node),
         Command::Postgres { command } => match command {
             PostgresCommand::Up => postgres::up(),
