@@ -8,7 +8,8 @@
 //! - `e2e [--kind]`: the end-to-end suite alone, on the local node or on kind;
 //! - `test`: the README's test command, every tier in order;
 //! - `postgres up|down|status`: the example shop's database on the node;
-//! - `bench sidecar`: the sidecar's RSS and CPU, idle and under load.
+//! - `bench sidecar|operator`: the sidecar against HAProxy and nginx, the operator
+//!   against the API's own cost.
 
 mod bench;
 mod cluster;
@@ -83,9 +84,12 @@ enum PostgresCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Two release sidecars in static mode on loopback (load → A outbound → B inbound →
-    /// upstream): idle RSS, RSS under load, requests/s, latency, CPU seconds.
+    /// The two-hop path on loopback (load → A → B → upstream): Trellis sidecars against
+    /// HAProxy, nginx and no proxy; latency at fixed rates, throughput, CPU, RSS.
     Sidecar(bench::SidecarBench),
+    /// 1,000 MicroServices on the cluster: convergence time against the same children
+    /// written straight to the API, RSS, API requests, edit latency, idle writes.
+    Operator(bench::OperatorBench),
 }
 
 #[derive(Subcommand)]
@@ -141,6 +145,7 @@ fn main() -> Result<()> {
         },
         Command::Bench { command } => match command {
             BenchCommand::Sidecar(opts) => bench::sidecar(&opts),
+            BenchCommand::Operator(opts) => bench::operator(&opts),
         },
     }
 }

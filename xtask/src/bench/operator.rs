@@ -1,0 +1,750 @@
+//! `cargo xtask bench operator`: the operator against the API's own cost.
+//!
+//! On the shared cluster, in a fresh namespace whose ResourceQuota allows no
+//! pods (and with `replicas: 0`, so the 1,000 Deployments never start one):
+//!
+//! 1. start the release operator as a process (`--watch-namespace`), its API
+//!    traffic going through a counting proxy on loopback (plain HTTP in,
+//!    the admin credentials out), so every request it makes is counted;
+//! 2. apply N MicroServices at once and time until every one has
+//!    `status.observedGeneration == metadata.generation` and all children exist;
+//! 3. count its API writes over an idle minute with everything converged;
+//! 4. edit one spec at a time and time until its Deployment changes;
+//! 5. stop it, and in a second namespace write the same objects straight to
+//!    the API with server-side apply (the MicroService, the children that
+//!    `trellis_operator::render` produces, the status) at the operator's
+//!    reconcile concurrency: the lower bound.
+//!
+//! Both namespaces are deleted at the end. Writes `target/bench/operator.json`
+//! and `operator.md`.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use futures::{StreamExt, TryStreamExt, stream};
+use hdrhistogram::Histogram;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Namespace, ResourceQuota, Service, ServiceAccount},
+    rbac::v1::{Role, RoleBinding},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    core::NamespaceResourceScope,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::json;
+use trellis_operator::{
+    MicroService,
+    render::{self, CONFIG_CHECKSUM_ANNOTATION, RenderConfig},
+};
+
+use super::{
+    Procs, RssSampler, commit, free_addr, loadavg, machine, mib, ms, now_utc, release_binary,
+    results_dir, status_kib, version_of,
+};
+use crate::paths;
+
+/// Settings of one run.
+#[derive(Clone, Debug, clap::Args)]
+pub struct OperatorBench {
+    /// MicroServices to create.
+    #[arg(long, default_value = "1000")]
+    pub count: usize,
+    /// The operator's reconcile concurrency (`--concurrency`), and the lower
+    /// bound's writers.
+    #[arg(long, default_value = "4")]
+    pub concurrency: usize,
+    /// Clients applying the MicroServices at once (the same in both runs).
+    #[arg(long, default_value = "32")]
+    pub apply_concurrency: usize,
+    /// Spec edits timed one after another.
+    #[arg(long, default_value = "100")]
+    pub edits: usize,
+    /// How long to count writes with everything converged.
+    #[arg(long, default_value = "60", value_name = "SECONDS")]
+    pub idle: u64,
+    /// Use the already built release trellis-operator.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+const OPERATOR_NS: &str = "trellis-bench-operator";
+const DIRECT_NS: &str = "trellis-bench-direct";
+const MANAGER: &str = "trellis-bench";
+/// Children per MicroService with `replicas: 0` and no autoscaling: two
+/// ConfigMaps, ServiceAccount, Role, RoleBinding, Deployment, Service.
+const CHILDREN: usize = 7;
+
+pub fn operator(opts: &OperatorBench) -> Result<()> {
+    if super::rerun_in_release()? {
+        return Ok(());
+    }
+    if opts.count == 0 || opts.concurrency == 0 || opts.apply_concurrency == 0 {
+        bail!("--count, --concurrency and --apply-concurrency must be positive");
+    }
+    let binary = release_binary("trellis-operator", "trellis-operator", opts.no_build)?;
+    let dir = results_dir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(admin_client())?;
+    let mut procs = Procs::default();
+    let result = rt.block_on(run(opts, &client, &binary, &dir, &mut procs));
+    drop(procs);
+    // Whatever happened, leave no 1,000-object namespaces behind.
+    rt.block_on(async {
+        for ns in [OPERATOR_NS, DIRECT_NS] {
+            let _ = Api::<Namespace>::all(client.clone())
+                .delete(ns, &DeleteParams::background())
+                .await;
+        }
+    });
+    let report = result?;
+    let md = markdown(&report);
+    fs::write(
+        dir.join("operator.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    fs::write(dir.join("operator.md"), &md)?;
+    println!("{md}");
+    println!(
+        "written: {} and operator.md (namespaces {OPERATOR_NS} and {DIRECT_NS} are being deleted)",
+        dir.join("operator.json").display()
+    );
+    Ok(())
+}
+
+async fn admin_client() -> Result<Client> {
+    let path = paths::admin_kubeconfig();
+    let kc = kube::config::Kubeconfig::read_from(&path)
+        .with_context(|| format!("reading {} (is the cluster up?)", path.display()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(Client::try_from(cfg)?)
+}
+
+async fn run(
+    opts: &OperatorBench,
+    client: &Client,
+    binary: &std::path::Path,
+    dir: &std::path::Path,
+    procs: &mut Procs,
+) -> Result<serde_json::Value> {
+    install_crd(client).await?;
+    for ns in [OPERATOR_NS, DIRECT_NS] {
+        fresh_namespace(client, ns).await?;
+    }
+    let load_before = loadavg();
+
+    // The operator, through the counting proxy.
+    let counter = Counter::default();
+    let proxy = start_proxy(client.clone(), counter.clone()).await?;
+    let kubeconfig = dir.join("operator-bench.kubeconfig");
+    fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: bench\n  cluster:\n    server: http://{proxy}\n\
+             users:\n- name: bench\n  user: {{}}\ncontexts:\n- name: bench\n  context:\n    cluster: bench\n    user: bench\n\
+             current-context: bench\n"
+        ),
+    )?;
+    let admin = free_addr()?;
+    let pid = procs.spawn(
+        "operator",
+        Command::new(binary)
+            .env_clear()
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HOME", "/root")
+            .args(["--watch-namespace", OPERATOR_NS])
+            .args(["--metrics-addr", &admin.to_string()])
+            .args(["--concurrency", &opts.concurrency.to_string()])
+            .args(["--log-filter", "warn"]),
+        &dir.join("operator-bench.log"),
+    )?;
+    wait_watching(&counter, procs).await?;
+    let rss_idle_empty = status_kib(pid, "VmRSS:");
+    let sampler = RssSampler::start(vec![vec![pid]]);
+
+    // 1. N MicroServices at once.
+    eprintln!("== applying {} MicroServices for the operator", opts.count);
+    counter.reset();
+    let t0 = Instant::now();
+    create_microservices(client, OPERATOR_NS, opts.count, opts.apply_concurrency).await?;
+    let applied = t0.elapsed();
+    wait_converged(client, OPERATOR_NS, opts.count, procs).await?;
+    let converge = t0.elapsed();
+    let converge_requests = counter.take();
+    eprintln!(
+        "   converged in {:.1} s ({:.1} s to apply)",
+        converge.as_secs_f64(),
+        applied.as_secs_f64()
+    );
+
+    // 2. Idle writes with everything converged (after the Deployment
+    // controller's own status updates have settled).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    eprintln!("== counting idle API requests for {} s", opts.idle);
+    counter.reset();
+    tokio::time::sleep(Duration::from_secs(opts.idle)).await;
+    let idle = counter.take();
+
+    // 3. Single-change latency.
+    eprintln!("== {} spec edits, one at a time", opts.edits);
+    let edits = edit_latencies(client, opts.edits, opts.count).await?;
+    let peak = sampler.stop()[0].max(status_kib(pid, "VmHWM:"));
+    let rss_converged = status_kib(pid, "VmRSS:");
+    drop(std::mem::take(procs));
+
+    // 4. The lower bound: the same objects straight to the API.
+    eprintln!("== the lower bound: the same objects by server-side apply");
+    let t0 = Instant::now();
+    let direct_requests = write_directly(client, opts).await?;
+    let lower = t0.elapsed();
+    wait_converged(client, DIRECT_NS, opts.count, procs).await?;
+    eprintln!("   written in {:.1} s", lower.as_secs_f64());
+
+    let per = |c: &BTreeMap<String, u64>, n: usize| {
+        c.iter()
+            .filter(|(k, _)| k.as_str() != "WATCH")
+            .map(|(_, v)| *v)
+            .sum::<u64>() as f64
+            / n as f64
+    };
+    let writes = |c: &BTreeMap<String, u64>| {
+        ["POST", "PUT", "PATCH", "DELETE"]
+            .iter()
+            .map(|m| c.get(*m).copied().unwrap_or(0))
+            .sum::<u64>()
+    };
+    Ok(json!({
+        "date": now_utc(),
+        "commit": commit(),
+        "machine": machine(),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "versions": {
+            "trellis-operator": version_of(&binary.to_string_lossy(), &["--version"]),
+            "kube-apiserver": server_version(client).await,
+        },
+        "settings": {
+            "count": opts.count,
+            "concurrency": opts.concurrency,
+            "apply_concurrency": opts.apply_concurrency,
+            "edits": opts.edits,
+            "idle_s": opts.idle,
+        },
+        "converge": {
+            "seconds": converge.as_secs_f64(),
+            "apply_seconds": applied.as_secs_f64(),
+            "requests_by_verb": converge_requests,
+            "requests_per_resource": per(&converge_requests, opts.count),
+            "writes_per_resource": writes(&converge_requests) as f64 / opts.count as f64,
+        },
+        "lower_bound": {
+            "seconds": lower.as_secs_f64(),
+            "requests_per_resource": direct_requests as f64 / opts.count as f64,
+        },
+        "ratio": converge.as_secs_f64() / lower.as_secs_f64(),
+        "rss_kib": {
+            "idle_empty": rss_idle_empty,
+            "converged": rss_converged,
+            "peak": peak,
+        },
+        "idle": {
+            "seconds": opts.idle,
+            "requests_by_verb": idle,
+            "writes": writes(&idle),
+        },
+        "edit_latency_ms": {
+            "p50": edits.value_at_quantile(0.5) as f64 / 1000.0,
+            "p99": edits.value_at_quantile(0.99) as f64 / 1000.0,
+            "max": edits.max() as f64 / 1000.0,
+            "count": edits.len(),
+        },
+    }))
+}
+
+async fn server_version(client: &Client) -> String {
+    client
+        .apiserver_version()
+        .await
+        .map(|v| v.git_version)
+        .unwrap_or_default()
+}
+
+/// Installs (or updates) the CRD from the committed YAML and waits until it is established.
+async fn install_crd(client: &Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let path = paths::workspace().join("crds/microservice.yaml");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&fs::read_to_string(&path)?)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    api.patch(
+        &crd.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .context("installing the MicroService CRD")?;
+    for _ in 0..100 {
+        let c = api.get(&crd.name_any()).await?;
+        let established = c.status.and_then(|s| s.conditions).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        if established {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the MicroService CRD is not established after 10 s")
+}
+
+/// Deletes a leftover namespace, waits until it is gone, and creates it with
+/// a ResourceQuota of zero pods: nothing in it may ever start a pod on the
+/// shared node.
+async fn fresh_namespace(client: &Client, name: &str) -> Result<()> {
+    let api = Api::<Namespace>::all(client.clone());
+    if api.get_opt(name).await?.is_some() {
+        eprintln!("deleting the leftover namespace {name}");
+        let _ = api.delete(name, &DeleteParams::background()).await;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while api.get_opt(name).await?.is_some() {
+            if Instant::now() > deadline {
+                bail!("namespace {name} is still terminating after 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let ns: Namespace = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"trellis.dev/bench": "operator"}}
+    }))?;
+    api.create(&PostParams::default(), &ns).await?;
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}}
+    }))?;
+    Api::<ResourceQuota>::namespaced(client.clone(), name)
+        .create(&PostParams::default(), &quota)
+        .await
+        .with_context(|| format!("the zero-pod ResourceQuota in {name}"))?;
+    Ok(())
+}
+
+fn ms_name(i: usize) -> String {
+    format!("svc-{i:04}")
+}
+
+/// A small but complete MicroService: config, a dependency, resilience,
+/// tracing; `replicas: 0` so no pod is wanted.
+fn microservice(i: usize) -> serde_json::Value {
+    json!({
+        "apiVersion": "trellis.dev/v1alpha1",
+        "kind": "MicroService",
+        "metadata": {"name": ms_name(i)},
+        "spec": {
+            "image": "trellis/bench-app:0.1.0",
+            "replicas": 0,
+            "port": 8080,
+            "config": {"GREETING": "hello", "INDEX": i.to_string()},
+            "dependencies": [{"name": ms_name((i + 1) % 10_000)}],
+            "resilience": {"timeout": "2s", "retry": {"attempts": 3}},
+            "tracing": {"sampleRatio": 0.01},
+        }
+    })
+}
+
+/// Server-side applies `count` MicroServices, `concurrency` at a time.
+async fn create_microservices(
+    client: &Client,
+    ns: &str,
+    count: usize,
+    concurrency: usize,
+) -> Result<Vec<MicroService>> {
+    let api = Api::<MicroService>::namespaced(client.clone(), ns);
+    stream::iter(0..count)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                api.patch(
+                    &ms_name(i),
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&microservice(i)),
+                )
+                .await
+                .with_context(|| format!("applying MicroService {}", ms_name(i)))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect()
+        .await
+}
+
+/// Waits until every MicroService's status describes its generation and
+/// every child exists (10 minutes at most).
+async fn wait_converged(client: &Client, ns: &str, count: usize, procs: &mut Procs) -> Result<()> {
+    let mss = Api::<MicroService>::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Some(status) = procs.exited("operator") {
+            bail!("the operator exited ({status}); see target/bench/operator-bench.log");
+        }
+        let list = mss.list(&ListParams::default()).await?;
+        let done = list
+            .items
+            .iter()
+            .filter(|m| {
+                m.metadata.generation.is_some()
+                    && m.status.as_ref().and_then(|s| s.observed_generation)
+                        == m.metadata.generation
+            })
+            .count();
+        if done >= count && children(client, ns).await? >= count * CHILDREN {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{done} of {count} MicroServices in {ns} converged after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The children in a namespace, counted by kind.
+async fn children(client: &Client, ns: &str) -> Result<usize> {
+    async fn count<K>(client: &Client, ns: &str) -> Result<usize>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let lp = ListParams::default().labels("app.kubernetes.io/managed-by=trellis-operator");
+        Ok(Api::<K>::namespaced(client.clone(), ns)
+            .list_metadata(&lp)
+            .await?
+            .items
+            .len())
+    }
+    Ok(count::<ConfigMap>(client, ns).await?
+        + count::<ServiceAccount>(client, ns).await?
+        + count::<Role>(client, ns).await?
+        + count::<RoleBinding>(client, ns).await?
+        + count::<Deployment>(client, ns).await?
+        + count::<Service>(client, ns).await?)
+}
+
+/// Edits one MicroService's config at a time and times until its Deployment
+/// carries the new config checksum. Microseconds.
+async fn edit_latencies(client: &Client, edits: usize, count: usize) -> Result<Histogram<u64>> {
+    let mss = Api::<MicroService>::namespaced(client.clone(), OPERATOR_NS);
+    let deps = Api::<Deployment>::namespaced(client.clone(), OPERATOR_NS);
+    let checksum = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(CONFIG_CHECKSUM_ANNOTATION).cloned())
+    };
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    for e in 0..edits {
+        let name = ms_name(e * 7 % count);
+        let before = checksum(&deps.get(&name).await?);
+        let patch = json!({"spec": {"config": {"EDIT": e.to_string()}}});
+        let t0 = Instant::now();
+        mss.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        loop {
+            if checksum(&deps.get(&name).await?) != before {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("edit {e}: the Deployment {name} did not change within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        hist.record((t0.elapsed().as_micros() as u64).max(1))?;
+    }
+    Ok(hist)
+}
+
+/// The lower bound: MicroServices applied as in the operator's run, then
+/// for each, as soon as it exists, its rendered children and a status, by
+/// server-side apply at the operator's concurrency. Returns the requests made.
+async fn write_directly(client: &Client, opts: &OperatorBench) -> Result<u64> {
+    let api = Api::<MicroService>::namespaced(client.clone(), DIRECT_NS);
+    let cfg = RenderConfig::default();
+    let writes = stream::iter(0..opts.count)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                api.patch(
+                    &ms_name(i),
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&microservice(i)),
+                )
+                .await
+                .with_context(|| format!("applying MicroService {}", ms_name(i)))
+            }
+        })
+        .buffer_unordered(opts.apply_concurrency)
+        .map(|ms| {
+            let (client, cfg) = (client.clone(), cfg.clone());
+            async move { write_children(&client, ms?, &cfg).await }
+        })
+        .buffer_unordered(opts.concurrency)
+        .try_collect::<Vec<u64>>()
+        .await?;
+    Ok(writes.iter().sum::<u64>() + opts.count as u64)
+}
+
+async fn write_children(client: &Client, ms: MicroService, cfg: &RenderConfig) -> Result<u64> {
+    let c = render::render(&ms, cfg)?;
+    let mut n = 0;
+    n += apply(client, &c.config).await?;
+    n += apply(client, &c.policy).await?;
+    n += apply(client, &c.service_account).await?;
+    n += apply(client, &c.role).await?;
+    n += apply(client, &c.role_binding).await?;
+    n += apply(client, &c.deployment).await?;
+    n += apply(client, &c.service).await?;
+    if let Some(pdb) = &c.pdb {
+        n += apply(client, pdb).await?;
+    }
+    if let Some(hpa) = &c.hpa {
+        n += apply(client, hpa).await?;
+    }
+    let status = json!({
+        "apiVersion": "trellis.dev/v1alpha1",
+        "kind": "MicroService",
+        "status": {"observedGeneration": ms.metadata.generation, "replicas": 0, "readyReplicas": 0},
+    });
+    Api::<MicroService>::namespaced(client.clone(), DIRECT_NS)
+        .patch_status(
+            &ms.name_any(),
+            &PatchParams::apply(render::FIELD_MANAGER).force(),
+            &Patch::Apply(&status),
+        )
+        .await?;
+    Ok(n + 1)
+}
+
+async fn apply<K>(client: &Client, obj: &K) -> Result<u64>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), DIRECT_NS)
+        .patch(
+            &obj.name_any(),
+            &PatchParams::apply(render::FIELD_MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await
+        .with_context(|| format!("applying {} {}", K::kind(&()), obj.name_any()))?;
+    Ok(1)
+}
+
+// ---- the counting proxy ------------------------------------------------------
+
+/// API requests by verb: the HTTP method, or WATCH for `?watch=true`.
+#[derive(Clone, Default)]
+struct Counter(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl Counter {
+    fn count(&self, verb: &str) {
+        *self.0.lock().unwrap().entry(verb.to_owned()).or_default() += 1;
+    }
+    fn reset(&self) {
+        self.0.lock().unwrap().clear();
+    }
+    fn take(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+    fn get(&self, verb: &str) -> u64 {
+        self.0.lock().unwrap().get(verb).copied().unwrap_or(0)
+    }
+}
+
+/// Plain HTTP on loopback in, the apiserver with the admin credentials out.
+async fn start_proxy(client: Client, counter: Counter) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (client, counter) = (client.clone(), counter.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let (client, counter) = (client.clone(), counter.clone());
+                    async move { Ok::<_, Infallible>(forward(&client, &counter, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn forward(
+    client: &Client,
+    counter: &Counter,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<kube::client::Body> {
+    let (mut parts, body) = req.into_parts();
+    let watch = parts
+        .uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    counter.count(if watch {
+        "WATCH"
+    } else {
+        parts.method.as_str()
+    });
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error_response(format!("reading the request: {e}")),
+    };
+    parts.headers.remove(http::header::HOST);
+    if let Some(pq) = parts.uri.path_and_query().cloned() {
+        parts.uri = pq.as_str().parse().unwrap_or_default();
+    }
+    match client
+        .send(http::Request::from_parts(
+            parts,
+            kube::client::Body::from(body),
+        ))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => error_response(format!("the apiserver: {e}")),
+    }
+}
+
+fn error_response(why: String) -> http::Response<kube::client::Body> {
+    let mut r = http::Response::new(kube::client::Body::from(why.into_bytes()));
+    *r.status_mut() = http::StatusCode::BAD_GATEWAY;
+    r
+}
+
+/// Waits until the operator has started its watches through the proxy.
+async fn wait_watching(counter: &Counter, procs: &mut Procs) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // One watch per kind: MicroServices and the six kinds of children it owns.
+    while counter.get("WATCH") < 7 {
+        if let Some(status) = procs.exited("operator") {
+            bail!("the operator exited ({status}); see target/bench/operator-bench.log");
+        }
+        if Instant::now() > deadline {
+            bail!("the operator did not start watching within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// The Markdown table of a report.
+fn markdown(r: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(out, "Date: {}; commit `{}`", s(&r["date"]), s(&r["commit"]));
+    let _ = writeln!(out, "Machine: {}", s(&r["machine"]));
+    let _ = writeln!(
+        out,
+        "Load average (1/5/15 min) before: {}, after: {}",
+        s(&r["loadavg_before"]),
+        s(&r["loadavg_after"])
+    );
+    let _ = writeln!(
+        out,
+        "Versions: {}; kube-apiserver {}\n",
+        s(&r["versions"]["trellis-operator"]),
+        s(&r["versions"]["kube-apiserver"])
+    );
+    let st = &r["settings"];
+    let _ = writeln!(out, "| measure | value | target |");
+    let _ = writeln!(out, "|---|---:|---:|");
+    let _ = writeln!(
+        out,
+        "| {} MicroServices applied at once ({} clients): all converged | {:.1} s (applying took {:.1} s) | |",
+        st["count"],
+        st["apply_concurrency"],
+        f(&r["converge"]["seconds"]),
+        f(&r["converge"]["apply_seconds"])
+    );
+    let _ = writeln!(
+        out,
+        "| lower bound: the same objects by server-side apply, {} writers | {:.1} s | |",
+        st["concurrency"],
+        f(&r["lower_bound"]["seconds"])
+    );
+    let _ = writeln!(
+        out,
+        "| ratio operator ÷ lower bound | {:.2} | ≤ 1.5 |",
+        f(&r["ratio"])
+    );
+    let _ = writeln!(
+        out,
+        "| operator RSS: idle before / converged / peak | {} / {} / {} MiB | ≤ 100 MB peak |",
+        mib(u(&r["rss_kib"]["idle_empty"])),
+        mib(u(&r["rss_kib"]["converged"])),
+        mib(u(&r["rss_kib"]["peak"]))
+    );
+    let verbs = |m: &serde_json::Value| {
+        m.as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let _ = writeln!(
+        out,
+        "| operator API requests per MicroService while converging (watches excluded) | {:.2} ({:.2} writes; {}) | |",
+        f(&r["converge"]["requests_per_resource"]),
+        f(&r["converge"]["writes_per_resource"]),
+        verbs(&r["converge"]["requests_by_verb"])
+    );
+    let _ = writeln!(
+        out,
+        "| lower bound's API requests per MicroService | {:.2} | |",
+        f(&r["lower_bound"]["requests_per_resource"])
+    );
+    let _ = writeln!(
+        out,
+        "| spec edit → Deployment updated, p50 / p99 / max over {} edits | {} / {} / {} ms | |",
+        r["edit_latency_ms"]["count"],
+        ms(f(&r["edit_latency_ms"]["p50"])),
+        ms(f(&r["edit_latency_ms"]["p99"])),
+        ms(f(&r["edit_latency_ms"]["max"]))
+    );
+    let _ = writeln!(
+        out,
+        "| API writes in {} s idle with all converged | {} (all requests: {}) | 0 |",
+        r["idle"]["seconds"],
+        r["idle"]["writes"],
+        verbs(&r["idle"]["requests_by_verb"])
+    );
+    out
+}

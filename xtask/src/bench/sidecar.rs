@@ -1,0 +1,413 @@
+//! `cargo xtask bench sidecar`: the two-hop mesh path, Trellis against
+//! HAProxy, nginx and no proxy at all, over HTTP/1.1 and gRPC.
+//!
+//! ```text
+//! generator → A (outbound proxy) → B (inbound proxy) → upstream
+//! ```
+//!
+//! For each protocol and setup, in one run on one upstream: latency
+//! p50/p99/p99.9 at fixed rates (open loop, corrected for coordinated
+//! omission), the closed-loop maximum, CPU seconds per 10,000 requests of the
+//! two proxies together (utime+stime from /proc), and RSS per proxy idle and
+//! at the highest rate. Writes `target/bench/sidecar.json` and `sidecar.md`.
+
+use std::{fmt::Write as _, fs, thread, time::Duration};
+
+use anyhow::{Result, bail};
+use serde_json::json;
+
+use super::{
+    RssSampler, commit, cpu_seconds, ensure_packages, loadavg, loadgen, machine, mib, ms, now_utc,
+    proxies::{self, Kind, Proto, Setup},
+    release_binary, results_dir, rss_kib,
+    upstream::Upstreams,
+    version_of,
+};
+
+/// Settings of one benchmark run.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SidecarBench {
+    /// Seconds of load at each fixed rate and for the closed loop.
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    pub duration: u64,
+    /// The fixed rates, requests per second, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "500,2000,8000")]
+    pub rates: Vec<u64>,
+    /// HTTP/1.1 connections of the open-loop generator (and of wrk).
+    #[arg(long, default_value = "32")]
+    pub connections: usize,
+    /// Only these setups (direct, haproxy, nginx, trellis); all when none are named.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Only HTTP/1.1 (`http`) or only gRPC (`grpc`); both by default.
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// Use the already built release trellis-sidecar.
+    #[arg(long)]
+    pub no_build: bool,
+    /// Run each sidecar under this command, split on spaces (a profiler:
+    /// `valgrind --tool=callgrind --callgrind-out-file=target/bench/callgrind.%p`).
+    #[arg(long, value_name = "COMMAND")]
+    pub sidecar_wrapper: Option<String>,
+}
+
+/// gRPC: HTTP/2 connections of the generator, and callers in the closed loop.
+const GRPC_CHANNELS: usize = 4;
+const GRPC_CONCURRENCY: usize = 64;
+
+pub fn sidecar(opts: &SidecarBench) -> Result<()> {
+    if super::rerun_in_release()? {
+        return Ok(());
+    }
+    if opts.duration == 0 || opts.connections == 0 || opts.rates.contains(&0) {
+        bail!("--duration, --connections and every --rates value must be positive");
+    }
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| opts.only.is_empty() || opts.only.iter().any(|o| o == k.name()))
+        .collect();
+    if kinds.is_empty() {
+        bail!(
+            "--only names none of direct, haproxy, nginx, trellis: {:?}",
+            opts.only
+        );
+    }
+    let protos: Vec<Proto> = match opts.protocol.as_deref() {
+        None => vec![Proto::Http1, Proto::Grpc],
+        Some("http") => vec![Proto::Http1],
+        Some("grpc") => vec![Proto::Grpc],
+        Some(other) => bail!("--protocol must be http or grpc, not {other:?}"),
+    };
+    ensure_packages(&[("wrk", "wrk"), ("haproxy", "haproxy"), ("nginx", "nginx")])?;
+    let sidecar = if kinds.contains(&Kind::Trellis) {
+        release_binary("trellis-sidecar", "trellis-sidecar", opts.no_build)?
+    } else {
+        std::path::PathBuf::from("trellis-sidecar")
+    };
+    let dir = results_dir()?;
+    let logs = dir.join("sidecar-logs");
+    fs::create_dir_all(&logs)?;
+    let up = Upstreams::start()?;
+    let duration = Duration::from_secs(opts.duration);
+    let load_before = loadavg();
+
+    let mut results = Vec::new();
+    for &proto in &protos {
+        let upstream = match proto {
+            Proto::Http1 => up.http,
+            Proto::Grpc => up.grpc,
+        };
+        for &kind in &kinds {
+            eprintln!("== {proto}, {}", kind.name());
+            let setup = Setup {
+                dir: &logs,
+                sidecar: &sidecar,
+                upstream,
+                http_app: up.http,
+                otlp: up.otlp,
+                wrapper: opts.sidecar_wrapper.as_deref(),
+            };
+            let pair = proxies::start(kind, proto, &setup)?;
+            thread::sleep(Duration::from_secs(2));
+            let idle: Vec<u64> = pair.instances().iter().map(|p| rss_kib(p)).collect();
+            let mut rates = Vec::new();
+            for &rate in &opts.rates {
+                let pids = pair.all_pids();
+                let sampler = RssSampler::start(pair.instances());
+                let cpu0 = cpu_seconds(&pids);
+                let run = match proto {
+                    Proto::Http1 => {
+                        loadgen::h1_open_loop(pair.front, rate, duration, opts.connections)?
+                    }
+                    Proto::Grpc => {
+                        loadgen::grpc_open_loop(pair.front, rate, duration, GRPC_CHANNELS)?
+                    }
+                };
+                let cpu = cpu_seconds(&pids) - cpu0;
+                let peaks = sampler.stop();
+                eprintln!(
+                    "   {rate:>6} req/s: p50 {} p99 {} p99.9 {} ms, {} errors",
+                    ms(run.ms(0.5)),
+                    ms(run.ms(0.99)),
+                    ms(run.ms(0.999)),
+                    run.errors
+                );
+                rates.push(json!({
+                    "rate": rate,
+                    "requests": run.requests,
+                    "errors": run.errors,
+                    "p50_ms": run.ms(0.5),
+                    "p99_ms": run.ms(0.99),
+                    "p999_ms": run.ms(0.999),
+                    "max_ms": run.ms(1.0),
+                    "proxy_cpu_s": cpu,
+                    "proxy_cpu_s_per_10k": per_10k(cpu, run.requests),
+                    "rss_peak_kib": peaks,
+                }));
+            }
+            let pids = pair.all_pids();
+            let sampler = RssSampler::start(pair.instances());
+            let cpu0 = cpu_seconds(&pids);
+            let run = match proto {
+                Proto::Http1 => loadgen::wrk(pair.front, duration, opts.connections)?,
+                Proto::Grpc => loadgen::grpc_closed_loop(
+                    pair.front,
+                    duration,
+                    GRPC_CHANNELS,
+                    GRPC_CONCURRENCY,
+                )?,
+            };
+            let cpu = cpu_seconds(&pids) - cpu0;
+            let peaks = sampler.stop();
+            eprintln!(
+                "   closed loop: {:.0} req/s, p50 {} ms, {} errors",
+                run.rate(),
+                ms(run.ms(0.5)),
+                run.errors
+            );
+            results.push(json!({
+                "protocol": proto.to_string(),
+                "setup": kind.name(),
+                "rss_idle_kib": idle,
+                "rates": rates,
+                "max": {
+                    "requests_per_s": run.rate(),
+                    "requests": run.requests,
+                    "errors": run.errors,
+                    "p50_ms": run.ms(0.5),
+                    "p99_ms": run.ms(0.99),
+                    "proxy_cpu_s": cpu,
+                    "proxy_cpu_s_per_10k": per_10k(cpu, run.requests),
+                    "rss_peak_kib": peaks,
+                },
+            }));
+            drop(pair);
+        }
+    }
+
+    let report = json!({
+        "date": now_utc(),
+        "commit": commit(),
+        "machine": machine(),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "versions": {
+            "haproxy": version_of("haproxy", &["-v"]),
+            "nginx": version_of("nginx", &["-v"]),
+            "wrk": version_of("wrk", &["-v"]),
+            "rustc": version_of("rustc", &["-V"]),
+            "trellis-sidecar": version_of(&sidecar.to_string_lossy(), &["--version"]),
+        },
+        "settings": {
+            "duration_s": opts.duration,
+            "rates": opts.rates,
+            "http1_connections": opts.connections,
+            "grpc_channels": GRPC_CHANNELS,
+            "grpc_closed_loop_concurrency": GRPC_CONCURRENCY,
+        },
+        "otlp_exports_received": up.exports(),
+        "results": results,
+    });
+    let md = markdown(&report);
+    fs::write(
+        dir.join("sidecar.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    fs::write(dir.join("sidecar.md"), &md)?;
+    println!("{md}");
+    println!(
+        "written: {} and sidecar.md",
+        dir.join("sidecar.json").display()
+    );
+    Ok(())
+}
+
+fn per_10k(cpu: f64, requests: u64) -> f64 {
+    if requests == 0 {
+        f64::NAN
+    } else {
+        cpu * 10_000.0 / requests as f64
+    }
+}
+
+/// The Markdown tables of a report.
+fn markdown(r: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+    let _ = writeln!(out, "Date: {}; commit `{}`", s(&r["date"]), s(&r["commit"]));
+    let _ = writeln!(out, "Machine: {}", s(&r["machine"]));
+    let _ = writeln!(
+        out,
+        "Load average (1/5/15 min) before: {}, after: {}",
+        s(&r["loadavg_before"]),
+        s(&r["loadavg_after"])
+    );
+    let v = &r["versions"];
+    let _ = writeln!(
+        out,
+        "Versions: {}; {}; {}; {}; {}",
+        s(&v["trellis-sidecar"]),
+        s(&v["haproxy"]),
+        s(&v["nginx"]),
+        s(&v["wrk"]),
+        s(&v["rustc"])
+    );
+    let _ = writeln!(
+        out,
+        "OTLP export requests received by the sink: {}",
+        r["otlp_exports_received"]
+    );
+    let results = r["results"].as_array().cloned().unwrap_or_default();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    for proto in ["HTTP/1.1", "gRPC (h2c)"] {
+        let rows: Vec<&serde_json::Value> =
+            results.iter().filter(|x| x["protocol"] == proto).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let direct = rows.iter().find(|x| x["setup"] == "direct");
+        let direct_at = |rate: &serde_json::Value, key: &str| {
+            direct
+                .and_then(|d| d["rates"].as_array()?.iter().find(|x| x["rate"] == *rate))
+                .map_or(f64::NAN, |x| f(&x[key]))
+        };
+        let _ = writeln!(out, "\n### {proto}: latency at fixed rates (open loop)\n");
+        let _ = writeln!(
+            out,
+            "| setup | rate (req/s) | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | added p99.9 ms | errors | proxy CPU s / 10k req |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for row in &rows {
+            for x in row["rates"].as_array().into_iter().flatten() {
+                let added = |k: &str| {
+                    if row["setup"] == "direct" {
+                        "–".into()
+                    } else {
+                        ms(f(&x[k]) - direct_at(&x["rate"], k))
+                    }
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    s(&row["setup"]),
+                    x["rate"],
+                    ms(f(&x["p50_ms"])),
+                    ms(f(&x["p99_ms"])),
+                    ms(f(&x["p999_ms"])),
+                    added("p50_ms"),
+                    added("p99_ms"),
+                    added("p999_ms"),
+                    x["errors"],
+                    cpu_cell(row, f(&x["proxy_cpu_s_per_10k"])),
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\n### {proto}: maximum throughput (closed loop), CPU, memory\n"
+        );
+        let _ = writeln!(
+            out,
+            "| setup | max req/s | p50 ms at max | errors | proxy CPU s / 10k req at max | RSS idle MiB (A / B) | RSS peak at highest rate MiB (A / B) | RSS peak at max MiB (A / B) |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        for row in &rows {
+            let m = &row["max"];
+            let pair = |v: &serde_json::Value| {
+                let kib: Vec<String> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|k| mib(k.as_u64().unwrap_or(0)))
+                    .collect();
+                if kib.is_empty() {
+                    "–".into()
+                } else {
+                    kib.join(" / ")
+                }
+            };
+            let last = row["rates"]
+                .as_array()
+                .and_then(|a| a.last())
+                .map_or(serde_json::Value::Null, |x| x["rss_peak_kib"].clone());
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+                s(&row["setup"]),
+                f(&m["requests_per_s"]),
+                ms(f(&m["p50_ms"])),
+                m["errors"],
+                cpu_cell(row, f(&m["proxy_cpu_s_per_10k"])),
+                pair(&row["rss_idle_kib"]),
+                pair(&last),
+                pair(&m["rss_peak_kib"]),
+            );
+        }
+        let trellis = rows.iter().find(|x| x["setup"] == "trellis");
+        let Some(trellis) = trellis else { continue };
+        let _ = writeln!(
+            out,
+            "\n### {proto}: Trellis relative to HAProxy and nginx\n"
+        );
+        let _ = writeln!(
+            out,
+            "Ratios are Trellis ÷ other: below 1 is better for latency, CPU and memory; above 1 is better for throughput.\n"
+        );
+        let _ = writeln!(out, "| metric | vs haproxy | vs nginx |");
+        let _ = writeln!(out, "|---|---:|---:|");
+        let other = |name: &str| rows.iter().find(|x| x["setup"] == name).copied();
+        let ratio = |a: f64, b: f64| {
+            if b.is_finite() && b > 0.0 && a.is_finite() {
+                format!("{:.2}", a / b)
+            } else {
+                "–".into()
+            }
+        };
+        for (i, x) in trellis["rates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let added_p99 = |row: &serde_json::Value| {
+                row["rates"].get(i).map_or(f64::NAN, |o| {
+                    f(&o["p99_ms"]) - direct_at(&x["rate"], "p99_ms")
+                })
+            };
+            let cells: Vec<String> = ["haproxy", "nginx"]
+                .iter()
+                .map(|n| other(n).map_or("–".into(), |o| ratio(added_p99(trellis), added_p99(o))))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| added p99 at {} req/s | {} | {} |",
+                x["rate"], cells[0], cells[1]
+            );
+        }
+        let metric = |label: &str, get: &dyn Fn(&serde_json::Value) -> f64| {
+            let cells: Vec<String> = ["haproxy", "nginx"]
+                .iter()
+                .map(|n| other(n).map_or("–".into(), |o| ratio(get(trellis), get(o))))
+                .collect();
+            format!("| {label} | {} | {} |\n", cells[0], cells[1])
+        };
+        out += &metric("max throughput", &|r| f(&r["max"]["requests_per_s"]));
+        out += &metric("CPU per request at max", &|r| {
+            f(&r["max"]["proxy_cpu_s_per_10k"])
+        });
+        out += &metric("RSS peak at max (sum of A and B)", &|r| {
+            r["max"]["rss_peak_kib"]
+                .as_array()
+                .map_or(f64::NAN, |a| a.iter().filter_map(|v| v.as_f64()).sum())
+        });
+    }
+    out
+}
+
+fn cpu_cell(row: &serde_json::Value, v: f64) -> String {
+    if row["setup"] == "direct" || !v.is_finite() {
+        "–".into()
+    } else {
+        format!("{v:.2}")
+    }
+}
