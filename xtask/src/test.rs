@@ -14,7 +14,7 @@ use anyhow::Result;
 use crate::{cluster, images, paths, run};
 
 /// Integration test targets (files in tests/tests/) of the control-plane tier.
-const CONTROL_PLANE_TESTS: &[&str] = &["operator", "sidecar", "examples"];
+const CONTROL_PLANE_TESTS: &[&str] = &["operator", "sidecar", "examples", "tracing"];
 /// Integration test targets of the full-node tier.
 const NODE_TESTS: &[&str] = &["node", "chart"];
 

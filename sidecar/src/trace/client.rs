@@ -102,11 +102,13 @@ where
         };
         let parent = propagation::extract(req.headers());
         let (name, mut attrs) = super::span::describe(&req);
-        let service = self.service.to_string();
-        let url = format!("http://{service}{}", req.uri().path());
+        // `name.namespace`: the address; the name alone is the peer's service.
+        let address = self.service.to_string();
+        let peer = address.split('.').next().unwrap_or_default().to_owned();
+        let url = format!("http://{address}{}", req.uri().path());
         attrs.extend([
-            KeyValue::new("server.address", service.clone()),
-            KeyValue::new("peer.service", service),
+            KeyValue::new("server.address", address),
+            KeyValue::new("peer.service", peer),
             KeyValue::new("url.full", url),
         ]);
         let resend = req

@@ -1,15 +1,12 @@
-//! The sample ratio for new traces, taken from the policy and changed live.
+//! The sample ratio for new traces, taken from the policy in force.
 //!
 //! The tracer is built once, but `tracing.sampleRatio` can change with any
-//! policy reload; so the ratio lives in an atomic the sampler reads per
-//! root span, and a task copies it from each policy applied. The decision
-//! itself is the SDK's trace-id ratio sampler; the provider wraps this in
-//! `ParentBased`, so a sampled (or unsampled) caller is always followed.
-
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
+//! policy reload; so the sampler reads the ratio from the policy watch for
+//! each root span (the provider wraps it in `ParentBased`, so only requests
+//! without a parent get here, and a sampled or unsampled caller is always
+//! followed). Reading the watch, not a copy a task keeps up to date, means
+//! the first request after a reload already uses the new ratio. The
+//! decision itself is the SDK's trace-id ratio sampler.
 
 use opentelemetry::{
     Context, KeyValue,
@@ -21,48 +18,32 @@ use trellis_policy::Tracing as TracingPolicy;
 
 use crate::policy_watch::PolicyState;
 
-/// A ratio sampler whose ratio follows the policy.
+/// A ratio sampler whose ratio is the policy's.
 #[derive(Clone, Debug)]
-pub struct PolicyRatio(Arc<AtomicU64>);
+pub enum PolicyRatio {
+    /// A fixed ratio.
+    Fixed(f64),
+    /// Each applied policy's `tracing.sampleRatio` (the default ratio until
+    /// a policy is in force).
+    Following(watch::Receiver<PolicyState>),
+}
 
 impl PolicyRatio {
-    /// A sampler at a fixed `ratio` (until [`set`](Self::set)).
-    pub fn new(ratio: f64) -> Self {
-        Self(Arc::new(AtomicU64::new(ratio.to_bits())))
+    /// A sampler that follows the policy.
+    pub fn following(policy: watch::Receiver<PolicyState>) -> Self {
+        Self::Following(policy)
     }
 
-    /// A sampler that follows each applied policy's `tracing.sampleRatio`
-    /// (the default ratio until a policy is in force).
-    pub fn following(mut policy: watch::Receiver<PolicyState>) -> Self {
-        let ratio = Self::new(TracingPolicy::default().sample_ratio);
-        let setter = ratio.clone();
-        tokio::spawn(async move {
-            loop {
-                let current = policy
-                    .borrow_and_update()
-                    .policy
-                    .as_ref()
-                    .map(|p| p.tracing.sample_ratio);
-                if let Some(r) = current {
-                    setter.set(r);
-                }
-                if policy.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
-        ratio
-    }
-
-    /// Sets the ratio (clamped to 0..=1).
-    pub fn set(&self, ratio: f64) {
-        self.0
-            .store(ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
-    }
-
-    /// The ratio in force.
+    /// The ratio in force, clamped to 0..=1.
     pub fn get(&self) -> f64 {
-        f64::from_bits(self.0.load(Ordering::Relaxed))
+        let ratio = match self {
+            Self::Fixed(r) => *r,
+            Self::Following(policy) => policy.borrow().policy.as_ref().map_or_else(
+                || TracingPolicy::default().sample_ratio,
+                |p| p.tracing.sample_ratio,
+            ),
+        };
+        ratio.clamp(0.0, 1.0)
     }
 }
 
@@ -100,18 +81,24 @@ mod tests {
 
     #[test]
     fn ratio_zero_samples_nothing_and_one_everything() {
-        let s = PolicyRatio::new(0.0);
+        let s = PolicyRatio::Fixed(0.0);
         assert!((1..500u128).all(|i| decide(&s, i * 7919) == SamplingDecision::Drop));
-        s.set(1.0);
+        let s = PolicyRatio::Fixed(1.0);
         assert!((1..500u128).all(|i| decide(&s, i * 7919) == SamplingDecision::RecordAndSample));
     }
 
     #[test]
     fn ratio_is_clamped() {
-        let s = PolicyRatio::new(0.5);
-        s.set(7.0);
-        assert_eq!(s.get(), 1.0);
-        s.set(-1.0);
-        assert_eq!(s.get(), 0.0);
+        assert_eq!(PolicyRatio::Fixed(7.0).get(), 1.0);
+        assert_eq!(PolicyRatio::Fixed(-1.0).get(), 0.0);
+    }
+
+    #[test]
+    fn without_a_policy_the_default_ratio_applies() {
+        let (_tx, rx) = watch::channel(PolicyState::default());
+        assert_eq!(
+            PolicyRatio::following(rx).get(),
+            TracingPolicy::default().sample_ratio
+        );
     }
 }
