@@ -12,6 +12,8 @@ use futures::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
 use tower::{Layer, Service};
 
+use super::{Body, framing, response::ProxyError};
+
 /// Fields that are connection-specific by definition (RFC 9110 §7.6.1),
 /// plus `proxy-connection`, which old clients still send.
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -90,20 +92,35 @@ impl<S> Layer<S> for HopByHopLayer {
     }
 }
 
+/// The 400 for a request with bad framing. The connection closes after it:
+/// where this message ends is in doubt, so nothing after it on the same
+/// connection can be trusted to be the next request.
+fn refuse(e: ProxyError) -> Response<Body> {
+    let mut rsp = e.into_response();
+    rsp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    rsp
+}
+
 /// Strips hop-by-hop fields from requests on the way in and from responses
 /// on the way out; what the request's fields said is left in its
 /// extensions as [`Stripped`] for the forwarder.
+///
+/// It reads the framing fields before removing them, so it is also where
+/// ambiguous framing is refused (see [`super::framing`]): such a request is
+/// answered 400 here and never reaches the service underneath.
 #[derive(Clone, Debug)]
 pub struct StripHopByHop<S> {
     inner: S,
 }
 
-impl<S, B, RB> Service<Request<B>> for StripHopByHop<S>
+impl<S> Service<Request<Body>> for StripHopByHop<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
-    type Response = Response<RB>;
+    type Response = Response<Body>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -111,18 +128,39 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        if let Some(why) = framing::check_head(&req) {
+            return futures::future::ready(Ok(refuse(ProxyError::BadRequest(why)))).boxed();
+        }
+        let chunked = framing::is_chunked(req.headers());
         let stripped = strip_hop_by_hop(req.headers_mut());
         req.extensions_mut().insert(stripped);
-        self.inner
-            .call(req)
-            .map(|res| {
-                res.map(|mut rsp| {
-                    strip_hop_by_hop(rsp.headers_mut());
-                    rsp
-                })
-            })
-            .boxed()
+        // The service that was made ready is the one called, later, once the
+        // body's start has been read: swap in a clone for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = req.into_parts();
+        // Boxed and named, like the router's call: spelling out the 'static
+        // future avoids a rustc limitation with boxed-error lifetimes.
+        let body: BoxFuture<'static, Result<Body, ProxyError>> = if chunked {
+            Box::pin(framing::peek_body(body))
+        } else {
+            Box::pin(futures::future::ready(Ok(body)))
+        };
+        body.then(
+            move |body| -> BoxFuture<'static, Result<Response<Body>, S::Error>> {
+                match body {
+                    Err(e) => Box::pin(futures::future::ready(Ok(refuse(e)))),
+                    Ok(body) => Box::pin(inner.call(Request::from_parts(parts, body)).map(|res| {
+                        res.map(|mut rsp| {
+                            strip_hop_by_hop(rsp.headers_mut());
+                            rsp
+                        })
+                    })),
+                }
+            },
+        )
+        .boxed()
     }
 }
 

@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by every listener: the body type, hop-by-hop header
 //! handling, request ids and the error responses the proxy itself writes.
 
+pub mod framing;
 pub mod headers;
 pub mod request_id;
 pub mod response;
