@@ -14,6 +14,7 @@
 //! the whole node for [`TestNamespace::on_node`]), so a single test can be run
 //! with plain `cargo test -- --ignored`.
 
+pub mod binaries;
 pub mod collector;
 pub mod operator;
 

@@ -483,3 +483,83 @@ async fn a_down_collector_fails_no_request_and_is_counted() {
     }
     b.shutdown().await;
 }
+
+/// The operator's reconciles are traces too when it has an endpoint: the
+/// real binary against the local apiserver, exporting to the collector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster and the OpenTelemetry Collector"]
+async fn the_operators_reconciles_are_traced() {
+    use trellis_tests::{
+        TestNamespace, binaries::built, kubeconfig_path, kubectl, operator::install_crd,
+    };
+
+    let collector = Collector::start([127, 0, 0, 1]);
+    let ns = TestNamespace::new("tracing").await;
+    install_crd(&ns.client).await;
+    let operator = built("trellis-operator", "trellis-operator");
+    let log = testing::temp_dir("operator").join("operator.log");
+    let mut child = std::process::Command::new(operator)
+        .args([
+            "--watch-namespace",
+            &ns.name,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--otlp-endpoint", &collector.endpoint])
+        .env("KUBECONFIG", kubeconfig_path())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting trellis-operator");
+    let manifest = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: MicroService\nmetadata:\n  name: traced\n  namespace: {}\nspec:\n  image: trellis/smoke:0.1.0\n  port: 8080\n",
+        ns.name
+    );
+    let mut apply = kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    apply
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifest.as_bytes())
+        .unwrap();
+    assert!(
+        apply.wait().unwrap().success(),
+        "kubectl apply of the MicroService"
+    );
+
+    let spans = collector
+        .wait_for(Duration::from_secs(60), |spans| {
+            spans.iter().any(|s| {
+                s.service == "trellis-operator"
+                    && s.name == "reconcile"
+                    && s.attributes.get("microservice").map(String::as_str) == Some("traced")
+            })
+        })
+        .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let reconcile = spans
+        .iter()
+        .find(|s| {
+            s.name == "reconcile"
+                && s.attributes.get("microservice").map(String::as_str) == Some("traced")
+        })
+        .unwrap();
+    assert_eq!(reconcile.attributes["namespace"], ns.name, "{reconcile}");
+    assert!(
+        reconcile.parent.is_empty(),
+        "each reconcile is its own trace: {reconcile}"
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("exporting reconcile traces"),
+        "the operator says where its traces go"
+    );
+}
