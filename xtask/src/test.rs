@@ -5,7 +5,8 @@
 //! 2. generated files: the CRD YAML matches the Rust types;
 //! 3. control plane: etcd + apiserver + controller-manager, the operator's integration tests;
 //! 4. full node: images imported, pods, Services and DNS;
-//! 5. teardown: `cluster down` leaves nothing behind.
+//! 5. faults, alone: the apiserver restarted, etcd paused, operators killed;
+//! 6. teardown: `cluster down` leaves nothing behind.
 
 use std::{process::Command, time::Instant};
 
@@ -16,7 +17,10 @@ use crate::{cluster, images, paths, run};
 /// Integration test targets (files in tests/tests/) of the control-plane tier.
 const CONTROL_PLANE_TESTS: &[&str] = &["operator", "sidecar", "examples", "tracing"];
 /// Integration test targets of the full-node tier.
-const NODE_TESTS: &[&str] = &["node", "chart"];
+const NODE_TESTS: &[&str] = &["node", "chart", "security"];
+/// Integration test targets that disrupt the whole cluster (tests/tests/faults.rs
+/// restarts the apiserver and pauses etcd): run last, with nothing else running.
+const FAULT_TESTS: &[&str] = &["faults"];
 
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -56,6 +60,15 @@ fn tier(targets: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The fault tier: after every other, so that its disruptions fail no one else's test.
+fn faults() -> Result<()> {
+    let t =
+        step("faults, alone (apiserver restarts, operator SIGKILL, leader election, etcd paused)");
+    tier(FAULT_TESTS)?;
+    eprintln!("    fault tier took {:.0?}", t.elapsed());
+    Ok(())
+}
+
 /// Runs every tier; `node` includes the full-node tier.
 pub fn run(node: bool) -> Result<()> {
     let t = step("unit tests (no cluster)");
@@ -85,14 +98,14 @@ pub fn run(node: bool) -> Result<()> {
     let result = tier(CONTROL_PLANE_TESTS).and_then(|()| {
         eprintln!("    control-plane tier took {:.0?}", t.elapsed());
         if !node {
-            return Ok(());
+            return faults();
         }
         let t = step("full-node tier (containerd, kubelet, kube-proxy, CoreDNS, pods)");
         cluster::up(cluster::Mode::Node)?;
         images::build(true)?;
         tier(NODE_TESTS)?;
         eprintln!("    full-node tier took {:.0?}", t.elapsed());
-        Ok(())
+        faults()
     });
 
     if was_running.is_some() {
