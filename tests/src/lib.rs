@@ -17,6 +17,8 @@
 pub mod binaries;
 pub mod collector;
 pub mod operator;
+pub mod shop;
+pub mod shop_metrics;
 
 use std::{
     path::PathBuf,
@@ -55,7 +57,8 @@ static ENSURED: Mutex<[bool; 2]> = Mutex::new([false; 2]);
 /// (idempotent, so it is cheap when one runs already).
 pub fn ensure_cluster(node: bool) {
     let mut ensured = ENSURED.lock().unwrap_or_else(|e| e.into_inner());
-    if ensured[usize::from(node)] {
+    // On kind (`cargo xtask e2e --kind`) the cluster is the user's, in KUBECONFIG.
+    if ensured[usize::from(node)] || std::env::var_os("TRELLIS_E2E_KIND").is_some() {
         return;
     }
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -98,17 +101,26 @@ pub fn cached_tool(tool: &str, binary: &str) -> PathBuf {
         .join(binary)
 }
 
+/// A tool from the cache when `cargo xtask tools` built it, else the one on `PATH`
+/// (a kind user's own kubectl and helm: `cargo xtask e2e --kind`).
+fn cached_or_path(tool: &str, binary: &str) -> PathBuf {
+    if std::env::var_os("TRELLIS_E2E_KIND").is_some() {
+        return binary.into();
+    }
+    cached_tool(tool, binary)
+}
+
 /// `kubectl` from the tools cache, pointed at the local cluster (for what users see:
 /// `kubectl describe`, `kubectl wait`).
 pub fn kubectl() -> Command {
-    let mut cmd = Command::new(cached_tool("kubernetes", "kubectl"));
+    let mut cmd = Command::new(cached_or_path("kubernetes", "kubectl"));
     cmd.arg("--kubeconfig").arg(kubeconfig_path());
     cmd
 }
 
 /// `helm` from the tools cache, pointed at the local cluster.
 pub fn helm() -> Command {
-    let mut cmd = Command::new(cached_tool("helm", "helm"));
+    let mut cmd = Command::new(cached_or_path("helm", "helm"));
     cmd.arg("--kubeconfig").arg(kubeconfig_path());
     cmd
 }

@@ -74,10 +74,10 @@ Explore:
   kubectl get microservices -n shop                 # or: kubectl get ms -A
   kubectl describe microservice order -n shop
   kubectl get pods -n shop -o wide
-  ORDER=$(kubectl get svc order -n shop -o jsonpath='{{.spec.clusterIP}}')
-  curl -s "http://$ORDER/api/v1/orders?user_id=1"   # this machine is the node: ClusterIPs answer here
+  kubectl proxy &                                   # Services through the apiserver (the host blackholes ClusterIPs)
+  curl -s "http://127.0.0.1:8001/api/v1/namespaces/shop/services/order:80/proxy/api/v1/orders?user_id=1"
   POD=$(kubectl get pods -n shop -l app.kubernetes.io/name=order -o jsonpath='{{.items[0].status.podIP}}')
-  curl -s http://$POD:15020/metrics | grep ^trellis_  # a sidecar's metrics; /status, /healthz too
+  curl -s http://$POD:15020/metrics | grep ^trellis_  # this machine is the node: pod IPs answer; /status, /healthz too
   kubectl patch microservice product -n shop --type merge -p '{{"spec":{{"replicas":3}}}}'
 
 Again:  cargo xtask demo          (reuses everything; the scenario runs again)

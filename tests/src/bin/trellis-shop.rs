@@ -1,0 +1,258 @@
+//! The demo's scenario, run by `cargo xtask demo` once the cluster, the images
+//! and PostgreSQL are there: installs the chart, deploys examples/shop into
+//! `shop`, places orders, takes the product service out and watches the
+//! breaker open and close, changes a policy live, and prints what the
+//! MicroServices and the sidecars say. The steps are those of the end-to-end
+//! suite (tests/tests/shop.rs), from the same module (`trellis_tests::shop`).
+//!
+//! Usage: `trellis-shop` (environment as for the suite: KUBECONFIG, TRELLIS_E2E_*).
+
+use std::{
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use trellis_tests::{
+    kubectl,
+    shop::{
+        self, SERVICES, Shop, Target, burst, by_status, latency_quantile, service_delta,
+        wait_policy_applied,
+    },
+    shop_metrics::{REQUESTS, Row, table},
+};
+
+/// The namespace of examples/shop.
+const NAMESPACE: &str = "shop";
+/// The chart's release and namespace, as the README installs it.
+const RELEASE: &str = "trellis";
+const SYSTEM: &str = "trellis-system";
+
+fn say(text: &str) {
+    println!("\n▶ {text}");
+}
+
+fn detail(text: &str) {
+    println!("  {text}");
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match demo().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\ndemo failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo() -> Result<()> {
+    let target = Target::from_env()?;
+
+    say("Installing the Trellis operator with Helm (charts/trellis), watching namespace shop");
+    let started = Instant::now();
+    shop::install_chart(RELEASE, SYSTEM, NAMESPACE)?;
+    detail(&format!(
+        "helm upgrade --install {RELEASE} charts/trellis -n {SYSTEM} --set watchNamespace={NAMESPACE}: operator available in {:.0?}",
+        started.elapsed()
+    ));
+
+    say("Deploying the shop: kubectl apply -f examples/shop/");
+    let out = shop::run(
+        kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(shop::workspace().join("examples/shop")),
+    )?;
+    for line in out.lines() {
+        detail(line);
+    }
+    let started = Instant::now();
+    shop::wait_ready(NAMESPACE, Duration::from_secs(300))
+        .context("waiting for the shop's MicroServices to be Ready")?;
+    detail(&format!(
+        "kubectl wait --for=condition=Ready microservice --all -n {NAMESPACE}: Ready in {:.0?}",
+        started.elapsed()
+    ));
+
+    let client = trellis_tests::client().await;
+    let mut shop = Shop::new(client, NAMESPACE, &target);
+    let scenario = Instant::now();
+    let first = shop.scrape(&SERVICES).await?;
+
+    say(
+        "Placing orders: order checks the user over gRPC and reserves stock over REST, through its sidecar",
+    );
+    shop.seed(3, 3).await?;
+    detail(&format!(
+        "created users {:?} and products {:?} through the user and product Services",
+        shop.users, shop.products
+    ));
+    let before = shop.scrape(&SERVICES).await?;
+    let outcomes = shop.orders(40, 2).await;
+    let after = shop.scrape(&SERVICES).await?;
+    detail(&format!(
+        "40 orders placed: {}",
+        statuses(&by_status(&outcomes))
+    ));
+    if let Some(o) = outcomes.iter().find(|o| o.status == 201) {
+        detail(&format!("one of them: {}", o.body.trim()));
+    }
+    let orders = service_delta(&before, &after, "order");
+    let count = |dep: &str| {
+        orders.sum(
+            REQUESTS,
+            &[
+                ("direction", "outbound"),
+                ("service", dep),
+                ("status_class", "2xx"),
+            ],
+        )
+    };
+    detail(&format!(
+        "the order sidecars sent {} calls to user (gRPC ValidateUser) and {} to product (REST reserve)",
+        count(&shop.qualified("user")),
+        count(&shop.qualified("product"))
+    ));
+
+    say("A product outage: every product pod deleted while orders keep coming (40/s)");
+    let outage = shop::product_outage(&shop, 40.0, Duration::from_secs(90)).await?;
+    let at = |t: Option<Duration>| {
+        t.map_or("never".to_owned(), |t| {
+            format!("{:.1}s", t.saturating_sub(outage.deleted_at).as_secs_f64())
+        })
+    };
+    detail(&format!("deleted {}", outage.deleted.join(", ")));
+    detail(&format!(
+        "orders during the outage: {}",
+        statuses(&by_status(
+            &outage.during().into_iter().cloned().collect::<Vec<_>>()
+        ))
+    ));
+    detail(&format!(
+        "the order sidecars' breaker for product opened at +{}",
+        at(outage.opened_at)
+    ));
+    let refused = outage.breaker_refusals();
+    if let Some(first) = refused.first() {
+        detail(&format!(
+            "{} orders failed fast while it was open (p50 {:.1?}, p99 {:.1?}), each answered {}: {}",
+            refused.len(),
+            latency_quantile(&refused, 0.5).unwrap_or_default(),
+            latency_quantile(&refused, 0.99).unwrap_or_default(),
+            first.status,
+            first.body.trim()
+        ));
+    }
+    detail(&format!(
+        "new product pods came up; the breaker let probes through and closed at +{}",
+        at(outage.closed_at)
+    ));
+    detail(&format!(
+        "orders succeeded again from +{}",
+        at(outage.recovered_at)
+    ));
+    shop::wait_ready(NAMESPACE, Duration::from_secs(120))?;
+
+    say(
+        "A live policy change: kubectl patch microservice product with an inbound rate limit of 2/s",
+    );
+    let uids = shop.pod_uids("product").await?;
+    let generations = shop.policy_generations("product").await?;
+    shop::patch_microservice(
+        NAMESPACE,
+        "product",
+        &json!({ "spec": { "inbound": { "rateLimit": { "perSecond": 2, "burst": 2 } } } }),
+    )?;
+    let generations =
+        wait_policy_applied(&shop, "product", &generations, Duration::from_secs(60)).await?;
+    let path = format!("/api/v1/products/{}", shop.products[0]);
+    let replies = burst(&shop.reach, "product", &path, 30).await?;
+    let limited: Vec<_> = replies.iter().filter(|r| r.status == 429).collect();
+    detail(&format!(
+        "every product sidecar applied it (policy generation {:?}); 30 quick GETs: {} answered 429",
+        generations.values().collect::<Vec<_>>(),
+        limited.len()
+    ));
+    if let Some(r) = limited.first() {
+        detail(&format!(
+            "Retry-After: {}, body: {}",
+            r.header("retry-after").unwrap_or("-"),
+            r.body.trim()
+        ));
+    }
+    let same = shop.pod_uids("product").await? == uids;
+    detail(&format!(
+        "pods restarted: {}",
+        if same {
+            "none (same pod uids)"
+        } else {
+            "yes?!"
+        }
+    ));
+    shop::patch_microservice(
+        NAMESPACE,
+        "product",
+        &json!({ "spec": { "inbound": null } }),
+    )?;
+    wait_policy_applied(&shop, "product", &generations, Duration::from_secs(60)).await?;
+    detail("the limit removed again, live as well");
+
+    let last = shop.scrape(&SERVICES).await?;
+    let window = scenario.elapsed();
+
+    say("kubectl get microservices -n shop");
+    print!(
+        "{}",
+        shop::run(kubectl().args(["get", "microservices", "-n", NAMESPACE]))?
+    );
+    say("kubectl describe microservice order -n shop");
+    print!(
+        "{}",
+        shop::run(kubectl().args(["describe", "microservice", "order", "-n", NAMESPACE]))?
+    );
+
+    say(&format!(
+        "What the sidecars measured over the scenario ({:.0?}, pods alive at the end)",
+        window
+    ));
+    let (user, product) = (shop.qualified("user"), shop.qualified("product"));
+    let order = service_delta(&first, &last, "order");
+    let rows = vec![
+        Row::of(
+            "user",
+            &service_delta(&first, &last, "user"),
+            "inbound",
+            "user",
+            window,
+        ),
+        Row::of(
+            "product",
+            &service_delta(&first, &last, "product"),
+            "inbound",
+            "product",
+            window,
+        ),
+        Row::of("order", &order, "inbound", "order", window),
+        Row::of("order → user", &order, "outbound", &user, window),
+        Row::of("order → product", &order, "outbound", &product, window),
+    ];
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+fn statuses(counts: &[(u16, usize)]) -> String {
+    counts
+        .iter()
+        .map(|(s, n)| {
+            if *s == 0 {
+                format!("{n} without an answer")
+            } else {
+                format!("{n} × {s}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,406 @@
+//! The example shop end to end, as a user meets it: `helm install` the chart
+//! (the operator from its image), `kubectl apply` examples/shop,
+//! `kubectl wait --for=condition=Ready microservice --all`, then through the
+//! Services: users, products and orders; the calls between services seen by the
+//! sidecars on both ends; load spread over three product pods; every product
+//! pod deleted under load (fast 503s from the order sidecar's breaker, then
+//! recovery); a live policy edit without a restart; a config edit that rolls
+//! the pods; `kubectl describe`; and uninstalling leaves nothing behind.
+//!
+//! The same suite runs on the local node (`cargo xtask test`) and on kind
+//! (`cargo xtask e2e --kind`): see [`trellis_tests::shop::Target`]. The demo
+//! (`cargo xtask demo`) runs the same steps from the same module.
+//!
+//! Needs the images (`cargo xtask images`) and, on the local node, the shop's
+//! PostgreSQL on 10.244.0.1:5432 (`cargo xtask postgres up`, which this starts).
+
+use std::{process::Command, time::Duration, time::Instant};
+
+use serde_json::json;
+use trellis_tests::{
+    TestNamespace, eventually, kubectl,
+    shop::{
+        self, Outage, SERVICES, Shop, Target, burst, by_status, latency_quantile, service_delta,
+        wait_policy_applied,
+    },
+    shop_metrics::{REQUESTS, Scrape},
+};
+
+/// Prints a phase's name and, when dropped, how long it took.
+struct Phase(&'static str, Instant);
+
+impl Phase {
+    fn new(name: &'static str) -> Self {
+        eprintln!("\n---- {name}");
+        Self(name, Instant::now())
+    }
+}
+
+impl Drop for Phase {
+    fn drop(&mut self) {
+        eprintln!("---- {} took {:.1?}", self.0, self.1.elapsed());
+    }
+}
+
+/// `cargo xtask postgres up` on the local node (idempotent); on kind the
+/// PostgreSQL container is the runner's job.
+fn ensure_postgres(target: &Target) {
+    if target.kind {
+        return;
+    }
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(shop::workspace())
+        .args(["xtask", "postgres", "up"])
+        .status()
+        .expect("running cargo xtask postgres up");
+    assert!(status.success(), "could not start the shop's PostgreSQL");
+}
+
+fn requests(s: &Scrape, direction: &str, service: &str, class: &str) -> f64 {
+    s.sum(
+        REQUESTS,
+        &[
+            ("direction", direction),
+            ("service", service),
+            ("status_class", class),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the full local node, the images and PostgreSQL: cargo xtask test"]
+async fn the_shop_end_to_end() {
+    let started = Instant::now();
+    let target = Target::from_env().expect("the e2e environment");
+    eprintln!("target: {target:?}");
+    let system = TestNamespace::on_node("trellis-system").await;
+    let ns = TestNamespace::on_node("shop").await;
+    ensure_postgres(&target);
+    let release = format!("trellis-{}", &system.name[system.name.len() - 6..]);
+    let manifests = shop::shop_manifests(&ns.name, &target.postgres).unwrap();
+
+    {
+        let _p = Phase::new("helm install, kubectl apply -f examples/shop/, kubectl wait");
+        shop::install_chart(&release, &system.name, &ns.name).expect("helm install");
+        eprintln!("{}", shop::apply(&manifests).expect("kubectl apply"));
+        shop::wait_ready(&ns.name, Duration::from_secs(240)).expect("the shop to be Ready");
+    }
+
+    let mut shop = Shop::new(ns.client.clone(), &ns.name, &target);
+    let (user_dep, product_dep) = (shop.qualified("user"), shop.qualified("product"));
+
+    {
+        let _p =
+            Phase::new("orders reach user over gRPC and product over REST, sidecar to sidecar");
+        shop.seed(4, 3).await.expect("users and products");
+        let before = shop.scrape(&SERVICES).await.unwrap();
+        let outcomes = shop.orders(20, 2).await;
+        assert!(
+            outcomes.iter().all(|o| o.status == 201),
+            "every order should be placed: {outcomes:#?}"
+        );
+        let order: serde_json::Value = serde_json::from_str(&outcomes[0].body).unwrap();
+        assert_eq!(order["status"], "created", "{order}");
+        assert!(
+            order["items"][0]["unit_price_cents"].as_i64().unwrap() >= 1999,
+            "the price comes from the product service: {order}"
+        );
+        let after = shop.scrape(&SERVICES).await.unwrap();
+        let d = |s| service_delta(&before, &after, s);
+        let (orders, users, products) = (d("order"), d("user"), d("product"));
+        // Each order is one ValidateUser (gRPC, the order service's only call to
+        // user) and one reserve (REST): counted leaving the order pods' sidecars
+        // and arriving at the user and product pods' sidecars, all 2xx.
+        assert_eq!(requests(&orders, "inbound", "order", "2xx"), 20.0);
+        assert_eq!(requests(&orders, "outbound", &user_dep, "2xx"), 20.0);
+        assert_eq!(requests(&orders, "outbound", &product_dep, "2xx"), 20.0);
+        assert_eq!(requests(&users, "inbound", "user", "2xx"), 20.0);
+        assert_eq!(requests(&products, "inbound", "product", "2xx"), 20.0);
+        for (scrape, what) in [(&orders, "order"), (&users, "user"), (&products, "product")] {
+            assert_eq!(
+                scrape.sum(REQUESTS, &[("status_class", "5xx")]),
+                0.0,
+                "no 5xx at {what}'s sidecars"
+            );
+        }
+        // What the user service says over gRPC reaches the caller: ValidateUser's
+        // own words, not the REST API's 404.
+        let unknown = shop
+            .order(i64::from(i32::MAX), shop.products[0])
+            .await
+            .unwrap();
+        assert_eq!(unknown.status, 422, "{}", unknown.body);
+        assert_eq!(unknown.json().unwrap()["message"], "user not found");
+        eprintln!(
+            "20 orders: 20 gRPC calls order→user and 20 REST calls order→product, seen at both ends"
+        );
+    }
+
+    {
+        let _p = Phase::new("product scaled to 3: the order sidecars spread the load");
+        shop::patch_microservice(&ns.name, "product", &json!({ "spec": { "replicas": 3 } }))
+            .unwrap();
+        eventually(
+            "3 ready product pods known to every order sidecar",
+            Duration::from_secs(120),
+            || async {
+                let scrapes = shop.scrape(&["order", "product"]).await.ok()?;
+                let known = scrapes["order"].iter().all(|p| {
+                    p.metrics
+                        .sum("trellis_endpoints", &[("service", &product_dep)])
+                        == 3.0
+                });
+                (scrapes["product"].len() == 3 && known).then_some(())
+            },
+        )
+        .await;
+        let before = shop.scrape(&["product"]).await.unwrap();
+        let outcomes = shop.orders(90, 3).await;
+        assert!(
+            outcomes.iter().all(|o| o.status == 201),
+            "{:?}",
+            by_status(&outcomes)
+        );
+        let after = shop.scrape(&["product"]).await.unwrap();
+        let per_pod: Vec<(String, f64)> = after["product"]
+            .iter()
+            .map(|p| {
+                let old = before["product"]
+                    .iter()
+                    .find(|b| b.uid == p.uid)
+                    .expect("the same pods");
+                let d = Scrape::delta(&old.metrics, &p.metrics);
+                (p.pod.clone(), requests(&d, "inbound", "product", "2xx"))
+            })
+            .collect();
+        eprintln!("reservations per product pod: {per_pod:?}");
+        assert_eq!(per_pod.iter().map(|(_, n)| n).sum::<f64>(), 90.0);
+        for (pod, n) in &per_pod {
+            assert!(
+                *n >= 9.0,
+                "{pod} got {n} of 90: the load is not spread ({per_pod:?})"
+            );
+        }
+    }
+
+    {
+        let _p = Phase::new(
+            "every product pod deleted under load: the breaker opens, fails fast, closes",
+        );
+        let outage: Outage = shop::product_outage(&shop, 40.0, Duration::from_secs(90))
+            .await
+            .unwrap();
+        let during = outage.during();
+        let refused = outage.breaker_refusals();
+        eprintln!(
+            "deleted {:?} at {:.1?}; orders {:?}; during the outage {:?}; breaker open at {:?}, closed at {:?}; recovered at {:?}",
+            outage.deleted,
+            outage.deleted_at,
+            by_status(&outage.outcomes),
+            by_status(&during.iter().map(|o| (*o).clone()).collect::<Vec<_>>()),
+            outage.opened_at,
+            outage.closed_at,
+            outage.recovered_at,
+        );
+        assert!(
+            outage.opened_at.is_some(),
+            "no order sidecar's product breaker opened"
+        );
+        assert!(
+            !refused.is_empty(),
+            "no order was refused by the open breaker"
+        );
+        let sample = refused[0];
+        assert_eq!(sample.status, 503, "{sample:?}");
+        let body: serde_json::Value = serde_json::from_str(&sample.body).unwrap();
+        assert_eq!(body["code"], "dependency_unavailable", "{body}");
+        assert_eq!(body["dependency"], "product", "{body}");
+        assert_eq!(
+            body["message"], "the product service is unavailable (circuit breaker open)",
+            "{body}"
+        );
+        let p99 = latency_quantile(&refused, 0.99).unwrap();
+        eprintln!(
+            "{} orders refused by the breaker: p50 {:?}, p99 {p99:?}",
+            refused.len(),
+            latency_quantile(&refused, 0.5).unwrap()
+        );
+        // Fast: no call to product is made. Not a speed goal, a behaviour: a
+        // refused call costs no timeout (the product call's is 2 s).
+        assert!(
+            p99 < Duration::from_millis(500),
+            "the breaker's refusals are not fast: p99 {p99:?}"
+        );
+        assert!(
+            outage.closed_at.is_some(),
+            "the product breaker never closed again"
+        );
+        let recovered = outage.recovered_at.expect("orders never succeeded again");
+        eprintln!(
+            "outage: breaker open {:.1?} after the deletion, closed {:.1?} after it; orders back {:.1?} after it",
+            outage.opened_at.unwrap() - outage.deleted_at,
+            outage.closed_at.unwrap() - outage.deleted_at,
+            recovered - outage.deleted_at
+        );
+        shop::wait_ready(&ns.name, Duration::from_secs(120)).unwrap();
+    }
+
+    {
+        let _p = Phase::new("a policy edit applies live: product rate-limited, no pod restarted");
+        let uids = shop.pod_uids("product").await.unwrap();
+        let generations = shop.policy_generations("product").await.unwrap();
+        let path = format!("/api/v1/products/{}", shop.products[0]);
+        let free = burst(&shop.reach, "product", &path, 30).await.unwrap();
+        assert!(
+            free.iter().all(|r| r.status == 200),
+            "before the edit: {:?}",
+            free.iter().map(|r| r.status).collect::<Vec<_>>()
+        );
+
+        shop::patch_microservice(
+            &ns.name,
+            "product",
+            &json!({ "spec": { "inbound": { "rateLimit": { "perSecond": 1, "burst": 1 } } } }),
+        )
+        .unwrap();
+        let generations =
+            wait_policy_applied(&shop, "product", &generations, Duration::from_secs(60))
+                .await
+                .unwrap();
+        let limited = burst(&shop.reach, "product", &path, 30).await.unwrap();
+        let refused: Vec<_> = limited.iter().filter(|r| r.status == 429).collect();
+        eprintln!("30 GETs with 1/s per pod: {} answered 429", refused.len());
+        // Three pods, each a bucket of at most 2 tokens over the burst's second or two.
+        assert!(
+            refused.len() >= 15,
+            "{:?}",
+            limited.iter().map(|r| r.status).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            refused[0].header("x-trellis-proxy-error"),
+            Some("rate-limited")
+        );
+        assert!(refused[0].header("retry-after").is_some());
+        assert!(
+            refused[0]
+                .body
+                .contains("rate limit of service \"product\" exceeded"),
+            "{}",
+            refused[0].body
+        );
+        assert_eq!(
+            shop.pod_uids("product").await.unwrap(),
+            uids,
+            "the policy edit restarted pods"
+        );
+
+        shop::patch_microservice(&ns.name, "product", &json!({ "spec": { "inbound": null } }))
+            .unwrap();
+        wait_policy_applied(&shop, "product", &generations, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let free = burst(&shop.reach, "product", &path, 30).await.unwrap();
+        assert!(
+            free.iter().all(|r| r.status == 200),
+            "after removing the limit: {:?}",
+            free.iter().map(|r| r.status).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            shop.pod_uids("product").await.unwrap(),
+            uids,
+            "removing the limit restarted pods"
+        );
+    }
+
+    {
+        let _p = Phase::new("a config edit rolls the pods");
+        let old = shop.pod_uids("product").await.unwrap();
+        shop::patch_microservice(
+            &ns.name,
+            "product",
+            &json!({ "spec": { "config": { "RUST_LOG": "info,product_service=debug" } } }),
+        )
+        .unwrap();
+        eventually(
+            "every product pod to be replaced",
+            Duration::from_secs(180),
+            || async {
+                let now = shop.pod_uids("product").await.ok()?;
+                (now.len() == 3 && now.iter().all(|u| !old.contains(u))).then_some(())
+            },
+        )
+        .await;
+        shop::wait_ready(&ns.name, Duration::from_secs(120)).unwrap();
+        let outcomes = shop.orders(10, 2).await;
+        assert!(
+            outcomes.iter().all(|o| o.status == 201),
+            "{:?}",
+            by_status(&outcomes)
+        );
+    }
+
+    {
+        let _p = Phase::new("kubectl describe microservice order");
+        let out = shop::run(kubectl().args(["describe", "microservice", "order", "-n", &ns.name]))
+            .unwrap();
+        eprintln!("{out}");
+        for expected in ["Conditions:", "Type:", "Ready", "Events:", "Created"] {
+            assert!(
+                out.contains(expected),
+                "describe lacks {expected:?}:\n{out}"
+            );
+        }
+        let ready = out
+            .lines()
+            .skip_while(|l| !l.contains("Conditions:"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(ready.contains("Status:") && ready.contains("True"), "{out}");
+    }
+
+    {
+        let _p = Phase::new("deleting the shop and helm uninstall leave nothing behind");
+        shop::delete(&manifests).unwrap();
+        shop::uninstall_chart(&release, &system.name).unwrap();
+        let kinds = "all,configmaps,serviceaccounts,roles,rolebindings,poddisruptionbudgets,horizontalpodautoscalers,endpointslices,leases";
+        eventually(
+            "no Trellis-labelled object left",
+            Duration::from_secs(180),
+            || async {
+                let mut left = String::new();
+                for namespace in [&ns.name, &system.name] {
+                    left += &shop::run(kubectl().args([
+                        "get",
+                        kinds,
+                        "-n",
+                        namespace,
+                        "-l",
+                        "app.kubernetes.io/part-of=trellis",
+                        "-o",
+                        "name",
+                    ]))
+                    .ok()?;
+                }
+                left += &shop::run(kubectl().args([
+                    "get",
+                    "clusterroles,clusterrolebindings",
+                    "-l",
+                    &format!("app.kubernetes.io/instance={release}"),
+                    "-o",
+                    "name",
+                ]))
+                .ok()?;
+                if !left.trim().is_empty() {
+                    eprintln!("still there:\n{left}");
+                }
+                left.trim().is_empty().then_some(())
+            },
+        )
+        .await;
+        // Helm installs crds/ once and never deletes them (deleting a CRD deletes
+        // every MicroService in the cluster): uninstall keeps it, on purpose.
+        shop::run(kubectl().args(["get", "crd", "microservices.trellis.dev"]))
+            .expect("the CRD is kept after helm uninstall, as Helm does with crds/");
+    }
+    eprintln!("\nthe shop end to end took {:.0?}", started.elapsed());
+}
