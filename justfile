@@ -4,6 +4,22 @@
 default:
     @just --list
 
+# Build what is missing, start everything, deploy the shop, run the narrated scenario.
+demo:
+    cargo xtask demo
+
+# The end-to-end suite (the shop) alone, on the local node.
+e2e:
+    cargo xtask e2e
+
+# The same end-to-end suite on a kind cluster (needs docker, kind, kubectl, helm).
+kind-e2e *ARGS:
+    cargo xtask e2e --kind {{ARGS}}
+
+# The shop's PostgreSQL on the node: up, down or status.
+postgres CMD="up":
+    cargo xtask postgres {{CMD}}
+
 # Run every test tier (the README's test command).
 test:
     cargo xtask test
