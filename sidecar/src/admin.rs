@@ -3,7 +3,7 @@
 //! | path       | answers |
 //! |------------|---------|
 //! | `/livez`   | 200 while the process serves at all |
-//! | `/readyz`  | 200 when ready for traffic, else 503 with the reasons |
+//! | `/readyz`  | 200 when ready for traffic (with what is degraded, such as stale discovery), else 503 with the reasons |
 //! | `/healthz` | JSON detail of every check (200 healthy, 503 unhealthy) |
 //! | `/metrics` | Prometheus / OpenMetrics text |
 //! | `/status`  | JSON: the policy in force, refusals, endpoints per service, and per dependency its circuit breaker (state, counts), retry budget and endpoint ejections |
@@ -75,7 +75,14 @@ impl Admin {
         match req.uri().path() {
             "/livez" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" => match self.health.readiness() {
-                Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                Ok(()) => text(
+                    StatusCode::OK,
+                    ["ready".to_owned()]
+                        .into_iter()
+                        .chain(self.health.warnings())
+                        .map(|l| l + "\n")
+                        .collect(),
+                ),
                 Err(why) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready\n{why}\n"),

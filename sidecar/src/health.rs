@@ -7,7 +7,12 @@
 //! `health.interval` — passes. `/healthz` reports each check in the seed
 //! platform's shape, plus the policy: a refused policy makes `/healthz`
 //! unhealthy (so it is seen) but not `/readyz` (the last good policy still
-//! serves traffic correctly).
+//! serves traffic correctly). Stale discovery — the Kubernetes API
+//! unreachable after it once answered — is the same: `/healthz` is
+//! unhealthy and `/readyz` stays ready but says so, because the last known
+//! endpoints still serve, and failing readiness in every pod at once when
+//! the control plane has trouble would turn its outage into the data
+//! plane's.
 
 use std::{
     collections::BTreeMap,
@@ -133,12 +138,18 @@ impl Health {
 
         let start = Instant::now();
         let synced = self.resolver.is_synced();
+        let stale = self.stale_discovery();
+        let mut problems = Vec::new();
+        if !synced {
+            problems.push("discovery has not answered for every service yet".to_owned());
+        }
+        problems.extend(stale.clone());
         checks.insert(
             "discovery",
             CheckStatus::new(
-                synced,
+                problems.is_empty(),
                 start.elapsed(),
-                Some("discovery has not answered for every service yet".into()),
+                Some(problems.join("; ")),
             ),
         );
 
@@ -162,11 +173,39 @@ impl Health {
         checks
     }
 
+    /// One line per service whose discovery is stale: since when, and why.
+    fn stale_discovery(&self) -> Vec<String> {
+        self.resolver
+            .stale()
+            .into_iter()
+            .map(|(svc, s)| {
+                let age = SystemTime::now()
+                    .duration_since(s.since)
+                    .unwrap_or_default()
+                    .as_secs();
+                format!(
+                    "discovery of {svc} is stale for {age}s: serving the last known endpoints ({})",
+                    s.error
+                )
+            })
+            .collect()
+    }
+
+    /// What is degraded while the sidecar is still ready: stale discovery.
+    /// `/readyz` lists these under "ready".
+    pub fn warnings(&self) -> Vec<String> {
+        self.stale_discovery()
+    }
+
     /// Whether traffic should be sent here, and if not, why.
     pub fn readiness(&self) -> Result<(), String> {
         let checks = self.checks();
+        // Discovery fails readiness only while a service has had no answer
+        // at all; stale answers still serve (see the module docs).
+        let synced = self.resolver.is_synced();
         let failing: Vec<String> = ["listeners", "discovery", "app"]
             .iter()
+            .filter(|name| **name != "discovery" || !synced)
             .filter_map(|name| {
                 let c = &checks[name];
                 (!c.healthy())

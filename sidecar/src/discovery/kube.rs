@@ -5,27 +5,41 @@
 //! `kubernetes.io/service-name=<name>`, so the sidecar lists and watches only
 //! what it routes to (and its RBAC need not allow more). The reflector's store
 //! holds every slice of the service; after each event the ready endpoints of
-//! all slices are recomputed and published. Watch errors are retried with
-//! kube-runtime's default backoff; meanwhile the last known set stays in force.
+//! all slices are recomputed and published.
+//!
+//! On a watch error (the API unreachable, the connection cut, access
+//! refused) the service is marked stale and the watch is started afresh —
+//! a new list, then a new watch — after a backoff with jitter, until the
+//! list succeeds and the service is fresh again. A fresh list is the only
+//! proof the API is back: kube-runtime's watcher resumes a broken watch
+//! silently, so it would never say so. Meanwhile the last known endpoints
+//! stay in force.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use kube::{
     Api, Client,
-    runtime::{WatchStreamExt, reflector, watcher},
+    runtime::{reflector, watcher},
 };
 
-use super::{Directory, Discovered, EndpointsWatch, Resolve};
+use super::{Directory, Discovered, EndpointsWatch, Resolve, Stale};
 use crate::{metrics::Metrics, outbound::target::ServiceName};
 
 /// The label the EndpointSlice controller sets to the owning Service's name.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The first wait before following a service again after its watch failed.
+const RETRY_MIN: Duration = Duration::from_millis(250);
+
+/// The longest wait between attempts while the API stays unreachable.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Port names preferred when a slice lists several ports.
 const PREFERRED_PORT_NAMES: [&str; 3] = ["http", "grpc", "http2"];
@@ -77,18 +91,41 @@ impl Resolve for KubeResolver {
     fn snapshot(&self) -> BTreeMap<ServiceName, Discovered> {
         self.dir.snapshot()
     }
+
+    fn stale(&self) -> BTreeMap<ServiceName, Stale> {
+        self.dir.stale()
+    }
 }
 
-/// Reflects one service's EndpointSlices and publishes its endpoints, for
-/// as long as the process runs.
+/// Follows one service's EndpointSlices for as long as the process runs,
+/// starting over after each failure (see the module docs).
 async fn follow(client: Client, dir: Directory, service: ServiceName) {
-    let api: Api<EndpointSlice> = Api::namespaced(client, &service.namespace);
+    let mut wait = RETRY_MIN;
+    loop {
+        let (listed, error) = follow_once(&client, &dir, &service).await;
+        if listed {
+            wait = RETRY_MIN;
+        }
+        tracing::warn!(%service, %error, retry_in = ?wait, "EndpointSlice watch failed; keeping the last known endpoints");
+        dir.mark_stale(&service, error);
+        // Full jitter over the upper half, so many sidecars that lost the
+        // API at once do not come back at once.
+        let jittered = wait.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        tokio::time::sleep(jittered).await;
+        wait = (wait * 2).min(RETRY_MAX);
+    }
+}
+
+/// Lists and watches until the first error; returns whether the list
+/// completed, and the error.
+async fn follow_once(client: &Client, dir: &Directory, service: &ServiceName) -> (bool, String) {
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &service.namespace);
     let config =
         watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", service.name));
     let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, config)).default_backoff();
-    let mut stream = std::pin::pin!(stream);
+    let mut stream = std::pin::pin!(reflector(writer, watcher(api, config)));
     tracing::info!(%service, "following EndpointSlices");
+    let mut listed = false;
     while let Some(event) = stream.next().await {
         match event {
             // The store is complete after InitDone and changes on each Apply
@@ -97,14 +134,17 @@ async fn follow(client: Client, dir: Directory, service: ServiceName) {
             Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
                 let state = discovered_from_slices(&store.state());
                 tracing::debug!(%service, endpoints = state.addrs().len(), "endpoints changed");
-                dir.publish(&service, state);
+                dir.publish(service, state);
+                if !listed && dir.mark_fresh(service) {
+                    tracing::info!(%service, "EndpointSlices listed again; discovery is fresh");
+                }
+                listed = true;
             }
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-            Err(error) => {
-                tracing::warn!(%service, %error, "EndpointSlice watch failed; retrying");
-            }
+            Err(error) => return (listed, crate::http::response::with_causes(&error)),
         }
     }
+    (listed, "the watch ended".into())
 }
 
 /// The endpoints a set of slices describes: every ready address of every

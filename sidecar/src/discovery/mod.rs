@@ -5,6 +5,10 @@
 //! traffic without any request noticing. Two sources fill the channels:
 //! [`kube`] (EndpointSlices through the Kubernetes API) and [`static`]
 //! (flags or a file, for running without Kubernetes).
+//!
+//! When a source cannot be reached, what it said last stays in force — a
+//! Kubernetes API outage must not take the data plane down with it — and
+//! the service is marked [`Stale`], which `/readyz` and `/healthz` report.
 
 pub mod kube;
 pub mod r#static;
@@ -13,6 +17,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::SystemTime,
 };
 
 use tokio::sync::watch;
@@ -43,6 +48,16 @@ impl Discovered {
     }
 }
 
+/// Why what discovery knows of a service may be out of date: its source
+/// failed, and has not answered since.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stale {
+    /// When the source first failed (kept across further failures).
+    pub since: SystemTime,
+    /// The latest failure.
+    pub error: String,
+}
+
 /// A watch on one service's endpoints.
 pub type EndpointsWatch = watch::Receiver<Discovered>;
 
@@ -56,6 +71,13 @@ pub trait Resolve: Send + Sync + 'static {
 
     /// Every followed service and what is known of it, for the status page.
     fn snapshot(&self) -> BTreeMap<ServiceName, Discovered>;
+
+    /// The services whose source is failing: what is known of them is the
+    /// last answer, which may be out of date. Sources that cannot fail
+    /// (static endpoints) are never stale.
+    fn stale(&self) -> BTreeMap<ServiceName, Stale> {
+        BTreeMap::new()
+    }
 }
 
 /// A shared handle on the resolver in use.
@@ -88,6 +110,7 @@ impl std::fmt::Debug for Resolver {
 #[derive(Clone)]
 pub(crate) struct Directory {
     services: Arc<Mutex<HashMap<ServiceName, watch::Sender<Discovered>>>>,
+    stale: Arc<Mutex<BTreeMap<ServiceName, Stale>>>,
     metrics: Metrics,
 }
 
@@ -95,6 +118,7 @@ impl Directory {
     pub(crate) fn new(metrics: Metrics) -> Self {
         Self {
             services: Arc::default(),
+            stale: Arc::default(),
             metrics,
         }
     }
@@ -152,7 +176,57 @@ impl Directory {
             .collect()
     }
 
+    /// Marks `service` stale: its source failed with `error`.
+    pub(crate) fn mark_stale(&self, service: &ServiceName, error: String) {
+        let mut stale = self.stale.lock().expect("stale lock");
+        stale
+            .entry(service.clone())
+            .and_modify(|s| s.error.clone_from(&error))
+            .or_insert_with(|| Stale {
+                since: SystemTime::now(),
+                error,
+            });
+    }
+
+    /// Marks `service` fresh: its source answered. Returns whether it was stale.
+    pub(crate) fn mark_fresh(&self, service: &ServiceName) -> bool {
+        self.stale
+            .lock()
+            .expect("stale lock")
+            .remove(service)
+            .is_some()
+    }
+
+    pub(crate) fn stale(&self) -> BTreeMap<ServiceName, Stale> {
+        self.stale.lock().expect("stale lock").clone()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.services.lock().expect("directory lock").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staleness_keeps_its_start_and_the_latest_error() {
+        let dir = Directory::new(Metrics::default());
+        let user = ServiceName::new("user", "shop");
+        dir.publish(&user, Discovered::Ready(Arc::default()));
+        dir.mark_stale(&user, "connection refused".into());
+        let first = dir.stale()[&user].since;
+        dir.mark_stale(&user, "timed out".into());
+        assert_eq!(dir.stale()[&user].since, first);
+        assert_eq!(dir.stale()[&user].error, "timed out");
+        // What was known stays in force while stale.
+        assert_eq!(
+            *dir.snapshot().get(&user).unwrap(),
+            Discovered::Ready(Arc::default())
+        );
+        assert!(dir.mark_fresh(&user));
+        assert!(dir.stale().is_empty());
+        assert!(!dir.mark_fresh(&user));
     }
 }

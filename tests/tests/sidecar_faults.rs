@@ -1,0 +1,357 @@
+//! The sidecar when the Kubernetes API becomes unreachable (control-plane
+//! tier): the last known endpoints keep serving, `/readyz` stays ready but
+//! says discovery is stale, `/healthz` turns unhealthy, and when the API
+//! is back discovery is fresh and follows changes again.
+//!
+//! The shared cluster must not be disturbed, so the API is made unreachable
+//! for this sidecar alone: it talks to the apiserver through a TCP relay in
+//! the test (its kubeconfig points at the relay), and the relay is stopped —
+//! its connections cut, its port closed, so connecting is refused — then
+//! started again on the same port. Upstreams listen on the node's bridge
+//! address, because EndpointSlices refuse loopback addresses.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+use trellis_sidecar::{Config, Discovery};
+use trellis_tests::{TestNamespace, eventually};
+
+/// The node's address, on the cluster's bridge (see xtask's cluster::network).
+const NODE_IP: &str = "10.244.0.1";
+
+/// An upstream answering every request with `hello from NAME`.
+async fn upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind((NODE_IP, 0))
+        .await
+        .expect("the node's bridge address (is the cluster up?)");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = format!("hello from {name}");
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// One GET on a new connection: `http://HOST/PATH` in proxy form.
+async fn get(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("GET http://{host}{path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A TCP relay on loopback to the apiserver that can be cut and restored.
+struct Relay {
+    addr: SocketAddr,
+    target: SocketAddr,
+    accept: Mutex<Option<JoinHandle<()>>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn new(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Self {
+            addr: listener.local_addr().unwrap(),
+            target,
+            accept: Mutex::default(),
+            conns: Arc::default(),
+        };
+        relay.serve(listener);
+        relay
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (target, conns) = (self.target, self.conns.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                // Closing with RST when cut, as a vanished peer looks.
+                let _ = client.set_zero_linger();
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                conns.lock().unwrap().push(conn);
+            }
+        });
+        *self.accept.lock().unwrap() = Some(task);
+    }
+
+    /// Makes the API unreachable: the port closes and every relayed
+    /// connection is cut.
+    async fn cut(&self) {
+        if let Some(task) = self.accept.lock().unwrap().take() {
+            task.abort();
+        }
+        for conn in self.conns.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+        // An aborted task drops its sockets when it is next polled.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            TcpStream::connect(self.addr).await.is_err(),
+            "the relay still accepts"
+        );
+    }
+
+    /// Makes the API reachable again, on the same port.
+    async fn restore(&self) {
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .expect("the relay's port again");
+        self.serve(listener);
+    }
+}
+
+/// A copy of the admin kubeconfig whose server is the relay.
+fn kubeconfig_through(relay: &Relay, server: &str) -> std::path::PathBuf {
+    let original = std::fs::read_to_string(trellis_tests::kubeconfig_path()).unwrap();
+    let relayed = original.replace(server, &format!("https://{}", relay.addr));
+    assert_ne!(original, relayed, "the kubeconfig names {server}");
+    let path = std::env::temp_dir().join(format!(
+        "trellis-sidecar-faults-{}.kubeconfig",
+        std::process::id()
+    ));
+    std::fs::write(&path, relayed).unwrap();
+    path
+}
+
+fn slice(service: &str, addr: SocketAddr) -> EndpointSlice {
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": format!("{service}-manual"),
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": addr.port(), "protocol": "TCP" }],
+        "endpoints": [{ "addresses": [addr.ip().to_string()], "conditions": { "ready": true } }],
+    }))
+    .unwrap()
+}
+
+async fn admin(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: cargo xtask test"]
+async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_stale() {
+    // The namespace and its objects are made with the real kubeconfig.
+    let ns = TestNamespace::new("sidecar-stale").await;
+    let (a, b, app) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("app").await,
+    );
+    let services: Api<Service> = ns.api();
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": "user" },
+                "spec": { "ports": [{ "name": "http", "port": 80 }] },
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let slices: Api<EndpointSlice> = ns.api();
+    slices
+        .create(&PostParams::default(), &slice("user", a))
+        .await
+        .unwrap();
+
+    // The sidecar reaches the API only through the relay.
+    let kubeconfig = kube::config::Kubeconfig::read_from(trellis_tests::kubeconfig_path()).unwrap();
+    let server = kubeconfig.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.server.clone())
+        .expect("the kubeconfig names a server");
+    let target: SocketAddr = server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("the server is an ip:port address");
+    let relay = Relay::new(target).await;
+    let relayed = kubeconfig_through(&relay, &server);
+    let original = trellis_tests::kubeconfig_path();
+    // SAFETY: this binary has one test, and nothing else reads the
+    // environment while it is set: the namespace's client was built above,
+    // and the original is back before the sidecar's client is used.
+    unsafe { std::env::set_var("KUBECONFIG", &relayed) };
+
+    let policy_file = std::env::temp_dir().join(format!(
+        "trellis-sidecar-faults-{}.policy.json",
+        std::process::id()
+    ));
+    std::fs::write(
+        &policy_file,
+        json!({
+            "service": "order",
+            "namespace": ns.name,
+            "appPort": app.port(),
+            "health": { "path": "/health", "interval": "100ms" },
+            "dependencies": [{ "name": "user" }],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut config = Config::local(Some(policy_file));
+    config.namespace = ns.name.clone();
+    config.app_host = NODE_IP.parse().unwrap();
+    config.discovery = Discovery::Kubernetes { max_services: 16 };
+    config.discovery_timeout = Duration::from_secs(2);
+    let sc = trellis_sidecar::start(config)
+        .await
+        .expect("the sidecar starts");
+    // The sidecar's client has read the relayed kubeconfig; the namespace's
+    // deletion on drop must use the real one.
+    // SAFETY: as above.
+    unsafe { std::env::set_var("KUBECONFIG", &original) };
+
+    eventually(
+        "ready with fresh discovery",
+        Duration::from_secs(20),
+        || async { (admin(sc.admin, "/readyz").await == (200, "ready\n".into())).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        get(sc.outbound, "user", "/").await,
+        (200, "hello from a".into())
+    );
+
+    // The API goes away.
+    relay.cut().await;
+    let cut_at = Instant::now();
+    let readyz = eventually(
+        "readyz to say discovery is stale",
+        Duration::from_secs(15),
+        || async {
+            let (status, body) = admin(sc.admin, "/readyz").await;
+            body.contains("stale").then_some((status, body))
+        },
+    )
+    .await;
+    let noticed = cut_at.elapsed();
+    assert_eq!(readyz.0, 200, "stale discovery still serves: {}", readyz.1);
+    assert!(readyz.1.starts_with("ready\n"), "{}", readyz.1);
+    assert!(
+        readyz
+            .1
+            .contains(&format!("discovery of user.{} is stale", ns.name))
+            && readyz.1.contains("serving the last known endpoints"),
+        "{}",
+        readyz.1
+    );
+    let (status, healthz) = admin(sc.admin, "/healthz").await;
+    assert_eq!(status, 503, "{healthz}");
+    let report: serde_json::Value = serde_json::from_str(&healthz).unwrap();
+    assert_eq!(
+        report["checks"]["discovery"]["status"], "unhealthy",
+        "{healthz}"
+    );
+    eprintln!(
+        "API cut: /readyz said stale after {noticed:?}: {}",
+        readyz.1.trim()
+    );
+
+    // The last known endpoints keep serving, for as long as the API is away.
+    for _ in 0..20 {
+        assert_eq!(
+            get(sc.outbound, "user", "/").await,
+            (200, "hello from a".into())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(admin(sc.admin, "/readyz").await.0, 200);
+
+    // A name never seen before cannot be looked up: a clear 503 in time.
+    let start = Instant::now();
+    let (status, body) = get(sc.outbound, "nosuch", "/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("nosuch") && body.contains("discovery"),
+        "{body}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        start.elapsed()
+    );
+
+    // The API comes back: discovery is fresh, and follows changes again.
+    relay.restore().await;
+    let restored_at = Instant::now();
+    eventually(
+        "readyz to be ready and fresh",
+        Duration::from_secs(20),
+        || async { (admin(sc.admin, "/readyz").await == (200, "ready\n".into())).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "API back: discovery fresh after {:?}",
+        restored_at.elapsed()
+    );
+    let mut moved = slices.get("user-manual").await.unwrap();
+    moved.endpoints = slice("user", b).endpoints;
+    moved.ports = slice("user", b).ports;
+    slices
+        .replace("user-manual", &PostParams::default(), &moved)
+        .await
+        .unwrap();
+    eventually(
+        "traffic to follow the slice to b",
+        Duration::from_secs(10),
+        || async { (get(sc.outbound, "user", "/").await.1 == "hello from b").then_some(()) },
+    )
+    .await;
+    sc.shutdown().await;
+    let _ = std::fs::remove_file(relayed);
+}
