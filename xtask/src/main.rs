@@ -15,6 +15,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod e2e;
+mod fuzz;
 mod images;
 mod paths;
 mod postgres;
@@ -64,6 +65,13 @@ enum Command {
     Postgres {
         #[command(subcommand)]
         command: PostgresCommand,
+    },
+    /// Fuzz the policy parser and the request routing (cargo fuzz, nightly):
+    /// 60 s per target, 30 min with --long.
+    Fuzz {
+        /// The long run, for a release or after touching a parser.
+        #[arg(long)]
+        long: bool,
     },
     /// Benchmarks: print numbers, assert nothing about speed.
     Bench {
@@ -143,6 +151,7 @@ fn main() -> Result<()> {
             PostgresCommand::Down => postgres::down(),
             PostgresCommand::Status => postgres::status(),
         },
+        Command::Fuzz { long } => fuzz::run(if long { fuzz::LONG } else { fuzz::SHORT }),
         Command::Bench { command } => match command {
             BenchCommand::Sidecar(opts) => bench::sidecar(&opts),
             BenchCommand::Operator(opts) => bench::operator(&opts),

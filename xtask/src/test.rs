@@ -15,7 +15,13 @@ use anyhow::Result;
 use crate::{cluster, images, paths, run};
 
 /// Integration test targets (files in tests/tests/) of the control-plane tier.
-const CONTROL_PLANE_TESTS: &[&str] = &["operator", "sidecar", "examples", "tracing"];
+const CONTROL_PLANE_TESTS: &[&str] = &[
+    "operator",
+    "sidecar",
+    "sidecar_faults",
+    "examples",
+    "tracing",
+];
 /// Integration test targets of the full-node tier.
 const NODE_TESTS: &[&str] = &["node", "chart", "security"];
 /// Integration test targets that disrupt the whole cluster (tests/tests/faults.rs
@@ -74,6 +80,10 @@ pub fn run(node: bool) -> Result<()> {
     let t = step("unit tests (no cluster)");
     run::status(cargo().args(["test", "--workspace"]))?;
     eprintln!("    unit tier took {:.0?}", t.elapsed());
+
+    let t = step("fuzzing (cargo fuzz, bounded)");
+    crate::fuzz::run(crate::fuzz::SHORT)?;
+    eprintln!("    fuzzing took {:.0?}", t.elapsed());
 
     if paths::workspace()
         .join("operator/src/bin/crdgen.rs")
