@@ -76,6 +76,9 @@ pub struct OperatorBench {
     /// How long to count writes with everything converged.
     #[arg(long, default_value = "60", value_name = "SECONDS")]
     pub idle: u64,
+    /// How long convergence may take before the run gives up.
+    #[arg(long, default_value = "1800", value_name = "SECONDS")]
+    pub timeout: u64,
     /// Use the already built release trellis-operator.
     #[arg(long)]
     pub no_build: bool,
@@ -184,7 +187,8 @@ async fn run(
     let t0 = Instant::now();
     create_microservices(client, OPERATOR_NS, opts.count, opts.apply_concurrency).await?;
     let applied = t0.elapsed();
-    wait_converged(client, OPERATOR_NS, opts.count, procs).await?;
+    let timeout = Duration::from_secs(opts.timeout);
+    wait_converged(client, OPERATOR_NS, opts.count, timeout, procs).await?;
     let converge = t0.elapsed();
     let converge_requests = counter.take();
     eprintln!(
@@ -213,7 +217,7 @@ async fn run(
     let t0 = Instant::now();
     let direct_requests = write_directly(client, opts).await?;
     let lower = t0.elapsed();
-    wait_converged(client, DIRECT_NS, opts.count, procs).await?;
+    wait_converged(client, DIRECT_NS, opts.count, timeout, procs).await?;
     eprintln!("   written in {:.1} s", lower.as_secs_f64());
 
     let per = |c: &BTreeMap<String, u64>, n: usize| {
@@ -394,10 +398,16 @@ async fn create_microservices(
 }
 
 /// Waits until every MicroService's status describes its generation and
-/// every child exists (10 minutes at most).
-async fn wait_converged(client: &Client, ns: &str, count: usize, procs: &mut Procs) -> Result<()> {
+/// every child exists.
+async fn wait_converged(
+    client: &Client,
+    ns: &str,
+    count: usize,
+    timeout: Duration,
+    procs: &mut Procs,
+) -> Result<()> {
     let mss = Api::<MicroService>::namespaced(client.clone(), ns);
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = procs.exited("operator") {
             bail!("the operator exited ({status}); see target/bench/operator-bench.log");
@@ -416,7 +426,10 @@ async fn wait_converged(client: &Client, ns: &str, count: usize, procs: &mut Pro
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{done} of {count} MicroServices in {ns} converged after 10 minutes");
+            bail!(
+                "{done} of {count} MicroServices in {ns} converged within {} s (--timeout)",
+                timeout.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -107,11 +107,16 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                 otlp: up.otlp,
                 wrapper: opts.sidecar_wrapper.as_deref(),
             };
+            // A fresh pair for every phase: what one phase leaves behind (an
+            // open circuit breaker after an overload, a grown pool) must not
+            // decide the next one.
             let pair = proxies::start(kind, proto, &setup)?;
             thread::sleep(Duration::from_secs(2));
             let idle: Vec<u64> = pair.instances().iter().map(|p| rss_kib(p)).collect();
+            drop(pair);
             let mut rates = Vec::new();
             for &rate in &opts.rates {
+                let pair = proxies::start(kind, proto, &setup)?;
                 let pids = pair.all_pids();
                 let sampler = RssSampler::start(pair.instances());
                 let cpu0 = cpu_seconds(&pids);
@@ -145,6 +150,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                     "rss_peak_kib": peaks,
                 }));
             }
+            let pair = proxies::start(kind, proto, &setup)?;
             let pids = pair.all_pids();
             let sampler = RssSampler::start(pair.instances());
             let cpu0 = cpu_seconds(&pids);
