@@ -1,8 +1,8 @@
 //! The outbound router's target extraction on arbitrary request heads: the
 //! bytes are parsed as hyper's server parses them (httparse), or taken as a
 //! raw request target and Host value, and the sidecar must never panic. A
-//! request it routes names a valid Service (DNS labels, and the name reads
-//! back to itself); one it refuses is a 400 naming the authority. The
+//! request it routes names a valid Service (DNS labels, and its fully
+//! qualified name reads back to it); one it refuses is a 400 naming the authority. The
 //! framing check and the per-dependency settings lookup run on it too.
 
 #![no_main]
@@ -73,9 +73,12 @@ fn check(req: &Request<()>, policy: &SidecarPolicy) {
                 is_dns_label(&svc.name) && is_dns_label(&svc.namespace),
                 "routed to a name that is no Service: {svc:?}"
             );
+            // The fully qualified form is the one that is never ambiguous
+            // (`name.svc` could be a namespace called svc, or a short form).
+            let fqdn = format!("{}.{}.svc.cluster.local", svc.name, svc.namespace);
             let again: ServiceName = r
-                .parse_host(&svc.to_string())
-                .unwrap_or_else(|e| panic!("{svc} does not read back: {e}"));
+                .parse_host(&fqdn)
+                .unwrap_or_else(|e| panic!("{fqdn} does not read back: {e}"));
             assert_eq!(again, svc);
             let _ = resilience_for(Some(policy), &svc);
         }
