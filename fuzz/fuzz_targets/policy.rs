@@ -16,9 +16,13 @@ fuzz_target!(|data: &[u8]| {
     match SidecarPolicy::from_json(text) {
         Ok(policy) => {
             let json = policy.to_json();
-            let again = SidecarPolicy::from_json(&json)
-                .unwrap_or_else(|e| panic!("an accepted policy is refused from its own JSON: {e}\n{json}"));
-            assert_eq!(again, policy, "the policy changed through its own JSON:\n{json}");
+            let again = SidecarPolicy::from_json(&json).unwrap_or_else(|e| {
+                panic!("an accepted policy is refused from its own JSON: {e}\n{json}")
+            });
+            assert_eq!(
+                again, policy,
+                "the policy changed through its own JSON:\n{json}"
+            );
         }
         Err(PolicyError::Invalid(errors)) => {
             assert!(!errors.is_empty(), "refused without a reason");
