@@ -66,13 +66,22 @@ pub struct Operator {
 impl Operator {
     /// Installs the CRD and starts the controller for `ns`, rendering `sidecar_image`.
     pub async fn start(ns: &TestNamespace, sidecar_image: &str) -> Self {
-        install_crd(&ns.client).await;
-        let settings = Settings {
-            render: RenderConfig {
+        Self::start_with(
+            ns,
+            RenderConfig {
                 sidecar_image: sidecar_image.into(),
                 cluster_domain: "cluster.local".into(),
                 otlp_endpoint: None,
             },
+        )
+        .await
+    }
+
+    /// Installs the CRD and starts the controller for `ns` with `render`.
+    pub async fn start_with(ns: &TestNamespace, render: RenderConfig) -> Self {
+        install_crd(&ns.client).await;
+        let settings = Settings {
+            render,
             namespace: Some(ns.name.clone()),
             instance: Some("itest".into()),
             ..Settings::default()
