@@ -274,7 +274,7 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
 }
 
 /// Requeues a failed reconcile with exponential backoff and jitter: 1s, 2s,
-/// 4s ... up to 5 minutes, each randomised by ±25%.
+/// 4s ... up to [`MAX_RETRY_DELAY`], each randomised by ±25%.
 pub fn error_policy(ms: Arc<MicroService>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(ms.as_ref());
     let attempt = {
@@ -288,10 +288,17 @@ pub fn error_policy(ms: Arc<MicroService>, error: &Error, ctx: Arc<Context>) -> 
     Action::requeue(delay)
 }
 
+/// The longest wait before retrying a failed reconcile. Nothing else brings
+/// a MicroService whose reconcile failed for an API error back: when the
+/// apiserver returns, the watches resume from their last resourceVersion
+/// without a re-list, so no event fires. A cap of minutes left MicroServices
+/// unreconciled for minutes after three apiserver restarts (tests/tests/faults.rs).
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
 /// The delay before retry number `attempt` (from 1), times `jitter`.
 pub fn backoff(attempt: u32, jitter: f64) -> Duration {
     let base = 2f64.powi(attempt.saturating_sub(1).min(16) as i32);
-    Duration::from_secs_f64((base * jitter).min(300.0))
+    Duration::from_secs_f64((base * jitter).min(MAX_RETRY_DELAY.as_secs_f64()))
 }
 
 /// A child fetched before applying, to detect collisions and creations.
@@ -619,7 +626,7 @@ mod tests {
         assert_eq!(backoff(1, 1.0), Duration::from_secs(1));
         assert_eq!(backoff(2, 1.0), Duration::from_secs(2));
         assert_eq!(backoff(5, 1.0), Duration::from_secs(16));
-        assert_eq!(backoff(50, 1.0), Duration::from_secs(300));
+        assert_eq!(backoff(50, 1.0), MAX_RETRY_DELAY);
         assert_eq!(backoff(3, 0.75), Duration::from_secs(3));
     }
 
