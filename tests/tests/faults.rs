@@ -660,10 +660,14 @@ async fn two_replicas_one_reconciles_and_the_other_takes_over() {
     assert!(b.alive());
 }
 
-/// etcd paused (SIGSTOP) for 10 s under a running operator with leader
-/// election and a short resync: requests hang, reconciles do not pile up or
-/// spin, the operator neither crashes nor loses its Lease, and updates made
-/// during the outage converge after it.
+/// etcd paused (SIGSTOP) for 10 s under a running operator with a short
+/// resync: requests hang, reconciles do not pile up or spin, the operator does
+/// not crash, and updates made during the outage converge after it.
+///
+/// Without leader election (the chart's single replica): a leader that cannot
+/// renew its Lease for the renew deadline (10 s) gives it up and exits, by
+/// design (as client-go's leaders do), to be restarted by its Deployment; so
+/// an etcd outage of 10 s or more restarts a leader once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "pauses etcd: cargo xtask test runs it alone"]
 async fn etcd_paused_errors_back_off_and_nothing_crashes() {
@@ -672,11 +676,7 @@ async fn etcd_paused_errors_back_off_and_nothing_crashes() {
     const OUTAGE: Duration = Duration::from_secs(10);
     let ns = namespace("faults-etcd").await;
     // Resync every 5 s, so reconciles keep coming during the outage.
-    let mut operator = OperatorProcess::start(
-        &ns.name,
-        "etcd",
-        &["--leader-elect", "--resync-seconds", "5"],
-    );
+    let mut operator = OperatorProcess::start(&ns.name, "etcd", &["--resync-seconds", "5"]);
     let api = ns.api::<MicroService>();
     let mut want = BTreeMap::new();
     for i in 0..COUNT {
@@ -737,7 +737,6 @@ async fn etcd_paused_errors_back_off_and_nothing_crashes() {
         COUNT * 2,
     );
     assert!(operator.alive(), "the operator died after the outage");
-    assert_eq!(after.leader(), 1.0, "the operator lost its Lease");
     // At most one reconcile per MicroService runs at a time, and a hung one
     // blocks its own requeue: the outage cannot multiply them.
     assert!(
