@@ -40,7 +40,9 @@ use tokio::{
     sync::Mutex,
 };
 use trellis_operator::{MicroService, render};
-use trellis_tests::{TestNamespace, eventually, kubeconfig_path, operator::install_crd};
+use trellis_tests::{
+    TestNamespace, binaries::built, eventually, kubeconfig_path, operator::install_crd,
+};
 
 /// One fault at a time: each one disrupts the cluster for every test.
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -54,32 +56,6 @@ const CONVERGE: Duration = Duration::from_secs(180);
 
 // ---------------------------------------------------------------------------
 // Binaries
-
-/// Builds a workspace binary with cargo (a no-op when it is fresh) and returns
-/// its path, as cargo reports it (so `CARGO_TARGET_DIR` is honoured).
-fn built(package: &str, bin: &str) -> PathBuf {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&workspace)
-        .args([
-            "build",
-            "-p",
-            package,
-            "--bin",
-            bin,
-            "--message-format=json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running cargo build");
-    assert!(out.status.success(), "cargo build -p {package} failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .unwrap_or_else(|| panic!("cargo built no executable {bin}"))
-}
 
 fn operator_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
