@@ -6,7 +6,7 @@
 //! outbound (127.0.0.1):  metrics → request id → hop-by-hop → router
 //!     per service:       overall timeout → replay buffer → retry (budget, backoff)
 //!                        → client span (one per try) → circuit breaker → per-try timeout
-//!                        → p2c/peak-EWMA balancer
+//!                        → no-endpoints fail-fast → p2c/peak-EWMA balancer
 //!     per endpoint:      outlier ejection (+ the try's deadline) → pooled client (HTTP/1.1 or h2c)
 //! inbound (pod IP):      server span → metrics → request id → hop-by-hop → per policy:
 //!                        rate limit → concurrency limit (shed) → timeout → app (x-forwarded-for)
@@ -45,6 +45,7 @@ use crate::{
     metrics::{Direction, Metrics, MetricsLayer},
     outbound::{
         endpoint::Endpoint,
+        no_endpoints::FailFast,
         router::{Router, RouterParts},
         target::{NameRules, ServiceName},
     },
@@ -109,17 +110,19 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
         make_balancer: Arc::new(move |svc: &ServiceName, watch| {
             let (client, label): (_, Arc<str>) = (client.clone(), svc.to_string().into());
             let group = registry.outliers(&label, &outlier);
-            balancer(
-                watch,
+            let endpoint_label = label.clone();
+            let balanced = balancer(
+                watch.clone(),
                 move |addr| {
                     Outlier::new(
-                        Endpoint::new(addr, client.clone(), label.clone()),
+                        Endpoint::new(addr, client.clone(), endpoint_label.clone()),
                         addr,
                         group.clone(),
                     )
                 },
                 &balance,
-            )
+            );
+            BoxCloneSyncService::new(FailFast::new(balanced, watch, label))
         }),
         make_stack: Arc::new(move |svc, balanced, res| {
             outbound_route(svc, balanced, res, &route_registry, &metrics, &tracing)
@@ -151,7 +154,9 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
 ///   open breaker is never retried;
 /// - the per-try deadline, under the breaker so a try that runs out counts
 ///   as a timeout failure there (and 504 "per-try timeout" when final);
-/// - the balancer, so every try picks an endpoint afresh.
+/// - the balancer, so every try picks an endpoint afresh; it refuses at
+///   once when the service has no ready endpoint, a failure the breaker
+///   counts (see [`FailFast`]).
 ///
 /// Built per policy generation; the breaker and budget come from the
 /// registry, which keeps them while their settings are unchanged.

@@ -865,3 +865,102 @@ async fn the_inbound_timeout_answers_504() {
     assert!(start.elapsed() < Duration::from_millis(1000));
     assert_eq!(inbound_get(&sc, "/x").await.status, StatusCode::OK);
 }
+
+/// Every endpoint of a dependency gone (its pods deleted): the first calls
+/// get "no ready endpoints" at once, the breaker counts them and opens, then
+/// answers itself; when endpoints return, the probe after `openFor` closes it.
+#[tokio::test]
+async fn a_dependency_with_no_endpoints_trips_its_breaker_then_recovers() {
+    let app = upstream("app").await;
+    let dep = upstream("dep").await;
+    let file = temp_path("endpoints.json");
+    let serving = format!(r#"{{"dep": ["{}"]}}"#, dep.addr);
+    std::fs::write(&file, &serving).unwrap();
+    let ppath = temp_path("policy.json");
+    let res = json!({
+        "timeout": "2s",
+        "circuitBreaker": {
+            "consecutiveFailures": 3,
+            "openFor": "1s",
+            "halfOpenRequests": 1,
+            "interval": "1m",
+        },
+    });
+    std::fs::write(
+        &ppath,
+        policy("order", app.addr.port(), json!({"resilience": res})),
+    )
+    .unwrap();
+    let mut cfg = Config::local(Some(ppath));
+    cfg.discovery = Discovery::Static {
+        endpoints: Default::default(),
+        file: Some(file.clone()),
+    };
+    let sc = trellis_sidecar::start(cfg).await.unwrap();
+    assert_eq!(
+        get_via(sc.outbound, "http://dep/").await.status,
+        StatusCode::OK
+    );
+
+    std::fs::write(&file, r#"{"dep": []}"#).unwrap();
+    let outbound = sc.outbound;
+    assert!(
+        eventually(Duration::from_secs(3), || async move {
+            get_via(outbound, "http://dep/")
+                .await
+                .headers
+                .get("x-trellis-proxy-error")
+                .is_some_and(|v| v == "no-endpoints")
+        })
+        .await,
+        "the emptied endpoint set was never seen"
+    );
+    let hits_before = dep.hits();
+    // The first refusal above counted once; more trip the breaker
+    // (consecutiveFailures: 3 trips on the 4th), each answered at once.
+    let mut kinds = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let a = get_via(sc.outbound, "http://dep/").await;
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text());
+        assert!(start.elapsed() < Duration::from_millis(500));
+        kinds.push(
+            a.headers["x-trellis-proxy-error"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(
+        kinds,
+        [
+            "no-endpoints",
+            "no-endpoints",
+            "no-endpoints",
+            "circuit-open",
+            "circuit-open"
+        ],
+        "no endpoints counts as the dependency failing"
+    );
+    let open = get_via(sc.outbound, "http://dep/").await;
+    assert_eq!(open.headers["x-trellis-breaker"], "dep.default");
+
+    std::fs::write(&file, &serving).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async move {
+            get_via(outbound, "http://dep/").await.status == StatusCode::OK
+        })
+        .await,
+        "the breaker never closed after the endpoints returned"
+    );
+    let status = get(sc.admin, "/status").await.json();
+    assert_eq!(
+        status["dependencies"]["dep.default"]["circuitBreaker"]["state"], "closed",
+        "{status}"
+    );
+    assert_eq!(
+        dep.hits(),
+        hits_before + 1,
+        "only the half-open probe reached the dependency after its endpoints went"
+    );
+}

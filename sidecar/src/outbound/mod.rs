@@ -3,8 +3,10 @@
 //! The listener on 127.0.0.1 takes requests in HTTP proxy form or with the
 //! service in Host / `:authority`, finds the service ([`target`]), and hands
 //! the request to that service's route ([`router`]), whose balancer picks an
-//! [`endpoint`].
+//! [`endpoint`], or
+//! [`no_endpoints`] refuses at once when nobody serves.
 
 pub mod endpoint;
+pub mod no_endpoints;
 pub mod router;
 pub mod target;

@@ -56,7 +56,8 @@ struct Inner {
 }
 
 /// Sends each request to the route of the service it names; answers itself
-/// (503 naming the service) when the service is unknown or has no endpoints.
+/// (503 naming the service) when the service is unknown or discovery has
+/// not answered in time.
 #[derive(Clone)]
 pub struct Router(Arc<Inner>);
 
@@ -155,9 +156,8 @@ impl Inner {
             Discovered::NotFound => {
                 return Err(ProxyError::UnknownService(target.to_string()).into());
             }
-            Discovered::Ready(set) if set.is_empty() => {
-                return Err(ProxyError::NoEndpoints(target.to_string()).into());
-            }
+            // An empty set goes on to the route: its breaker counts
+            // "nobody serving" and answers for it while open.
             Discovered::Ready(_) => {}
         }
         // Boxed and named: spelling out the 'static future here avoids a
