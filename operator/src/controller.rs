@@ -11,16 +11,32 @@
 //! An object with a child's name that this MicroService does not control is
 //! never touched: the reconcile stops before the first write, reports
 //! `ReconcileFailed` (reason `NameCollision`) and a Warning event.
+//!
+//! Reads come from the watches' caches ([`Caches`]), not from the apiserver:
+//! a child is read live only when the cache has no object of its name (a
+//! name taken by someone else carries no label of ours, so the labelled
+//! watches cannot see it). A child whose cached object already holds what
+//! is rendered (same [`APPLIED_HASH_ANNOTATION`], and every rendered field
+//! equal) is not written again, and the status is written only when it
+//! changes; so a reconcile of a converged MicroService makes no request.
+//!
+//! Every watch backs off on its own after an error ([`WatchBackoff`]).
+//! kube-runtime's `Controller` would otherwise pause its one merged trigger
+//! stream, all watches at once, with a backoff growing to 30 s (plus jitter)
+//! after any watch error, and an API outage makes every watch fail: after
+//! three apiserver restarts the operator saw no MicroService event for
+//! minutes (tests/tests/faults.rs, tests/tests/operator_watch.rs).
 
 use std::{
     collections::HashMap,
     fmt::Debug,
     future::Future,
+    hash::{Hash, Hasher},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt, future};
 use k8s_openapi::{
     NamespaceResourceScope,
     api::{
@@ -36,14 +52,17 @@ use kube::{
     Client, Resource, ResourceExt,
     api::{Api, DeleteParams, ListParams, Patch, PatchParams},
     runtime::{
+        WatchStreamExt,
         controller::{Action, Controller},
         events::{Event, EventType, Recorder, Reporter},
-        reflector::ObjectRef,
+        reflector::{self, ObjectRef, Store},
+        utils::Backoff,
         watcher,
     },
 };
 use rand::Rng;
 use serde::{Serialize, de::DeserializeOwned};
+use sha2::{Digest, Sha256};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
@@ -52,6 +71,11 @@ use crate::{
     render::{self, Children, FIELD_MANAGER, RenderConfig, RenderError},
     status::{self, Failure, Observed},
 };
+
+/// The annotation on every child holding the sha256 of what the operator
+/// last applied (the rendered object without this annotation): a rendered
+/// object whose hash matches, and whose fields all hold, is not applied again.
+pub const APPLIED_HASH_ANNOTATION: &str = "trellis.dev/applied-hash";
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
@@ -80,6 +104,64 @@ impl Default for Settings {
     }
 }
 
+/// The watches' caches of the children (the objects carrying the operator's
+/// label, without their managed fields).
+#[derive(Clone)]
+pub struct Caches {
+    config_maps: Store<ConfigMap>,
+    service_accounts: Store<ServiceAccount>,
+    roles: Store<Role>,
+    role_bindings: Store<RoleBinding>,
+    deployments: Store<Deployment>,
+    services: Store<Service>,
+    pdbs: Store<PodDisruptionBudget>,
+    hpas: Store<HorizontalPodAutoscaler>,
+}
+
+/// A kind of child with its cache.
+trait Cached:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Serialize
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn store(caches: &Caches) -> &Store<Self>;
+}
+
+macro_rules! cached {
+    ($($kind:ty => $field:ident),* $(,)?) => {
+        $(impl Cached for $kind {
+            fn store(caches: &Caches) -> &Store<Self> {
+                &caches.$field
+            }
+        })*
+    };
+}
+
+cached! {
+    ConfigMap => config_maps,
+    ServiceAccount => service_accounts,
+    Role => roles,
+    RoleBinding => role_bindings,
+    Deployment => deployments,
+    Service => services,
+    PodDisruptionBudget => pdbs,
+    HorizontalPodAutoscaler => hpas,
+}
+
+/// What the operator last applied to one child: the hash of the rendered
+/// object and the resourceVersion the apiserver answered with. Covers the
+/// moment between an apply and its watch event, when the cache lags.
+#[derive(Clone, Debug)]
+struct Applied {
+    hash: String,
+    resource_version: Option<u64>,
+}
+
 /// What every reconcile shares.
 pub struct Context {
     /// The Kubernetes client.
@@ -92,11 +174,21 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per MicroService, for backoff in [`error_policy`].
     failures: Mutex<HashMap<ObjectRef<MicroService>, u32>>,
+    /// The children's caches.
+    caches: Caches,
+    /// The last apply per child (`Kind/namespace/name`); forgotten when the
+    /// watch reports the child deleted.
+    applied: Arc<Mutex<HashMap<String, Applied>>>,
 }
 
 impl Context {
-    /// A context for `client`.
-    pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        caches: Caches,
+        applied: Arc<Mutex<HashMap<String, Applied>>>,
+    ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance: settings.instance.clone(),
@@ -107,6 +199,8 @@ impl Context {
             settings,
             metrics,
             failures: Mutex::default(),
+            caches,
+            applied,
         }
     }
 }
@@ -157,8 +251,9 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    let ctx = Arc::new(Context::new(client.clone(), settings, metrics));
-    let microservices: Api<MicroService> = scoped(&client, ctx.settings.namespace.as_deref());
+    let ns = settings.namespace.clone();
+    let ns = ns.as_deref();
+    let microservices: Api<MicroService> = scoped(&client, ns);
     microservices
         .list(&ListParams::default().limit(1))
         .await
@@ -174,21 +269,58 @@ pub async fn run(
     let children = watcher::Config::default()
         .labels("app.kubernetes.io/managed-by=trellis-operator")
         .any_semantic();
-    let ns = ctx.settings.namespace.clone();
-    let ns = ns.as_deref();
+    let applied: Arc<Mutex<HashMap<String, Applied>>> = Arc::default();
+    let (config_maps, cm_trigger) = child_watch::<ConfigMap>(&client, ns, &children, &applied);
+    let (service_accounts, sa_trigger) = child_watch(&client, ns, &children, &applied);
+    let (roles, role_trigger) = child_watch(&client, ns, &children, &applied);
+    let (role_bindings, rb_trigger) = child_watch(&client, ns, &children, &applied);
+    let (deployments, deploy_trigger) = child_watch(&client, ns, &children, &applied);
+    let (services, svc_trigger) = child_watch(&client, ns, &children, &applied);
+    let (pdbs, pdb_trigger) = child_watch(&client, ns, &children, &applied);
+    let (hpas, hpa_trigger) = child_watch(&client, ns, &children, &applied);
+    let caches = Caches {
+        config_maps,
+        service_accounts,
+        roles,
+        role_bindings,
+        deployments,
+        services,
+        pdbs,
+        hpas,
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings,
+        metrics,
+        caches,
+        applied,
+    ));
+
+    // The MicroServices: only a change the reconcile acts on (spec, labels,
+    // annotations, deletion) triggers one, not the status it writes itself.
+    let (ms_store, ms_writer) = reflector::store::<MicroService>();
+    let ms_trigger = watcher(microservices, watcher::Config::default().any_semantic())
+        .backoff(WatchBackoff::default())
+        .reflect(ms_writer)
+        .applied_objects()
+        .predicate_filter(ms_fingerprint, Default::default());
+
     info!(
         namespace = ns.unwrap_or("<all>"),
         "starting the MicroService controller"
     );
-    Controller::new(microservices, watcher::Config::default().any_semantic())
-        .owns(scoped::<ConfigMap>(&client, ns), children.clone())
-        .owns(scoped::<ServiceAccount>(&client, ns), children.clone())
-        .owns(scoped::<Role>(&client, ns), children.clone())
-        .owns(scoped::<RoleBinding>(&client, ns), children.clone())
-        .owns(scoped::<Deployment>(&client, ns), children.clone())
-        .owns(scoped::<Service>(&client, ns), children.clone())
-        .owns(scoped::<PodDisruptionBudget>(&client, ns), children.clone())
-        .owns(scoped::<HorizontalPodAutoscaler>(&client, ns), children)
+    Controller::for_stream(ms_trigger, ms_store)
+        .owns_stream(cm_trigger)
+        .owns_stream(sa_trigger)
+        .owns_stream(role_trigger)
+        .owns_stream(rb_trigger)
+        .owns_stream(deploy_trigger)
+        .owns_stream(svc_trigger)
+        .owns_stream(pdb_trigger)
+        .owns_stream(hpa_trigger)
+        // Each watch backs off on its own (above); a backoff here would
+        // pause every watch after an error of any one.
+        .trigger_backoff(NoPause)
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
         )
@@ -206,6 +338,160 @@ pub async fn run(
         .await;
     info!("the MicroService controller stopped");
     Ok(())
+}
+
+/// The watch of one kind of child: its cache, and the stream of changed
+/// children that triggers their owners' reconciles. Changes of the status
+/// alone do not trigger, except the Deployment's rollout figures that the
+/// MicroService's status shows; deletions always do.
+fn child_watch<K: Cached>(
+    client: &Client,
+    ns: Option<&str>,
+    config: &watcher::Config,
+    applied: &Arc<Mutex<HashMap<String, Applied>>>,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+) {
+    let (store, writer) = reflector::store::<K>();
+    let applied = applied.clone();
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let trigger = watcher(scoped::<K>(client, ns), config.clone())
+        .modify(|k| k.meta_mut().managed_fields = None)
+        .backoff(WatchBackoff::default())
+        .reflect(writer)
+        .filter_map(move |event| {
+            let out = match event {
+                Ok(watcher::Event::Apply(k) | watcher::Event::InitApply(k)) => {
+                    let key = child_key(&k);
+                    let fp = child_fingerprint(&k);
+                    (seen.insert(key, fp) != Some(fp)).then_some(Ok(k))
+                }
+                Ok(watcher::Event::Delete(k)) => {
+                    let key = child_key(&k);
+                    seen.remove(&key);
+                    applied.lock().expect("not poisoned").remove(&key);
+                    Some(Ok(k))
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                Err(e) => Some(Err(e)),
+            };
+            future::ready(out)
+        });
+    (store, trigger)
+}
+
+fn child_key<K: Resource<DynamicType = ()>>(k: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        k.meta().namespace.as_deref().unwrap_or_default(),
+        k.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// What of a child's change matters to its owner: everything but the status
+/// and the bookkeeping metadata; of a Deployment, the rollout figures too.
+fn child_fingerprint<K: Resource<DynamicType = ()> + Serialize>(k: &K) -> u64 {
+    let mut v = serde_json::to_value(k).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        let status = o.remove("status");
+        if K::kind(&()) == "Deployment" {
+            o.insert("status".into(), rollout_figures(status));
+        }
+        if let Some(m) = o.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            for volatile in ["resourceVersion", "managedFields"] {
+                m.remove(volatile);
+            }
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
+}
+
+/// The parts of a Deployment's status that [`status::compute`] reads.
+fn rollout_figures(status: Option<serde_json::Value>) -> serde_json::Value {
+    let Some(s) = status else {
+        return serde_json::Value::Null;
+    };
+    let stalled = s["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["reason"] == "ProgressDeadlineExceeded" && c["status"] == "False")
+    });
+    serde_json::json!([
+        s["observedGeneration"],
+        s["replicas"],
+        s["readyReplicas"],
+        s["updatedReplicas"],
+        s["availableReplicas"],
+        stalled,
+    ])
+}
+
+/// What of a MicroService's change needs a reconcile: not its status.
+fn ms_fingerprint(ms: &MicroService) -> Option<u64> {
+    let m = &ms.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.uid.hash(&mut h);
+    m.generation.hash(&mut h);
+    m.labels.hash(&mut h);
+    m.annotations.hash(&mut h);
+    m.deletion_timestamp.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
+/// The backoff of one watch after an error: 0.5 s doubling to 5 s, ±25%
+/// jitter; reset by the next event. Short, because a watch that waits misses
+/// nothing (it resumes from its resourceVersion or lists again) but delays
+/// everything it would have seen, and a watch is one request per attempt.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    /// The first delay.
+    pub const MIN: Duration = Duration::from_millis(500);
+    /// The longest delay.
+    pub const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(delay.mul_f64(rand::rng().random_range(0.75..=1.25)))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+/// No pause: the controller's trigger stream is never held back.
+struct NoPause;
+
+impl Iterator for NoPause {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl Backoff for NoPause {
+    fn reset(&mut self) {}
 }
 
 fn scoped<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -301,12 +587,6 @@ pub fn backoff(attempt: u32, jitter: f64) -> Duration {
     Duration::from_secs_f64((base * jitter).min(MAX_RETRY_DELAY.as_secs_f64()))
 }
 
-/// A child fetched before applying, to detect collisions and creations.
-struct Existing {
-    what: String,
-    version: Option<String>,
-}
-
 /// What tells whether an apply changed an object: the generation where there
 /// is one (so status updates by other controllers do not count), else the
 /// resourceVersion.
@@ -318,128 +598,258 @@ fn version<K: Resource>(k: &K) -> Option<String> {
     }
 }
 
-/// Reads the current object named like `obj`; `Err` names it when it is not
-/// controlled by `ms`.
-async fn check<K>(ms: &MicroService, client: &Client, obj: &K) -> Result<Option<Existing>, Error>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug,
-{
-    let ns = ms.namespace().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(client.clone(), &ns);
-    let name = obj.name_any();
-    let what = format!("{} {ns}/{name}", K::kind(&()));
-    match api.get_opt(&name).await? {
-        Some(current)
-            if !render::is_controlled_by(current.meta().owner_references.as_deref(), ms) =>
-        {
-            Err(Error::NameCollision(vec![what]))
+fn resource_version<K: Resource>(k: &K) -> Option<u64> {
+    k.meta().resource_version.as_deref()?.parse().ok()
+}
+
+/// The sha256 of a rendered object (which carries no hash annotation yet).
+fn applied_hash<K: Serialize>(obj: &K) -> String {
+    let json = serde_json::to_vec(obj).unwrap_or_default();
+    hex::encode(Sha256::digest(&json))
+}
+
+/// True when every field of `want` holds in `have`: objects may have more
+/// keys in `have` (defaults, other managers), lists must match element by element.
+fn holds(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (want, have) {
+        (Value::Object(w), Value::Object(h)) => w
+            .iter()
+            .all(|(k, wv)| h.get(k).is_some_and(|hv| holds(wv, hv)) || wv.is_null()),
+        (Value::Array(w), Value::Array(h)) => {
+            w.len() == h.len() && w.iter().zip(h).all(|(wv, hv)| holds(wv, hv))
         }
-        Some(current) => Ok(Some(Existing {
-            what,
-            version: version(&current),
-        })),
-        None => Ok(None),
+        (w, h) => w == h,
     }
 }
 
-async fn ssa<K>(client: &Client, obj: &K) -> Result<K, Error>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + Debug,
-{
+/// Where one child stands before the apply.
+enum Plan {
+    /// No object of this name: it is created.
+    Create,
+    /// Ours, and not as rendered: applied.
+    Update {
+        what: String,
+        before: Option<String>,
+    },
+    /// Ours and as rendered: not written.
+    Keep,
+}
+
+/// A rendered child with its plan.
+struct Step<K> {
+    obj: K,
+    hash: String,
+    plan: Plan,
+}
+
+/// Decides what to do with the rendered `obj`: from the cache, or from a live
+/// read when the cache has no object of its name. `Err` names it when an
+/// object of that name is not controlled by `ms`.
+async fn plan<K: Cached>(ms: &MicroService, ctx: &Context, mut obj: K) -> Result<Step<K>, Error> {
+    let ns = ms.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let what = format!("{} {ns}/{name}", K::kind(&()));
+    let hash = applied_hash(&obj);
+    obj.annotations_mut()
+        .insert(APPLIED_HASH_ANNOTATION.into(), hash.clone());
+    let key = child_key(&obj);
+    let applied = ctx.applied.lock().expect("not poisoned").get(&key).cloned();
+    let cached = K::store(&ctx.caches).get(&ObjectRef::new(&name).within(&ns));
+    let current: Option<Arc<K>> = match cached {
+        Some(c) => Some(c),
+        // We applied it and the watch has not reported it yet.
+        None if applied.as_ref().is_some_and(|a| a.hash == hash) => {
+            return Ok(Step {
+                obj,
+                hash,
+                plan: Plan::Keep,
+            });
+        }
+        None => {
+            let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+            api.get_opt(&name).await?.map(Arc::new)
+        }
+    };
+    let Some(current) = current else {
+        return Ok(Step {
+            obj,
+            hash,
+            plan: Plan::Create,
+        });
+    };
+    if !render::is_controlled_by(current.meta().owner_references.as_deref(), ms) {
+        return Err(Error::NameCollision(vec![what]));
+    }
+    // The cache is older than our last apply of the same object: that apply holds.
+    let stale = match (&applied, resource_version(current.as_ref())) {
+        (Some(a), Some(have)) => a.hash == hash && a.resource_version.is_some_and(|rv| rv > have),
+        _ => false,
+    };
+    let same = stale
+        || (current.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash)
+            && holds(
+                &serde_json::to_value(&obj).unwrap_or_default(),
+                &serde_json::to_value(current.as_ref()).unwrap_or_default(),
+            ));
+    let plan = if same {
+        Plan::Keep
+    } else {
+        Plan::Update {
+            what,
+            before: version(current.as_ref()),
+        }
+    };
+    Ok(Step { obj, hash, plan })
+}
+
+/// Applies a child unless it is kept; returns whether it changed and the
+/// object as it now is (`None` for a kept one: the cache has it).
+async fn execute<K: Cached>(ctx: &Context, step: &Step<K>) -> Result<Option<K>, Error> {
+    if matches!(step.plan, Plan::Keep) {
+        return Ok(None);
+    }
+    let obj = &step.obj;
     let ns = obj.namespace().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(client.clone(), &ns);
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    Ok(api
+    let applied = api
         .patch(&obj.name_any(), &params, &Patch::Apply(obj))
-        .await?)
+        .await?;
+    ctx.applied.lock().expect("not poisoned").insert(
+        child_key(obj),
+        Applied {
+            hash: step.hash.clone(),
+            resource_version: resource_version(&applied),
+        },
+    );
+    Ok(Some(applied))
 }
 
 /// Collects collisions over all children before the first write.
 #[derive(Default)]
 struct Preflight {
     collisions: Vec<String>,
-    existing: Vec<Option<Existing>>,
 }
 
 impl Preflight {
-    fn record(&mut self, r: Result<Option<Existing>, Error>) -> Result<(), Error> {
+    fn record<K>(&mut self, r: Result<Step<K>, Error>) -> Result<Option<Step<K>>, Error> {
         match r {
-            Ok(e) => self.existing.push(e),
-            Err(Error::NameCollision(mut names)) => self.collisions.append(&mut names),
-            Err(e) => return Err(e),
+            Ok(s) => Ok(Some(s)),
+            Err(Error::NameCollision(mut names)) => {
+                self.collisions.append(&mut names);
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 }
 
-/// Applies every child; returns the Deployment as the apiserver has it.
+/// What an apply did, for the Events.
+#[derive(Default)]
+struct Changes {
+    created: Vec<String>,
+    updated: Vec<String>,
+}
+
+impl Changes {
+    fn note<K: Resource<DynamicType = ()>>(&mut self, step: &Step<K>, after: Option<&K>) {
+        match (&step.plan, after) {
+            (Plan::Create, _) => self.created.push(format!(
+                "{} {}",
+                K::kind(&()),
+                step.obj.meta().name.as_deref().unwrap_or_default()
+            )),
+            (Plan::Update { what, before }, Some(after)) if *before != version(after) => {
+                self.updated.push(what.clone())
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Applies every child that is not as rendered; returns the Deployment as
+/// the apiserver (or the cache) has it.
 async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment, Error> {
     let c: Children = render::render(ms, &ctx.settings.render)?;
-    let client = &ctx.client;
 
     // 1. Nothing is written while any child's name is taken by someone else.
     let mut pre = Preflight::default();
-    pre.record(check(ms, client, &c.config).await)?;
-    pre.record(check(ms, client, &c.policy).await)?;
-    pre.record(check(ms, client, &c.service_account).await)?;
-    pre.record(check(ms, client, &c.role).await)?;
-    pre.record(check(ms, client, &c.role_binding).await)?;
-    pre.record(check(ms, client, &c.deployment).await)?;
-    pre.record(check(ms, client, &c.service).await)?;
-    if let Some(pdb) = &c.pdb {
-        pre.record(check(ms, client, pdb).await)?;
-    }
-    if let Some(hpa) = &c.hpa {
-        pre.record(check(ms, client, hpa).await)?;
-    }
+    let config = pre.record(plan(ms, ctx, c.config).await)?;
+    let policy = pre.record(plan(ms, ctx, c.policy).await)?;
+    let service_account = pre.record(plan(ms, ctx, c.service_account).await)?;
+    let role = pre.record(plan(ms, ctx, c.role).await)?;
+    let role_binding = pre.record(plan(ms, ctx, c.role_binding).await)?;
+    let deployment = pre.record(plan(ms, ctx, c.deployment).await)?;
+    let service = pre.record(plan(ms, ctx, c.service).await)?;
+    let pdb = match c.pdb {
+        Some(pdb) => pre.record(plan(ms, ctx, pdb).await)?,
+        None => None,
+    };
+    let hpa = match c.hpa {
+        Some(hpa) => pre.record(plan(ms, ctx, hpa).await)?,
+        None => None,
+    };
     if !pre.collisions.is_empty() {
         return Err(Error::NameCollision(pre.collisions));
     }
+    let (
+        Some(config),
+        Some(policy),
+        Some(service_account),
+        Some(role),
+        Some(role_binding),
+        Some(deployment),
+        Some(service),
+    ) = (
+        config,
+        policy,
+        service_account,
+        role,
+        role_binding,
+        deployment,
+        service,
+    )
+    else {
+        unreachable!("a child without a step is a collision");
+    };
 
     // 2. Apply, in the order a pod needs them: config and RBAC before the Deployment.
-    let mut after = Vec::new();
-    after.push(version(&ssa(client, &c.config).await?));
-    after.push(version(&ssa(client, &c.policy).await?));
-    after.push(version(&ssa(client, &c.service_account).await?));
-    after.push(version(&ssa(client, &c.role).await?));
-    after.push(version(&ssa(client, &c.role_binding).await?));
-    let deployment = ssa(client, &c.deployment).await?;
-    after.push(version(&deployment));
-    after.push(version(&ssa(client, &c.service).await?));
-    if let Some(pdb) = &c.pdb {
-        after.push(version(&ssa(client, pdb).await?));
+    let mut changes = Changes::default();
+    let after = execute(ctx, &config).await?;
+    changes.note(&config, after.as_ref());
+    let after = execute(ctx, &policy).await?;
+    changes.note(&policy, after.as_ref());
+    let after = execute(ctx, &service_account).await?;
+    changes.note(&service_account, after.as_ref());
+    let after = execute(ctx, &role).await?;
+    changes.note(&role, after.as_ref());
+    let after = execute(ctx, &role_binding).await?;
+    changes.note(&role_binding, after.as_ref());
+    let applied_deployment = execute(ctx, &deployment).await?;
+    changes.note(&deployment, applied_deployment.as_ref());
+    let after = execute(ctx, &service).await?;
+    changes.note(&service, after.as_ref());
+    if let Some(pdb) = &pdb {
+        let after = execute(ctx, pdb).await?;
+        changes.note(pdb, after.as_ref());
     }
-    if let Some(hpa) = &c.hpa {
-        after.push(version(&ssa(client, hpa).await?));
+    if let Some(hpa) = &hpa {
+        let after = execute(ctx, hpa).await?;
+        changes.note(hpa, after.as_ref());
     }
 
     // 3. Remove what is no longer wanted (only our own).
     let mut removed = Vec::new();
-    if c.pdb.is_none() && remove::<PodDisruptionBudget>(ms, client).await? {
+    if pdb.is_none() && remove::<PodDisruptionBudget>(ms, ctx).await? {
         removed.push("PodDisruptionBudget");
     }
-    if c.hpa.is_none() && remove::<HorizontalPodAutoscaler>(ms, client).await? {
+    if hpa.is_none() && remove::<HorizontalPodAutoscaler>(ms, ctx).await? {
         removed.push("HorizontalPodAutoscaler");
     }
 
     // 4. Say what changed.
-    let names = child_names(&c);
-    let mut created = Vec::new();
-    let mut updated = Vec::new();
-    for ((before, rv), name) in pre.existing.iter().zip(&after).zip(&names) {
-        match before {
-            None => created.push(name.clone()),
-            Some(b) if b.version != *rv => updated.push(b.what.clone()),
-            Some(_) => {}
-        }
-    }
+    let Changes { created, updated } = changes;
     if !created.is_empty() {
         info!(?created, "created children");
         publish(
@@ -475,51 +885,37 @@ async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment, Error> {
         )
         .await;
     }
-    Ok(deployment)
-}
-
-fn child_names(c: &Children) -> Vec<String> {
-    fn n<K: Resource<DynamicType = ()>>(k: &K) -> String {
-        format!(
-            "{} {}",
-            K::kind(&()),
-            k.meta().name.as_deref().unwrap_or_default()
-        )
+    // The Deployment as applied, else as cached (it was kept, so the cache
+    // has it, or our apply moments ago does).
+    let name = deployment.obj.name_any();
+    let ns = ms.namespace().unwrap_or_default();
+    match applied_deployment {
+        Some(d) => Ok(d),
+        None => match Deployment::store(&ctx.caches).get(&ObjectRef::new(&name).within(&ns)) {
+            Some(d) => Ok(d.as_ref().clone()),
+            None => Ok(Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                .get(&name)
+                .await?),
+        },
     }
-    let mut v = vec![
-        n(&c.config),
-        n(&c.policy),
-        n(&c.service_account),
-        n(&c.role),
-        n(&c.role_binding),
-        n(&c.deployment),
-        n(&c.service),
-    ];
-    v.extend(c.pdb.as_ref().map(n));
-    v.extend(c.hpa.as_ref().map(n));
-    v
 }
 
 /// Deletes the child of kind `K` named like the MicroService, if this
-/// MicroService controls it. True when something was deleted.
-async fn remove<K>(ms: &MicroService, client: &Client) -> Result<bool, Error>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), &ms.namespace().unwrap_or_default());
+/// MicroService controls it (as the cache says). True when something was deleted.
+async fn remove<K: Cached>(ms: &MicroService, ctx: &Context) -> Result<bool, Error> {
+    let ns = ms.namespace().unwrap_or_default();
     let name = ms.name_any();
-    match api.get_opt(&name).await? {
-        Some(obj) if render::is_controlled_by(obj.meta().owner_references.as_deref(), ms) => {
-            match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-                Err(e) => Err(e.into()),
-            }
-        }
-        _ => Ok(false),
+    let Some(obj) = K::store(&ctx.caches).get(&ObjectRef::new(&name).within(&ns)) else {
+        return Ok(false);
+    };
+    if !render::is_controlled_by(obj.meta().owner_references.as_deref(), ms) {
+        return Ok(false);
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    match api.delete(&name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
