@@ -18,7 +18,7 @@ use std::{
 use http::{Request, Response};
 use opentelemetry::{
     KeyValue,
-    trace::{SpanKind, TraceContextExt, Tracer},
+    trace::{SpanBuilder, SpanKind, TraceContextExt},
 };
 use pin_project_lite::pin_project;
 use tower::Service;
@@ -94,7 +94,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let Some(tracer) = self.tracing.tracer() else {
+        // Counted whether or not this try is sampled: each try without a
+        // parent decides on its own.
+        let resend = req
+            .extensions()
+            .get::<Tries>()
+            .map_or(0, |t| t.0.fetch_add(1, Ordering::Relaxed));
+        // Unsampled (or tracing off): no span, the context is propagated by
+        // `decide` alone.
+        let Some(sampled) = self.tracing.decide(req.headers_mut()) else {
             return ClientFuture {
                 inner: self.inner.call(req),
                 guard: None,
@@ -111,21 +119,18 @@ where
             KeyValue::new("peer.service", peer),
             KeyValue::new("url.full", url),
         ]);
-        let resend = req
-            .extensions()
-            .get::<Tries>()
-            .map_or(0, |t| t.0.fetch_add(1, Ordering::Relaxed));
         if resend > 0 {
             attrs.push(KeyValue::new(
                 "http.request.resend_count",
                 i64::from(resend),
             ));
         }
-        let span = tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Client)
-            .with_attributes(attrs)
-            .start_with_context(tracer, &parent);
+        let span = sampled.start(
+            SpanBuilder::from_name(name)
+                .with_kind(SpanKind::Client)
+                .with_attributes(attrs),
+            &parent,
+        );
         let cx = parent.with_span(span);
         propagation::inject(&cx, req.headers_mut());
         ClientFuture {

@@ -13,6 +13,12 @@
 //!
 //! Without an OTLP endpoint there is no tracer: requests pass through with
 //! their trace headers untouched.
+//!
+//! The sampling decision comes first ([`Tracing::decide`]) and costs no
+//! allocation; only a sampled request pays for a span. An unsampled one
+//! either passes its caller's unsampled `traceparent` through untouched, or,
+//! when it starts the trace, gets a fresh unsampled `traceparent` written
+//! from a stack buffer, so the sidecars after it agree not to sample.
 
 pub mod client;
 pub mod export;
@@ -21,14 +27,18 @@ pub mod sampler;
 pub mod server;
 pub mod span;
 
-use std::time::Duration;
+use std::{cell::Cell, time::Duration};
 
 use anyhow::Context as _;
-use opentelemetry::{KeyValue, trace::TracerProvider as _};
+use http::HeaderMap;
+use opentelemetry::{
+    Context, KeyValue,
+    trace::{SpanBuilder, SpanId, TraceId, TracerProvider as _},
+};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
-    trace::{Sampler, SdkTracer, SdkTracerProvider},
+    trace::{IdGenerator, Sampler, SdkTracer, SdkTracerProvider, Span},
 };
 use tokio::sync::watch;
 
@@ -57,6 +67,8 @@ pub struct TraceConfig {
 #[derive(Clone, Default)]
 pub struct Tracing {
     tracer: Option<SdkTracer>,
+    /// The ratio for requests that start a trace (the provider's root sampler too).
+    ratio: Option<PolicyRatio>,
     exporter: Option<export::Handle>,
     /// Kept so the provider lives as long as any stack.
     _provider: Option<SdkTracerProvider>,
@@ -97,16 +109,60 @@ impl Tracing {
         let ratio = PolicyRatio::following(policy);
         let provider = SdkTracerProvider::builder()
             .with_span_processor(queue)
-            .with_sampler(Sampler::ParentBased(Box::new(ratio)))
+            .with_sampler(Sampler::ParentBased(Box::new(ratio.clone())))
+            .with_id_generator(DecidedIds)
             .with_resource(resource)
             .build();
-        let tracer = provider.tracer("trellis-sidecar");
         tracing::info!(%endpoint, "exporting traces over OTLP/gRPC");
-        Ok(Self {
-            tracer: Some(tracer),
-            exporter: Some(handle),
+        Ok(Self::with_provider(provider, ratio, Some(handle)))
+    }
+
+    fn with_provider(
+        provider: SdkTracerProvider,
+        ratio: PolicyRatio,
+        exporter: Option<export::Handle>,
+    ) -> Self {
+        Self {
+            tracer: Some(provider.tracer("trellis-sidecar")),
+            ratio: Some(ratio),
+            exporter,
             _provider: Some(provider),
-        })
+        }
+    }
+
+    /// Decides whether a request gets a span, before any span work.
+    ///
+    /// - tracing off, or a caller whose valid `traceparent` is unsampled
+    ///   (parent-based sampling follows it): `None`, headers untouched;
+    /// - no valid `traceparent`: a new trace id, sampled at the policy's
+    ///   ratio. Unsampled: a fresh `traceparent` with the sampled flag off
+    ///   replaces whatever was there (and a `tracestate` that belonged to a
+    ///   malformed parent goes), and `None`;
+    /// - otherwise the request is sampled: [`Sampled::start`] builds its span.
+    pub fn decide(&self, headers: &mut HeaderMap) -> Option<Sampled<'_>> {
+        let tracer = self.tracer.as_ref()?;
+        let parent = headers
+            .get(propagation::TRACEPARENT)
+            .and_then(|v| propagation::parse_traceparent(v.as_bytes()));
+        match parent {
+            Some(p) if p.sampled => Some(Sampled { tracer, root: None }),
+            Some(_) => None,
+            None => {
+                let trace_id = new_trace_id();
+                if self.ratio.as_ref().is_some_and(|r| r.samples(trace_id)) {
+                    return Some(Sampled {
+                        tracer,
+                        root: Some(trace_id),
+                    });
+                }
+                headers.insert(
+                    propagation::TRACEPARENT,
+                    propagation::traceparent(trace_id, new_span_id(), false),
+                );
+                headers.remove(propagation::TRACESTATE);
+                None
+            }
+        }
     }
 
     /// The tracer, when tracing is on.
@@ -119,6 +175,65 @@ impl Tracing {
     pub async fn flush(&self, grace: Duration) {
         if let Some(handle) = &self.exporter {
             handle.flush_and_stop(grace).await;
+        }
+    }
+}
+
+/// A request the sampler kept: the span to build.
+#[derive(Debug)]
+pub struct Sampled<'a> {
+    tracer: &'a SdkTracer,
+    /// The trace id the decision was made on, when the request starts a trace.
+    root: Option<TraceId>,
+}
+
+impl Sampled<'_> {
+    /// Starts the span under `parent` (the request's extracted context). A
+    /// new trace gets the id it was sampled on, so the SDK's sampler, which
+    /// sees the same id, agrees.
+    pub fn start(self, builder: SpanBuilder, parent: &Context) -> Span {
+        NEXT_TRACE_ID.set(self.root);
+        let span = builder.start_with_context(self.tracer, parent);
+        NEXT_TRACE_ID.set(None);
+        span
+    }
+}
+
+thread_local! {
+    /// The trace id [`Sampled::start`] hands to [`DecidedIds`] for the root
+    /// span it is building on this thread (building a span is synchronous).
+    static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+}
+
+/// The provider's ids: random, except the trace id of a root span whose
+/// sampling [`Tracing::decide`] already decided.
+#[derive(Debug)]
+struct DecidedIds;
+
+impl IdGenerator for DecidedIds {
+    fn new_trace_id(&self) -> TraceId {
+        NEXT_TRACE_ID.take().unwrap_or_else(new_trace_id)
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        new_span_id()
+    }
+}
+
+fn new_trace_id() -> TraceId {
+    loop {
+        let id: u128 = rand::random();
+        if id != 0 {
+            return TraceId::from(id);
+        }
+    }
+}
+
+fn new_span_id() -> SpanId {
+    loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return SpanId::from(id);
         }
     }
 }
@@ -139,4 +254,96 @@ fn resource(config: &TraceConfig) -> Resource {
         .with_service_name(config.service.clone())
         .with_attributes(attributes)
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer as _};
+
+    use super::*;
+
+    fn tracing(ratio: f64) -> Tracing {
+        let ratio = PolicyRatio::Fixed(ratio);
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::ParentBased(Box::new(ratio.clone())))
+            .with_id_generator(DecidedIds)
+            .build();
+        Tracing::with_provider(provider, ratio, None)
+    }
+
+    const UNSAMPLED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    const SAMPLED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn an_unsampled_caller_passes_through_untouched() {
+        let t = tracing(1.0);
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", UNSAMPLED.parse().unwrap());
+        h.insert("tracestate", "vendor=x".parse().unwrap());
+        assert!(t.decide(&mut h).is_none());
+        assert_eq!(h["traceparent"], UNSAMPLED);
+        assert_eq!(h["tracestate"], "vendor=x");
+    }
+
+    #[test]
+    fn a_new_unsampled_trace_gets_a_fresh_unsampled_parent() {
+        let t = tracing(0.0);
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", "00-garbage-01".parse().unwrap());
+        h.insert("tracestate", "vendor=x".parse().unwrap());
+        assert!(t.decide(&mut h).is_none());
+        let p = propagation::parse_traceparent(h["traceparent"].as_bytes()).unwrap();
+        assert!(!p.sampled);
+        assert!(h.get("tracestate").is_none());
+        // The sidecar after it follows the unsampled parent.
+        assert!(t.decide(&mut h).is_none());
+    }
+
+    #[test]
+    fn a_sampled_root_span_has_the_trace_id_it_was_sampled_on() {
+        let t = tracing(1.0);
+        let mut h = HeaderMap::new();
+        let sampled = t.decide(&mut h).expect("ratio 1 samples");
+        let root = sampled.root.expect("no parent: a root");
+        let tracer = t.tracer().unwrap();
+        let span = sampled.start(
+            tracer.span_builder("GET").with_kind(SpanKind::Server),
+            &Context::new(),
+        );
+        let cx = Context::new().with_span(span);
+        let sc = cx.span().span_context().clone();
+        assert_eq!(sc.trace_id(), root);
+        assert!(sc.is_sampled());
+        // Spans outside `start` get random trace ids again.
+        let other = tracer.start("other");
+        assert_ne!(
+            opentelemetry::trace::Span::span_context(&other).trace_id(),
+            root
+        );
+    }
+
+    #[test]
+    fn a_sampled_caller_is_followed_whatever_the_ratio() {
+        let t = tracing(0.0);
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", SAMPLED.parse().unwrap());
+        let sampled = t.decide(&mut h).expect("a sampled parent is followed");
+        assert!(sampled.root.is_none());
+        let parent = propagation::extract(&h);
+        let span = sampled.start(t.tracer().unwrap().span_builder("GET"), &parent);
+        let cx = parent.with_span(span);
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_sampled());
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+    }
+
+    #[test]
+    fn tracing_off_decides_nothing() {
+        let mut h = HeaderMap::new();
+        assert!(Tracing::disabled().decide(&mut h).is_none());
+        assert!(h.is_empty());
+    }
 }

@@ -12,7 +12,7 @@ use opentelemetry::{
     Context, KeyValue,
     trace::{Link, SpanKind, TraceId},
 };
-use opentelemetry_sdk::trace::{Sampler, SamplingResult, ShouldSample};
+use opentelemetry_sdk::trace::{Sampler, SamplingDecision, SamplingResult, ShouldSample};
 use tokio::sync::watch;
 use trellis_policy::Tracing as TracingPolicy;
 
@@ -47,6 +47,17 @@ impl PolicyRatio {
     }
 }
 
+impl PolicyRatio {
+    /// Whether a trace that starts here with `trace_id` is sampled: the
+    /// SDK's trace-id ratio decision, without a span.
+    pub fn samples(&self, trace_id: TraceId) -> bool {
+        Sampler::TraceIdRatioBased(self.get())
+            .should_sample(None, trace_id, "", &SpanKind::Internal, &[], &[])
+            .decision
+            != SamplingDecision::Drop
+    }
+}
+
 impl ShouldSample for PolicyRatio {
     fn should_sample(
         &self,
@@ -70,8 +81,6 @@ impl ShouldSample for PolicyRatio {
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry_sdk::trace::SamplingDecision;
-
     use super::*;
 
     fn decide(s: &PolicyRatio, id: u128) -> SamplingDecision {

@@ -9,7 +9,7 @@ use std::{
 use http::{Request, Response};
 use opentelemetry::{
     KeyValue,
-    trace::{SpanKind, TraceContextExt, Tracer},
+    trace::{SpanBuilder, SpanKind, TraceContextExt},
 };
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
@@ -63,7 +63,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let Some(tracer) = self.tracing.tracer() else {
+        // Unsampled (or tracing off): no span, the context is propagated by
+        // `decide` alone.
+        let Some(sampled) = self.tracing.decide(req.headers_mut()) else {
             return ServerFuture {
                 inner: self.inner.call(req),
                 guard: None,
@@ -82,11 +84,12 @@ where
         if let Some(ClientAddr(peer)) = req.extensions().get::<ClientAddr>() {
             attrs.push(KeyValue::new("client.address", peer.ip().to_string()));
         }
-        let span = tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes(attrs)
-            .start_with_context(tracer, &parent);
+        let span = sampled.start(
+            SpanBuilder::from_name(name)
+                .with_kind(SpanKind::Server)
+                .with_attributes(attrs),
+            &parent,
+        );
         let cx = parent.with_span(span);
         propagation::inject(&cx, req.headers_mut());
         ServerFuture {
