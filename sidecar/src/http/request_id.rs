@@ -4,10 +4,14 @@
 //! The id lets one request be found in the logs of every hop; the sidecar
 //! creates it at the first hop so applications need not.
 
-use std::task::{Context, Poll};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
 
-use futures::future::FutureExt;
 use http::{HeaderName, HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 /// The header carrying the id.
@@ -17,23 +21,24 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// cannot make every hop log kilobytes.
 const MAX_LEN: usize = 128;
 
-/// A fresh id: a random (version 4) UUID in its usual text form.
+/// A fresh id: a random (version 4) UUID in its usual text form, written
+/// into a stack buffer (the header value's copy is the only allocation).
 pub fn new_id() -> HeaderValue {
-    let b: [u8; 16] = rand::random();
-    let mut b = u128::from_be_bytes(b);
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut b: u128 = rand::random();
     // Set the version (4) and variant (10xx) bits.
     b = (b & !(0xF << 76)) | (0x4 << 76);
     b = (b & !(0x3 << 62)) | (0x2 << 62);
-    let hex = format!("{b:032x}");
-    let s = format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    );
-    HeaderValue::from_str(&s).expect("hex and dashes are a valid header value")
+    let mut out = [b'-'; 36];
+    let mut digit = 0;
+    for (i, c) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        *c = DIGITS[(b >> (124 - 4 * digit) & 0xF) as usize];
+        digit += 1;
+    }
+    HeaderValue::from_bytes(&out).expect("hex and dashes are a valid header value")
 }
 
 /// Ensures a request carries a usable id, returning it.
@@ -72,7 +77,7 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = EchoId<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -80,15 +85,36 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let id = ensure(req.headers_mut());
-        self.inner
-            .call(req)
-            .map(move |res| {
-                res.map(|mut rsp| {
-                    rsp.headers_mut().entry(X_REQUEST_ID).or_insert(id);
-                    rsp
-                })
-            })
-            .boxed()
+        EchoId {
+            inner: self.inner.call(req),
+            id: Some(id),
+        }
+    }
+}
+
+pin_project! {
+    /// The inner response future, copying the id onto the response (unless
+    /// it carries one already).
+    pub struct EchoId<F> {
+        #[pin]
+        inner: F,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F, RB, E> Future for EchoId<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut out = ready!(this.inner.poll(cx));
+        if let (Ok(rsp), Some(id)) = (&mut out, this.id.take()) {
+            rsp.headers_mut().entry(X_REQUEST_ID).or_insert(id);
+        }
+        Poll::Ready(out)
     }
 }
 
@@ -105,6 +131,12 @@ mod tests {
         assert_eq!(s.len(), 36);
         assert_eq!(&s[14..15], "4");
         assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        let groups: Vec<usize> = s.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12]);
+        assert!(
+            s.bytes()
+                .all(|c| c == b'-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
     }
 
     #[test]
