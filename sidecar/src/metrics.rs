@@ -6,13 +6,16 @@
 //! number of series bounded whatever the upstreams answer.
 
 use std::{
-    sync::Arc,
-    task::{Context, Poll},
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, OnceLock, RwLock},
+    task::{Context, Poll, ready},
     time::Instant,
 };
 
-use futures::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
+use pin_project_lite::pin_project;
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{
@@ -110,8 +113,22 @@ impl MetricConstructor<Histogram> for LatencyBuckets {
     }
 }
 
+/// The request counters (one per status class, made at first use so no
+/// empty series appear) and the latency histogram of one direction and
+/// service: handles into the families, kept so recording a request needs
+/// neither label strings nor a family lookup.
+#[derive(Default)]
+struct ServiceHandles {
+    requests: [OnceLock<Counter>; 5],
+    latency: OnceLock<Histogram>,
+}
+
+/// [`ServiceHandles`] by service, one map per direction.
+type HandleCache = [RwLock<HashMap<Box<str>, Arc<ServiceHandles>>>; 2];
+
 struct Inner {
     registry: Registry,
+    handles: HandleCache,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, LatencyBuckets>,
     proxy_errors: Family<ErrorLabels, Counter>,
@@ -242,6 +259,7 @@ impl Default for Metrics {
         );
         Self(Arc::new(Inner {
             registry,
+            handles: Default::default(),
             trace_spans,
             breaker_state,
             breaker_transitions,
@@ -269,14 +287,14 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// The class of a status code: `2xx`, `4xx`...
-fn status_class(status: http::StatusCode) -> &'static str {
+/// The class of a status code (`2xx`, `4xx`...) and its index.
+fn status_class(status: http::StatusCode) -> (usize, &'static str) {
     match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => (0, "1xx"),
+        200..=299 => (1, "2xx"),
+        300..=399 => (2, "3xx"),
+        400..=499 => (3, "4xx"),
+        _ => (4, "5xx"),
     }
 }
 
@@ -298,19 +316,30 @@ impl Metrics {
         elapsed: std::time::Duration,
         proxy_error: Option<&str>,
     ) {
-        self.0
-            .requests
-            .get_or_create(&RequestLabels {
-                direction,
-                service: service.to_owned(),
-                status_class: status_class(status),
+        let handles = self.handles(direction, service);
+        let (class, status_class) = status_class(status);
+        handles.requests[class]
+            .get_or_init(|| {
+                self.0
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        direction,
+                        service: service.to_owned(),
+                        status_class,
+                    })
+                    .clone()
             })
             .inc();
-        self.0
+        handles
             .latency
-            .get_or_create(&LatencyLabels {
-                direction,
-                service: service.to_owned(),
+            .get_or_init(|| {
+                self.0
+                    .latency
+                    .get_or_create(&LatencyLabels {
+                        direction,
+                        service: service.to_owned(),
+                    })
+                    .clone()
             })
             .observe(elapsed.as_secs_f64());
         if let Some(kind) = proxy_error {
@@ -323,6 +352,19 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// The cached handles of `service` in `direction` (made at first use).
+    fn handles(&self, direction: Direction, service: &str) -> Arc<ServiceHandles> {
+        let map = &self.0.handles[direction as usize];
+        if let Some(h) = map.read().expect("metrics handle lock").get(service) {
+            return h.clone();
+        }
+        map.write()
+            .expect("metrics handle lock")
+            .entry(service.into())
+            .or_default()
+            .clone()
     }
 
     /// Sets the ready endpoint count of a service.
@@ -484,38 +526,58 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = Recorded<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let start = Instant::now();
-        let layer = self.layer.clone();
-        self.inner
-            .call(req)
-            .map(move |res| {
-                if let Ok(rsp) = &res {
-                    let service = rsp
-                        .extensions()
-                        .get::<ServiceLabel>()
-                        .map_or("unknown", |s| &s.0);
-                    let proxy_error = rsp
-                        .headers()
-                        .get(crate::http::response::X_PROXY_ERROR)
-                        .and_then(|v| v.to_str().ok());
-                    layer.metrics.record_request(
-                        layer.direction,
-                        service,
-                        rsp.status(),
-                        start.elapsed(),
-                        proxy_error,
-                    );
-                }
-                res
-            })
-            .boxed()
+        Recorded {
+            start: Instant::now(),
+            layer: self.layer.clone(),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    /// The inner response future, recording the response when it resolves.
+    pub struct Recorded<F> {
+        #[pin]
+        inner: F,
+        start: Instant,
+        layer: MetricsLayer,
+    }
+}
+
+impl<F, RB, E> Future for Recorded<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.inner.poll(cx));
+        if let Ok(rsp) = &res {
+            let service = rsp
+                .extensions()
+                .get::<ServiceLabel>()
+                .map_or("unknown", |s| &s.0);
+            let proxy_error = rsp
+                .headers()
+                .get(crate::http::response::X_PROXY_ERROR)
+                .and_then(|v| v.to_str().ok());
+            this.layer.metrics.record_request(
+                this.layer.direction,
+                service,
+                rsp.status(),
+                this.start.elapsed(),
+                proxy_error,
+            );
+        }
+        Poll::Ready(res)
     }
 }
 
@@ -533,8 +595,48 @@ mod tests {
             std::time::Duration::from_millis(3),
             Some("no-endpoints"),
         );
+        m.record_request(
+            Direction::outbound,
+            "user.shop",
+            http::StatusCode::OK,
+            std::time::Duration::from_millis(1),
+            None,
+        );
+        m.record_request(
+            Direction::outbound,
+            "user.shop",
+            http::StatusCode::OK,
+            std::time::Duration::from_millis(1),
+            None,
+        );
+        m.record_request(
+            Direction::inbound,
+            "user.shop",
+            http::StatusCode::OK,
+            std::time::Duration::from_millis(1),
+            None,
+        );
         m.record_policy(false, 0);
         let text = m.encode();
+        assert!(
+            text.contains(
+                r#"trellis_requests_total{direction="outbound",service="user.shop",status_class="2xx"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"trellis_requests_total{direction="inbound",service="user.shop",status_class="2xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(r#"status_class="4xx""#), "{text}");
+        assert!(
+            text.contains(
+                r#"trellis_request_duration_seconds_count{direction="outbound",service="user.shop"} 3"#
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(
                 r#"trellis_requests_total{direction="outbound",service="user.shop",status_class="5xx"} 1"#
