@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::{Procs, free_addr, h1, loadgen, process_tree};
+use crate::run;
 
 /// The application protocol of a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,12 +58,40 @@ impl Kind {
     }
 }
 
+/// How a Trellis pair traces: the sample ratio, and whether the OTLP
+/// endpoint is the bench's sink (collector up) or a closed loopback port
+/// (collector down).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tracing {
+    pub ratio: f64,
+    pub collector_down: bool,
+}
+
+impl Tracing {
+    /// The realistic policy of every Trellis row: 1 %, exported to the sink.
+    pub const REALISTIC: Tracing = Tracing {
+        ratio: 0.01,
+        collector_down: false,
+    };
+
+    /// A short label: `1% sampled, collector up`.
+    pub fn label(self) -> String {
+        format!(
+            "{}% sampled, collector {}",
+            self.ratio * 100.0,
+            if self.collector_down { "down" } else { "up" }
+        )
+    }
+}
+
 /// A running pair (or nothing, for [`Kind::Direct`]).
 pub struct Pair {
     /// Where the generator sends: A's listener, or the upstream.
     pub front: SocketAddr,
     /// The root pid of A and of B (nginx's masters).
     roots: Vec<u32>,
+    /// Trellis only: A and B.
+    sidecars: Vec<Sidecar>,
     _procs: Procs,
 }
 
@@ -76,6 +105,73 @@ impl Pair {
     pub fn all_pids(&self) -> Vec<u32> {
         self.instances().concat()
     }
+
+    /// Under `--callgrind`: zeroes the sidecars' instruction counts, so the
+    /// next dump holds only what follows (the load, not the start-up).
+    pub fn callgrind_zero(&self) -> Result<()> {
+        for sc in self.sidecars.iter().filter(|sc| sc.callgrind.is_some()) {
+            run::output(Command::new("callgrind_control").args(["-z", &sc.pid.to_string()]))?;
+        }
+        Ok(())
+    }
+
+    /// Under `--callgrind`: dumps each sidecar's profile since the last
+    /// zeroing and returns the instructions it executed (A, B) and the files.
+    pub fn callgrind_dump(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let mut out = Vec::new();
+        for sc in &self.sidecars {
+            let Some(prefix) = &sc.callgrind else {
+                continue;
+            };
+            run::output(Command::new("callgrind_control").args(["-d", &sc.pid.to_string()]))?;
+            // The first dump of a process goes to `<out-file>.1`.
+            let file = PathBuf::from(format!("{}.{}.1", prefix.display(), sc.pid));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let total = loop {
+                let text = fs::read_to_string(&file).unwrap_or_default();
+                if let Some(n) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("totals:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                {
+                    break n;
+                }
+                if Instant::now() > deadline {
+                    bail!("no callgrind totals in {}", file.display());
+                }
+                thread::sleep(Duration::from_millis(100));
+            };
+            out.push((total, file));
+        }
+        Ok(out)
+    }
+
+    /// Trellis only: the spans both sidecars counted as exported, dropped
+    /// and failed (`trellis_trace_spans_total`), from their `/metrics`.
+    pub fn trace_spans(&self) -> [u64; 3] {
+        let mut n = [0; 3];
+        for sc in &self.sidecars {
+            let text = h1::http_get(sc.admin, "admin", "/metrics")
+                .map(|(_, b)| b)
+                .unwrap_or_default();
+            for line in text.lines() {
+                let Some(rest) = line.strip_prefix("trellis_trace_spans_total{outcome=\"") else {
+                    continue;
+                };
+                let Some((outcome, value)) = rest.split_once("\"} ") else {
+                    continue;
+                };
+                let i = match outcome {
+                    "exported" => 0,
+                    "dropped" => 1,
+                    "failed" => 2,
+                    _ => continue,
+                };
+                n[i] += value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+            }
+        }
+        n
+    }
 }
 
 /// What starting a pair needs.
@@ -88,6 +184,10 @@ pub struct Setup<'a> {
     pub otlp: SocketAddr,
     /// A command to run each sidecar under (a profiler), split on spaces.
     pub wrapper: Option<&'a str>,
+    /// Run each sidecar under callgrind, its profiles in this directory.
+    pub callgrind: Option<&'a Path>,
+    /// How the Trellis pair traces.
+    pub tracing: Tracing,
 }
 
 pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
@@ -97,6 +197,7 @@ pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
         kind.name(),
         if proto == Proto::Http1 { "h1" } else { "grpc" }
     );
+    let mut sidecars = Vec::new();
     let (front, roots) = match kind {
         Kind::Direct => (s.upstream, vec![]),
         Kind::Haproxy => {
@@ -117,12 +218,15 @@ pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
             for sc in [&a, &b] {
                 sc.wait_ready(&mut procs)?;
             }
-            (a.outbound, vec![a.pid, b.pid])
+            let front = (a.outbound, vec![a.pid, b.pid]);
+            sidecars = vec![a, b];
+            front
         }
     };
     let pair = Pair {
         front,
         roots,
+        sidecars,
         _procs: procs,
     };
     wait_serving(proto, front).with_context(|| format!("{tag} does not forward requests"))?;
@@ -260,11 +364,14 @@ struct Sidecar {
     outbound: SocketAddr,
     admin: SocketAddr,
     log: PathBuf,
+    /// The `--callgrind-out-file` prefix (before `.<pid>`), under callgrind.
+    callgrind: Option<PathBuf>,
 }
 
 /// A release sidecar in static mode with a realistic policy: retries with a
-/// budget, a circuit breaker, metrics (always on), tracing at 1 % sampling
-/// exported to the loopback sink. `dependency` makes it the caller (A).
+/// budget, a circuit breaker, metrics (always on), tracing (1 % sampling
+/// exported to the loopback sink unless `s.tracing` says otherwise: a down
+/// collector is a closed loopback port). `dependency` makes it the caller (A).
 fn trellis(
     procs: &mut Procs,
     s: &Setup,
@@ -299,7 +406,7 @@ fn trellis(
         "health": {"path": "/health", "interval": "1s"},
         "resilience": resilience,
         "inbound": {"maxConcurrent": 4096, "timeout": "10s"},
-        "tracing": {"sampleRatio": 0.01},
+        "tracing": {"sampleRatio": s.tracing.ratio},
     });
     if dependency.is_some() {
         policy["dependencies"] = serde_json::json!([{ "name": loadgen::SERVICE }]);
@@ -308,7 +415,20 @@ fn trellis(
     fs::write(&policy_path, policy.to_string())?;
     let log = s.dir.join(format!("{name}.log"));
     let endpoints = dependency.unwrap_or(app);
-    let mut words = s.wrapper.unwrap_or("").split_whitespace();
+    let callgrind = s.callgrind.map(|d| d.join(name));
+    let wrapper = match &callgrind {
+        Some(prefix) => format!(
+            "valgrind --tool=callgrind --callgrind-out-file={}.%p",
+            prefix.display()
+        ),
+        None => s.wrapper.unwrap_or("").to_owned(),
+    };
+    let otlp = if s.tracing.collector_down {
+        closed_port()?
+    } else {
+        s.otlp
+    };
+    let mut words = wrapper.split_whitespace();
     let mut cmd = match words.next() {
         Some(w) => {
             let mut c = Command::new(w);
@@ -319,7 +439,7 @@ fn trellis(
     };
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", s.otlp))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
         .env("OTEL_SERVICE_NAME", name)
         .args(["--inbound-addr", &inbound.to_string()])
         .args(["--outbound-addr", &outbound.to_string()])
@@ -339,7 +459,20 @@ fn trellis(
         outbound,
         admin,
         log,
+        callgrind,
     })
+}
+
+/// A down collector: a loopback port nothing listens on (the discard port,
+/// never handed out as an ephemeral port), so every export is refused at
+/// once, as when the Collector's pod is gone but its Service still resolves.
+fn closed_port() -> Result<SocketAddr> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(addr),
+        Err(e) => bail!("{addr} is not a closed port as the down collector needs: {e}"),
+        Ok(_) => bail!("something listens on {addr}; the down collector needs it closed"),
+    }
 }
 
 impl Sidecar {

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::{
     RssSampler, commit, cpu_seconds, ensure_packages, loadavg, loadgen, machine, mib, ms, now_utc,
-    proxies::{self, Kind, Proto, Setup},
+    proxies::{self, Kind, Proto, Setup, Tracing},
     release_binary, results_dir, rss_kib,
     upstream::Upstreams,
     version_of,
@@ -49,7 +49,48 @@ pub struct SidecarBench {
     /// `valgrind --tool=callgrind --callgrind-out-file=target/bench/callgrind.%p`).
     #[arg(long, value_name = "COMMAND")]
     pub sidecar_wrapper: Option<String>,
+    /// Run each sidecar under callgrind and report the instructions each
+    /// executed per request at every fixed rate (counted from just before
+    /// the load to just after it, start-up excluded); the profiles are kept
+    /// in `target/bench/callgrind/` for `callgrind_annotate`.
+    #[arg(long, conflicts_with = "sidecar_wrapper")]
+    pub callgrind: bool,
+    /// Only the fixed rates: no idle RSS and no closed loop.
+    #[arg(long)]
+    pub fixed_only: bool,
+    /// This trellis-sidecar binary instead of building the release one (to
+    /// compare builds).
+    #[arg(long, value_name = "PATH")]
+    pub sidecar_binary: Option<std::path::PathBuf>,
+    /// Skip the "collector down" comparison (Trellis, HTTP/1.1 fixed rates,
+    /// at 1 % and 100 % sampling with the OTLP endpoint up and down). It
+    /// runs by default, and alone with `--only collector-down`.
+    #[arg(long)]
+    pub no_collector_down: bool,
 }
+
+/// The `--only` name of the collector-down comparison.
+const COLLECTOR_DOWN: &str = "collector-down";
+
+/// The tracing variants of the collector-down comparison, in the order they
+/// run at each rate: the realistic 1 % with the collector up and down, then
+/// every request sampled (so a down collector would show if it mattered),
+/// up and down.
+const COLLECTOR_VARIANTS: [Tracing; 4] = [
+    Tracing::REALISTIC,
+    Tracing {
+        ratio: 0.01,
+        collector_down: true,
+    },
+    Tracing {
+        ratio: 1.0,
+        collector_down: false,
+    },
+    Tracing {
+        ratio: 1.0,
+        collector_down: true,
+    },
+];
 
 /// gRPC: HTTP/2 connections of the generator, and callers in the closed loop.
 const GRPC_CHANNELS: usize = 4;
@@ -66,9 +107,12 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         .into_iter()
         .filter(|k| opts.only.is_empty() || opts.only.iter().any(|o| o == k.name()))
         .collect();
-    if kinds.is_empty() {
+    let collector_down = !opts.no_collector_down
+        && (opts.only.is_empty() || opts.only.iter().any(|o| o == COLLECTOR_DOWN))
+        && opts.protocol.as_deref() != Some("grpc");
+    if kinds.is_empty() && !collector_down {
         bail!(
-            "--only names none of direct, haproxy, nginx, trellis: {:?}",
+            "--only names none of direct, haproxy, nginx, trellis, {COLLECTOR_DOWN}: {:?}",
             opts.only
         );
     }
@@ -79,7 +123,10 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         Some(other) => bail!("--protocol must be http or grpc, not {other:?}"),
     };
     ensure_packages(&[("wrk", "wrk"), ("haproxy", "haproxy"), ("nginx", "nginx")])?;
-    let sidecar = if kinds.contains(&Kind::Trellis) {
+    let sidecar = if let Some(path) = &opts.sidecar_binary {
+        path.canonicalize()
+            .map_err(|e| anyhow::anyhow!("--sidecar-binary {}: {e}", path.display()))?
+    } else if kinds.contains(&Kind::Trellis) || collector_down {
         release_binary("trellis-sidecar", "trellis-sidecar", opts.no_build)?
     } else {
         std::path::PathBuf::from("trellis-sidecar")
@@ -87,6 +134,13 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
     let dir = results_dir()?;
     let logs = dir.join("sidecar-logs");
     fs::create_dir_all(&logs)?;
+    let callgrind_dir = dir.join("callgrind");
+    if opts.callgrind {
+        if !super::on_path("valgrind") {
+            bail!("--callgrind needs valgrind (apt-get install valgrind)");
+        }
+        fs::create_dir_all(&callgrind_dir)?;
+    }
     let up = Upstreams::start()?;
     let duration = Duration::from_secs(opts.duration);
     let load_before = loadavg();
@@ -106,49 +160,32 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                 http_app: up.http,
                 otlp: up.otlp,
                 wrapper: opts.sidecar_wrapper.as_deref(),
+                callgrind: opts.callgrind.then_some(callgrind_dir.as_path()),
+                tracing: Tracing::REALISTIC,
             };
             // A fresh pair for every phase: what one phase leaves behind (an
             // open circuit breaker after an overload, a grown pool) must not
             // decide the next one.
-            let pair = proxies::start(kind, proto, &setup)?;
-            thread::sleep(Duration::from_secs(2));
-            let idle: Vec<u64> = pair.instances().iter().map(|p| rss_kib(p)).collect();
-            drop(pair);
+            let idle: Vec<u64> = if opts.fixed_only {
+                Vec::new()
+            } else {
+                let pair = proxies::start(kind, proto, &setup)?;
+                thread::sleep(Duration::from_secs(2));
+                pair.instances().iter().map(|p| rss_kib(p)).collect()
+            };
             let mut rates = Vec::new();
             for &rate in &opts.rates {
-                let pair = proxies::start(kind, proto, &setup)?;
-                let pids = pair.all_pids();
-                let sampler = RssSampler::start(pair.instances());
-                let cpu0 = cpu_seconds(&pids);
-                let run = match proto {
-                    Proto::Http1 => {
-                        loadgen::h1_open_loop(pair.front, rate, duration, opts.connections)?
-                    }
-                    Proto::Grpc => {
-                        loadgen::grpc_open_loop(pair.front, rate, duration, GRPC_CHANNELS)?
-                    }
-                };
-                let cpu = cpu_seconds(&pids) - cpu0;
-                let peaks = sampler.stop();
-                eprintln!(
-                    "   {rate:>6} req/s: p50 {} p99 {} p99.9 {} ms, {} errors",
-                    ms(run.ms(0.5)),
-                    ms(run.ms(0.99)),
-                    ms(run.ms(0.999)),
-                    run.errors
-                );
-                rates.push(json!({
-                    "rate": rate,
-                    "requests": run.requests,
-                    "errors": run.errors,
-                    "p50_ms": run.ms(0.5),
-                    "p99_ms": run.ms(0.99),
-                    "p999_ms": run.ms(0.999),
-                    "max_ms": run.ms(1.0),
-                    "proxy_cpu_s": cpu,
-                    "proxy_cpu_s_per_10k": per_10k(cpu, run.requests),
-                    "rss_peak_kib": peaks,
+                rates.push(fixed_rate(kind, proto, &setup, rate, duration, opts)?);
+            }
+            if opts.fixed_only {
+                results.push(json!({
+                    "protocol": proto.to_string(),
+                    "setup": kind.name(),
+                    "rss_idle_kib": idle,
+                    "rates": rates,
+                    "max": null,
                 }));
+                continue;
             }
             let pair = proxies::start(kind, proto, &setup)?;
             let pids = pair.all_pids();
@@ -191,6 +228,44 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         }
     }
 
+    // The collector-down comparison: at each rate, the four tracing variants
+    // one after the other, so each pair of rows shares the same minute.
+    let mut collector = Vec::new();
+    if collector_down {
+        eprintln!("== HTTP/1.1, trellis with the OTLP collector up and down");
+        let mut rows: Vec<Vec<serde_json::Value>> = vec![Vec::new(); COLLECTOR_VARIANTS.len()];
+        for &rate in &opts.rates {
+            for (variant, row) in COLLECTOR_VARIANTS.iter().zip(&mut rows) {
+                eprintln!("   {}", variant.label());
+                let setup = Setup {
+                    dir: &logs,
+                    sidecar: &sidecar,
+                    upstream: up.http,
+                    http_app: up.http,
+                    otlp: up.otlp,
+                    wrapper: opts.sidecar_wrapper.as_deref(),
+                    callgrind: opts.callgrind.then_some(callgrind_dir.as_path()),
+                    tracing: *variant,
+                };
+                row.push(fixed_rate(
+                    Kind::Trellis,
+                    Proto::Http1,
+                    &setup,
+                    rate,
+                    duration,
+                    opts,
+                )?);
+            }
+        }
+        for (variant, rates) in COLLECTOR_VARIANTS.iter().zip(rows) {
+            collector.push(json!({
+                "sample_ratio": variant.ratio,
+                "collector_down": variant.collector_down,
+                "rates": rates,
+            }));
+        }
+    }
+
     let report = json!({
         "date": now_utc(),
         "commit": commit(),
@@ -213,6 +288,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         },
         "otlp_exports_received": up.exports(),
         "results": results,
+        "collector_down": collector,
     });
     let md = markdown(&report);
     fs::write(
@@ -226,6 +302,83 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         dir.join("sidecar.json").display()
     );
     Ok(())
+}
+
+/// One fixed-rate phase on a fresh pair: latency, errors, CPU, peak RSS,
+/// and for Trellis the span outcomes (and, under `--callgrind`, the
+/// instructions per request of A and B).
+fn fixed_rate(
+    kind: Kind,
+    proto: Proto,
+    setup: &Setup,
+    rate: u64,
+    duration: Duration,
+    opts: &SidecarBench,
+) -> Result<serde_json::Value> {
+    let pair = proxies::start(kind, proto, setup)?;
+    let pids = pair.all_pids();
+    pair.callgrind_zero()?;
+    let sampler = RssSampler::start(pair.instances());
+    let cpu0 = cpu_seconds(&pids);
+    let run = match proto {
+        Proto::Http1 => loadgen::h1_open_loop(pair.front, rate, duration, opts.connections)?,
+        Proto::Grpc => loadgen::grpc_open_loop(pair.front, rate, duration, GRPC_CHANNELS)?,
+    };
+    let cpu = cpu_seconds(&pids) - cpu0;
+    let peaks = sampler.stop();
+    let profiles = pair.callgrind_dump()?;
+    let per_request: Vec<f64> = profiles
+        .iter()
+        .map(|(ir, _)| *ir as f64 / run.requests.max(1) as f64)
+        .collect();
+    // Let the export task send (or fail) its last batch before counting.
+    if kind == Kind::Trellis {
+        thread::sleep(Duration::from_millis(2500));
+    }
+    let spans = pair.trace_spans();
+    eprintln!(
+        "   {rate:>6} req/s: p50 {} p99 {} p99.9 {} ms, {} errors{}",
+        ms(run.ms(0.5)),
+        ms(run.ms(0.99)),
+        ms(run.ms(0.999)),
+        run.errors,
+        if per_request.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", instructions/request (A / B) {}: {}",
+                per_request
+                    .iter()
+                    .map(|n| format!("{n:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                profiles
+                    .iter()
+                    .map(|(_, f)| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        }
+    );
+    let mut x = json!({
+        "rate": rate,
+        "requests": run.requests,
+        "errors": run.errors,
+        "p50_ms": run.ms(0.5),
+        "p99_ms": run.ms(0.99),
+        "p999_ms": run.ms(0.999),
+        "max_ms": run.ms(1.0),
+        "proxy_cpu_s": cpu,
+        "proxy_cpu_s_per_10k": per_10k(cpu, run.requests),
+        "rss_peak_kib": peaks,
+    });
+    if kind == Kind::Trellis {
+        x["trace_spans"] = json!({"exported": spans[0], "dropped": spans[1], "failed": spans[2]});
+    }
+    if !per_request.is_empty() {
+        x["instructions_per_request"] = json!(per_request);
+    }
+    Ok(x)
 }
 
 fn per_10k(cpu: f64, requests: u64) -> f64 {
@@ -317,7 +470,7 @@ fn markdown(r: &serde_json::Value) -> String {
             "| setup | max req/s | p50 ms at max | errors | proxy CPU s / 10k req at max | RSS idle MiB (A / B) | RSS peak at highest rate MiB (A / B) | RSS peak at max MiB (A / B) |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
-        for row in &rows {
+        for row in rows.iter().filter(|r| !r["max"].is_null()) {
             let m = &row["max"];
             let pair = |v: &serde_json::Value| {
                 let kib: Vec<String> = v
@@ -349,7 +502,46 @@ fn markdown(r: &serde_json::Value) -> String {
                 pair(&m["rss_peak_kib"]),
             );
         }
-        let trellis = rows.iter().find(|x| x["setup"] == "trellis");
+        let profiled: Vec<String> = rows
+            .iter()
+            .flat_map(|row| {
+                row["rates"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| {
+                        let n = x["instructions_per_request"].as_array()?;
+                        let n: Vec<String> = n
+                            .iter()
+                            .map(|v| format!("{:.0}", v.as_f64().unwrap_or(f64::NAN)))
+                            .collect();
+                        Some(format!(
+                            "| {} | {} | {} | {} |",
+                            s(&row["setup"]),
+                            x["rate"],
+                            x["requests"],
+                            n.join(" / ")
+                        ))
+                    })
+            })
+            .collect();
+        if !profiled.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### {proto}: instructions per request under callgrind\n"
+            );
+            let _ = writeln!(
+                out,
+                "| setup | rate (req/s) | requests | instructions / request (A / B) |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|");
+            for line in profiled {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        let trellis = rows
+            .iter()
+            .find(|x| x["setup"] == "trellis" && !x["max"].is_null());
         let Some(trellis) = trellis else { continue };
         let _ = writeln!(
             out,
@@ -406,6 +598,72 @@ fn markdown(r: &serde_json::Value) -> String {
                 .as_array()
                 .map_or(f64::NAN, |a| a.iter().filter_map(|v| v.as_f64()).sum())
         });
+    }
+    out += &collector_markdown(r);
+    out
+}
+
+/// The collector-down comparison: each variant's row, and its difference
+/// from the collector-up row at the same ratio and rate.
+fn collector_markdown(r: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let variants = r["collector_down"].as_array().cloned().unwrap_or_default();
+    if variants.is_empty() {
+        return out;
+    }
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        out,
+        "\n### HTTP/1.1: Trellis with the OTLP collector up and down (open loop)\n"
+    );
+    let _ = writeln!(
+        out,
+        "Collector up: the bench's OTLP sink; down: a closed loopback port. At each rate the four pairs ran one after the other. Differences are down − up at the same sampling ratio and rate. Spans: counted by both sidecars' `trellis_trace_spans_total`.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| sampled | collector | rate (req/s) | p50 ms | p99 ms | p99.9 ms | Δ p50 ms | Δ p99 ms | Δ p99.9 ms | errors | proxy CPU s / 10k req | spans exported / dropped / failed |"
+    );
+    let _ = writeln!(
+        out,
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for v in &variants {
+        let down = v["collector_down"].as_bool().unwrap_or(false);
+        let up = variants
+            .iter()
+            .find(|u| u["sample_ratio"] == v["sample_ratio"] && u["collector_down"] == false);
+        for x in v["rates"].as_array().into_iter().flatten() {
+            let up_at = up.and_then(|u| {
+                u["rates"]
+                    .as_array()?
+                    .iter()
+                    .find(|y| y["rate"] == x["rate"])
+            });
+            let delta = |k: &str| match up_at {
+                Some(y) if down => ms(f(&x[k]) - f(&y[k])),
+                _ => "–".into(),
+            };
+            let t = &x["trace_spans"];
+            let _ = writeln!(
+                out,
+                "| {}% | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} / {} / {} |",
+                f(&v["sample_ratio"]) * 100.0,
+                if down { "down" } else { "up" },
+                x["rate"],
+                ms(f(&x["p50_ms"])),
+                ms(f(&x["p99_ms"])),
+                ms(f(&x["p999_ms"])),
+                delta("p50_ms"),
+                delta("p99_ms"),
+                delta("p999_ms"),
+                x["errors"],
+                f(&x["proxy_cpu_s_per_10k"]),
+                t["exported"],
+                t["dropped"],
+                t["failed"],
+            );
+        }
     }
     out
 }
