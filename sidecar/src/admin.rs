@@ -5,7 +5,7 @@
 //! | `/livez`   | 200 while the process serves at all |
 //! | `/readyz`  | 200 when ready for traffic (with what is degraded, such as stale discovery), else 503 with the reasons |
 //! | `/healthz` | JSON detail of every check (200 healthy, 503 unhealthy) |
-//! | `/metrics` | Prometheus / OpenMetrics text |
+//! | `/metrics` | Prometheus / OpenMetrics text, with the process's resident memory and open file descriptors |
 //! | `/status`  | JSON: the policy in force, refusals, endpoints per service, and per dependency its circuit breaker (state, counts), retry budget and endpoint ejections |
 
 use std::{
@@ -23,6 +23,7 @@ use crate::{
     http::{Body, full},
     metrics::Metrics,
     policy_watch::PolicyStore,
+    process,
     resilience::Registry,
 };
 
@@ -97,7 +98,7 @@ impl Admin {
                 )
             }
             "/metrics" => {
-                let mut rsp = Response::new(full(self.metrics.encode()));
+                let mut rsp = Response::new(full(process::with_footprint(self.metrics.encode())));
                 rsp.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(

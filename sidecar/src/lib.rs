@@ -19,6 +19,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod policy_watch;
+pub mod process;
 pub mod reload;
 pub mod resilience;
 pub mod server;
