@@ -244,8 +244,8 @@ async fn the_shop_end_to_end() {
             outage.recovered_at,
         );
         // Fast 503s naming the product service: from the open breaker
-        // (`circuit breaker open`) or, while no product pod is ready, from the
-        // sidecar's discovery (`no-endpoints`); never a hang on a dead pod.
+        // (`circuit breaker open`) or, before it trips, from the sidecar's
+        // discovery (`no-endpoints`); never a hang on a dead pod.
         let failed: Vec<&shop::Outcome> =
             during.iter().copied().filter(|o| o.status != 201).collect();
         assert!(
@@ -272,7 +272,14 @@ async fn the_shop_end_to_end() {
             p99 < Duration::from_millis(1000),
             "the failures are not fast: p99 {p99:?}"
         );
-        if outage.opened_at.is_some() {
+        // Nobody serving counts against the breaker like a refused
+        // connection, so it opens while the pods are replaced.
+        assert!(
+            outage.opened_at.is_some(),
+            "the product breaker never opened: {:?}",
+            by_status(&outage.outcomes)
+        );
+        {
             assert!(
                 !refused.is_empty(),
                 "the breaker opened but refused no order"
@@ -392,6 +399,12 @@ async fn the_shop_end_to_end() {
     }
 
     {
+        let _p =
+            Phase::new("soak: steady orders; the sidecars' memory and file descriptors stay flat");
+        soak(&shop).await;
+    }
+
+    {
         let _p = Phase::new("kubectl describe microservice order");
         let out = shop::run(kubectl().args(["describe", "microservice", "order", "-n", &ns.name]))
             .unwrap();
@@ -455,4 +468,105 @@ async fn the_shop_end_to_end() {
             .expect("the CRD is kept after helm uninstall, as Helm does with crds/");
     }
     eprintln!("\nthe shop end to end took {:.0?}", started.elapsed());
+}
+
+/// How long the soak runs: `TRELLIS_SOAK_SECS`, 60 s by default (the CI
+/// run); `cargo xtask test --long` sets 1800.
+fn soak_duration() -> Duration {
+    let secs = std::env::var("TRELLIS_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+/// Every sidecar's resident memory and open file descriptors, by pod uid.
+async fn footprints(shop: &Shop) -> std::collections::BTreeMap<String, (String, f64, f64)> {
+    let scrapes = shop.scrape(&SERVICES).await.unwrap();
+    scrapes
+        .values()
+        .flatten()
+        .map(|p| {
+            (
+                p.uid.clone(),
+                (
+                    p.pod.clone(),
+                    p.metrics.sum("process_resident_memory_bytes", &[]),
+                    p.metrics.sum("process_open_fds", &[]),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Orders at a steady rate through all three services for
+/// [`soak_duration`], after a warm-up: every order succeeds, no sidecar's
+/// RSS grows 5% or more, and none holds more file descriptors at rest than
+/// before (a little slack for pooled connections the load left open).
+async fn soak(shop: &Shop) {
+    const RATE: f64 = 20.0;
+    let duration = soak_duration();
+    let warm = shop.load(RATE, 4);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let warm = warm.stop().await;
+    assert!(
+        warm.iter().all(|o| o.status == 201),
+        "{:?}",
+        by_status(&warm)
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = footprints(shop).await;
+
+    let load = shop.load(RATE, 4);
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        tokio::time::sleep(Duration::from_secs(60).min(duration)).await;
+        let so_far = load.outcomes();
+        eprintln!(
+            "soak: {:.0?} of {duration:?}, {} orders, {:?}",
+            started.elapsed(),
+            so_far.len(),
+            by_status(&so_far)
+        );
+    }
+    let outcomes = load.stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = footprints(shop).await;
+
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.status != 201).collect();
+    eprintln!(
+        "soak: {} orders in {duration:?} ({:.1}/s), {} failed; p50 {:?}, p99 {:?}",
+        outcomes.len(),
+        outcomes.len() as f64 / duration.as_secs_f64(),
+        failed.len(),
+        latency_quantile(&outcomes.iter().collect::<Vec<_>>(), 0.5).unwrap(),
+        latency_quantile(&outcomes.iter().collect::<Vec<_>>(), 0.99).unwrap(),
+    );
+    assert!(
+        outcomes.len() as f64 >= RATE * duration.as_secs_f64() * 0.9,
+        "the load did not hold its rate: {} orders",
+        outcomes.len()
+    );
+    assert!(failed.is_empty(), "unexplained failures: {failed:#?}");
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "a pod was replaced during the soak"
+    );
+    for (uid, (pod, rss0, fds0)) in &before {
+        let (_, rss1, fds1) = after[uid];
+        let growth = rss1 / rss0 - 1.0;
+        eprintln!(
+            "soak: {pod}: RSS {:.1} → {:.1} MiB ({:+.1}%), fds {fds0} → {fds1}",
+            rss0 / 1048576.0,
+            rss1 / 1048576.0,
+            growth * 100.0
+        );
+        assert!(*rss0 > 0.0 && *fds0 > 0.0, "{pod} reports no footprint");
+        assert!(growth < 0.05, "{pod}'s RSS grew {:.1}%", growth * 100.0);
+        assert!(
+            fds1 <= fds0 + 4.0,
+            "{pod}'s file descriptors grew {fds0} → {fds1}"
+        );
+    }
 }

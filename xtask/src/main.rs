@@ -60,6 +60,10 @@ enum Command {
         /// Skip the full-node tier (pods, images).
         #[arg(long)]
         no_node: bool,
+        /// The long runs: a 30-minute soak through the shop and 30 minutes of
+        /// fuzzing per target (CI runs a minute of each).
+        #[arg(long)]
+        long: bool,
     },
     /// The example shop's PostgreSQL on the node's bridge address (10.244.0.1:5432).
     Postgres {
@@ -145,7 +149,7 @@ fn main() -> Result<()> {
         Command::Images { no_import, names } => images::build_named(&names, !no_import),
         Command::Demo => demo::run(),
         Command::E2e(opts) => e2e::run(&opts),
-        Command::Test { no_node } => test::run(!no_node),
+        Command::Test { no_node, long } => test::run(!no_node, long),
         Command::Postgres { command } => match command {
             PostgresCommand::Up => postgres::up(),
             PostgresCommand::Down => postgres::down(),

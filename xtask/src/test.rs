@@ -24,7 +24,7 @@ const CONTROL_PLANE_TESTS: &[&str] = &[
     "tracing",
 ];
 /// Integration test targets of the full-node tier.
-const NODE_TESTS: &[&str] = &["node", "chart", "security", "traces_on_node"];
+const NODE_TESTS: &[&str] = &["node", "chart", "security", "traces_on_node", "shop"];
 /// Integration test targets that disrupt the whole cluster (tests/tests/faults.rs
 /// restarts the apiserver and pauses etcd): run last, with nothing else running.
 const FAULT_TESTS: &[&str] = &["faults"];
@@ -44,7 +44,7 @@ fn step(name: &str) -> Instant {
 }
 
 /// Runs the integration test targets of one tier (their `#[ignore]`d tests included).
-fn tier(targets: &[&str]) -> Result<()> {
+fn tier(targets: &[&str], long: bool) -> Result<()> {
     for target in targets {
         if !paths::workspace()
             .join(format!("tests/tests/{target}.rs"))
@@ -65,29 +65,41 @@ fn tier(targets: &[&str]) -> Result<()> {
                     "--include-ignored",
                 ])
                 .args(KNOWN_FAILING.iter().flat_map(|t| ["--skip", t]))
-                .env("KUBECONFIG", paths::admin_kubeconfig()),
+                .env("KUBECONFIG", paths::admin_kubeconfig())
+                .env("TRELLIS_SOAK_SECS", soak_secs(long)),
         )?;
     }
     Ok(())
 }
 
 /// The fault tier: after every other, so that its disruptions fail no one else's test.
-fn faults() -> Result<()> {
+fn faults(long: bool) -> Result<()> {
     let t =
         step("faults, alone (apiserver restarts, operator SIGKILL, leader election, etcd paused)");
-    tier(FAULT_TESTS)?;
+    tier(FAULT_TESTS, long)?;
     eprintln!("    fault tier took {:.0?}", t.elapsed());
     Ok(())
 }
 
-/// Runs every tier; `node` includes the full-node tier.
-pub fn run(node: bool) -> Result<()> {
+/// How long the shop's soak runs (tests/tests/shop.rs): a minute in CI,
+/// the 30 minutes with `--long`.
+fn soak_secs(long: bool) -> &'static str {
+    if long { "1800" } else { "60" }
+}
+
+/// Runs every tier; `node` includes the full-node tier; `long` runs the
+/// 30-minute soak and fuzzes each target for 30 minutes.
+pub fn run(node: bool, long: bool) -> Result<()> {
     let t = step("unit tests (no cluster)");
     run::status(cargo().args(["test", "--workspace"]))?;
     eprintln!("    unit tier took {:.0?}", t.elapsed());
 
     let t = step("fuzzing (cargo fuzz, bounded)");
-    crate::fuzz::run(crate::fuzz::SHORT)?;
+    crate::fuzz::run(if long {
+        crate::fuzz::LONG
+    } else {
+        crate::fuzz::SHORT
+    })?;
     eprintln!("    fuzzing took {:.0?}", t.elapsed());
 
     if paths::workspace()
@@ -110,17 +122,17 @@ pub fn run(node: bool) -> Result<()> {
     let was_running = cluster::running_mode();
     let t = step("control-plane tier (etcd, kube-apiserver, kube-controller-manager)");
     cluster::up(cluster::Mode::ControlPlane)?;
-    let result = tier(CONTROL_PLANE_TESTS).and_then(|()| {
+    let result = tier(CONTROL_PLANE_TESTS, long).and_then(|()| {
         eprintln!("    control-plane tier took {:.0?}", t.elapsed());
         if !node {
-            return faults();
+            return faults(long);
         }
         let t = step("full-node tier (containerd, kubelet, kube-proxy, CoreDNS, pods)");
         cluster::up(cluster::Mode::Node)?;
         images::build(true)?;
-        tier(NODE_TESTS)?;
+        tier(NODE_TESTS, long)?;
         eprintln!("    full-node tier took {:.0?}", t.elapsed());
-        faults()
+        faults(long)
     });
 
     if was_running.is_some() {
