@@ -24,7 +24,9 @@ const CONTROL_PLANE_TESTS: &[&str] = &[
     "tracing",
 ];
 /// Integration test targets of the full-node tier.
-const NODE_TESTS: &[&str] = &["node", "chart", "security", "traces_on_node", "shop"];
+/// `shop` (tests/tests/shop.rs, also `cargo xtask e2e`) is not in it yet: its
+/// product-outage phase is not reliable (issue 8).
+const NODE_TESTS: &[&str] = &["node", "chart", "security", "traces_on_node"];
 /// Integration test targets that disrupt the whole cluster (tests/tests/faults.rs
 /// restarts the apiserver and pauses etcd): run last, with nothing else running.
 const FAULT_TESTS: &[&str] = &["faults"];
