@@ -4,14 +4,6 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use trellis_sidecar::{Args, Config};
 
-/// mimalloc instead of glibc's malloc: every request allocates and frees
-/// headers, bodies and futures across threads, and glibc's allocator was a
-/// quarter of the sidecar's instructions per request (see
-/// docs/benchmarks.md, "Profile-guided fixes"). It is C compiled into the
-/// binary: no shared library more for the image.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
