@@ -713,10 +713,13 @@ async fn etcd_paused_errors_back_off_and_nothing_crashes() {
         COUNT * 2,
     );
     assert!(operator.alive(), "the operator died after the outage");
-    // At most one reconcile per MicroService runs at a time, and a hung one
-    // blocks its own requeue: the outage cannot multiply them.
+    // What must not happen is reconciles spinning on errors. Children are
+    // read from the watches' caches, so a reconcile that has nothing to
+    // write finishes even with etcd paused, and the resync keeps its pace:
+    // 2 per MicroService are due in 10 s (20 were seen); a third is slack
+    // for timing, far below any spin.
     assert!(
-        reconciles <= COUNT as f64,
+        reconciles <= (COUNT * 3) as f64,
         "{reconciles} reconciles during a {OUTAGE:?} outage"
     );
     assert!(
