@@ -17,6 +17,7 @@
 pub mod binaries;
 pub mod collector;
 pub mod operator;
+pub mod relay;
 pub mod shop;
 pub mod shop_metrics;
 

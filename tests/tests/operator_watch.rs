@@ -21,7 +21,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -41,11 +41,12 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    task::JoinHandle,
+    net::TcpStream,
 };
 use trellis_operator::{MicroService, render};
-use trellis_tests::{TestNamespace, binaries::built, kubeconfig_path, operator::install_crd};
+use trellis_tests::{
+    TestNamespace, binaries::built, kubeconfig_path, operator::install_crd, relay::Relay,
+};
 
 /// MicroServices created in the burst; half of them are updated too.
 const COUNT: usize = 120;
@@ -55,70 +56,7 @@ const OUTAGE: Duration = Duration::from_secs(5);
 const CONVERGE: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------------------
-// The relay
-
-/// A TCP relay on loopback to the apiserver that can be cut and restored.
-struct Relay {
-    addr: SocketAddr,
-    target: SocketAddr,
-    accept: Mutex<Option<JoinHandle<()>>>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Relay {
-    async fn new(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let relay = Self {
-            addr: listener.local_addr().unwrap(),
-            target,
-            accept: Mutex::default(),
-            conns: Arc::default(),
-        };
-        relay.serve(listener);
-        relay
-    }
-
-    fn serve(&self, listener: TcpListener) {
-        let (target, conns) = (self.target, self.conns.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                // Closing with RST when cut, as a vanished peer looks.
-                let _ = client.set_zero_linger();
-                let conn = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                conns.lock().unwrap().push(conn);
-            }
-        });
-        *self.accept.lock().unwrap() = Some(task);
-    }
-
-    /// Makes the API unreachable: the port closes and every relayed connection is cut.
-    async fn cut(&self) {
-        if let Some(task) = self.accept.lock().unwrap().take() {
-            task.abort();
-        }
-        for conn in self.conns.lock().unwrap().drain(..) {
-            conn.abort();
-        }
-        // An aborted task drops its sockets when it is next polled.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            TcpStream::connect(self.addr).await.is_err(),
-            "the relay still accepts"
-        );
-    }
-
-    /// Makes the API reachable again, on the same port.
-    async fn restore(&self) {
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .expect("the relay's port again");
-        self.serve(listener);
-    }
-}
+// The relay (trellis_tests::relay) and the kubeconfig through it
 
 /// The apiserver's address and a copy of the admin kubeconfig whose server is the relay.
 fn apiserver() -> (String, SocketAddr) {
