@@ -126,15 +126,29 @@ pub fn helm() -> Command {
     cmd
 }
 
-/// A kube client for the local cluster.
+/// A kube client for the local cluster. Like every kube client by default,
+/// it retries the API's 429, 503 and 504 answers with backoff.
 pub async fn client() -> Client {
+    Client::try_from(config().await).expect("a kube client")
+}
+
+/// A kube client that never retries: for requests whose answer the test is
+/// about, such as an app's 503 or 429 through the apiserver's service proxy,
+/// which kube's default retry policy would otherwise hide by retrying until
+/// it succeeds (or for over a minute).
+pub async fn client_without_retries() -> Client {
+    let mut config = config().await;
+    config.default_retry = false;
+    Client::try_from(config).expect("a kube client")
+}
+
+async fn config() -> Config {
     let path = kubeconfig_path();
     let kubeconfig = Kubeconfig::read_from(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}; is the cluster up?", path.display()));
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .expect("a usable kubeconfig");
-    Client::try_from(config).expect("a kube client")
+        .expect("a usable kubeconfig")
 }
 
 /// A namespace of the test's own, deleted (with everything in it) when dropped.

@@ -91,7 +91,7 @@ async fn the_shop_end_to_end() {
         shop::wait_ready(&ns.name, Duration::from_secs(240)).expect("the shop to be Ready");
     }
 
-    let mut shop = Shop::new(ns.client.clone(), &ns.name, &target);
+    let mut shop = Shop::new(ns.client.clone(), &ns.name, &target).await;
     let (user_dep, product_dep) = (shop.qualified("user"), shop.qualified("product"));
 
     {

@@ -78,7 +78,7 @@ async fn demo() -> Result<()> {
     ));
 
     let client = trellis_tests::client().await;
-    let mut shop = Shop::new(client, NAMESPACE, &target);
+    let mut shop = Shop::new(client, NAMESPACE, &target).await;
     let scenario = Instant::now();
     let first = shop.scrape(&SERVICES).await?;
 
