@@ -1,15 +1,12 @@
 //! The workspace's own binaries, for tests that run them as processes.
 
-use std::{
-    path::PathBuf,
-    process::{Command, Stdio},
-};
+use std::{path::PathBuf, process::Stdio};
 
 /// Builds a workspace binary with cargo (a no-op when it is fresh) and
 /// returns its path as cargo reports it, so `CARGO_TARGET_DIR` is honoured.
 pub fn built(package: &str, bin: &str) -> PathBuf {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let out = crate::cargo()
         .current_dir(&workspace)
         .args([
             "build",

@@ -63,7 +63,7 @@ pub fn ensure_cluster(node: bool) {
         return;
     }
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = crate::cargo();
     cmd.current_dir(&workspace).args(["xtask", "cluster", "up"]);
     if !node {
         cmd.arg("--control-plane-only");
@@ -256,4 +256,34 @@ where
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `cargo`, without the variables cargo set for this test binary
+/// (`CARGO_PKG_NAME=trellis-tests`, `CARGO_MANIFEST_DIR`, ...). Build
+/// scripts such as ring's rerun when those change, so a nested cargo that
+/// kept them would rebuild ring, rustls and kube for every test target, and
+/// the next outer cargo would rebuild them back (xtask's `run::cargo` does
+/// the same on its side).
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let per_package = |name: &str| {
+        name == "OUT_DIR"
+            || name == "CARGO_PRIMARY_PACKAGE"
+            || name == "CARGO_TARGET_TMPDIR"
+            || [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_CFG_",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+    };
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(per_package) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
 }

@@ -14,7 +14,7 @@
 //! Needs the images (`cargo xtask images`) and, on the local node, the shop's
 //! PostgreSQL on 10.244.0.1:5432 (`cargo xtask postgres up`, which this starts).
 
-use std::{process::Command, time::Duration, time::Instant};
+use std::{time::Duration, time::Instant};
 
 use serde_json::json;
 use trellis_tests::{
@@ -53,7 +53,7 @@ fn ensure_postgres(target: &Target) {
     if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
         return;
     }
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = trellis_tests::cargo()
         .current_dir(shop::workspace())
         .args(["xtask", "postgres", "up"])
         .status()

@@ -48,7 +48,7 @@ fn rerun_in_release() -> Result<bool> {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     run::status(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        crate::run::cargo()
             .current_dir(paths::workspace())
             .args(["run", "--quiet", "--release", "-p", "xtask", "--"])
             .args(&args),
@@ -66,11 +66,14 @@ fn results_dir() -> Result<PathBuf> {
 /// A release binary of the workspace, built first unless `no_build`.
 fn release_binary(package: &str, bin: &str, no_build: bool) -> Result<PathBuf> {
     if !no_build {
-        run::status(
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .current_dir(paths::workspace())
-                .args(["build", "--release", "-p", package, "--bin", bin]),
-        )?;
+        run::status(crate::run::cargo().current_dir(paths::workspace()).args([
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ]))?;
     }
     let path = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

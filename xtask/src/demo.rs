@@ -13,7 +13,7 @@
 //!
 //! Running it again reuses everything and runs the scenario again.
 
-use std::{process::Command, time::Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 
@@ -53,7 +53,7 @@ pub fn run() -> Result<()> {
     step(5, "the shop scenario", || {
         // The `image` profile: the images just built most of what it needs.
         run::status(
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            crate::run::cargo()
                 .current_dir(paths::workspace())
                 .args(["run", "--quiet", "--profile", "image"])
                 .args(["-p", "trellis-tests", "--bin", "trellis-shop"])

@@ -50,7 +50,7 @@ pub struct E2e {
 }
 
 fn cargo_test() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = crate::run::cargo();
     cmd.current_dir(paths::workspace()).args([
         "test",
         "-p",

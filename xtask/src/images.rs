@@ -155,7 +155,7 @@ pub fn kill_all_containers() {
 
 /// Builds the binaries with the `image` profile (release without LTO, for build time).
 fn compile(images: &[&Image]) -> Result<Vec<PathBuf>> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = crate::run::cargo();
     cmd.current_dir(paths::workspace())
         .args(["build", "--profile", "image"]);
     let packages: BTreeSet<_> = images.iter().map(|i| i.package).collect();

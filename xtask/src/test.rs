@@ -23,10 +23,9 @@ const CONTROL_PLANE_TESTS: &[&str] = &[
     "examples",
     "tracing",
 ];
-/// Integration test targets of the full-node tier.
-/// `shop` (tests/tests/shop.rs, also `cargo xtask e2e`) is not in it yet: its
-/// product-outage phase is not reliable (issue 8).
-const NODE_TESTS: &[&str] = &["node", "chart", "security", "traces_on_node"];
+/// Integration test targets of the full-node tier. `shop` is the end-to-end
+/// suite (also `cargo xtask e2e`), with the short soak.
+const NODE_TESTS: &[&str] = &["node", "chart", "security", "traces_on_node", "shop"];
 /// Integration test targets that disrupt the whole cluster (tests/tests/faults.rs
 /// restarts the apiserver and pauses etcd): run last, with nothing else running.
 const FAULT_TESTS: &[&str] = &["faults"];
@@ -35,7 +34,7 @@ const FAULT_TESTS: &[&str] = &["faults"];
 const KNOWN_FAILING: &[&str] = &[];
 
 fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = crate::run::cargo();
     cmd.current_dir(paths::workspace());
     cmd
 }
