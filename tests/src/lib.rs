@@ -16,7 +16,9 @@
 
 pub mod binaries;
 pub mod collector;
+pub mod convergence;
 pub mod operator;
+pub mod operator_process;
 pub mod relay;
 pub mod shop;
 pub mod shop_metrics;

@@ -11,37 +11,27 @@
 //! zero pods, so hundreds of them put no pods on the shared node.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::OnceLock,
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    NamespaceResourceScope,
-    api::{
-        apps::v1::Deployment,
-        coordination::v1::Lease,
-        core::v1::{ConfigMap, ResourceQuota, Service, ServiceAccount},
-        rbac::v1::{Role, RoleBinding},
-    },
-};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
-    Api, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    Api,
+    api::{Patch, PatchParams, PostParams},
 };
-use serde::de::DeserializeOwned;
 use serde_json::json;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    sync::Mutex,
-};
-use trellis_operator::{MicroService, render};
+use tokio::sync::Mutex;
+use trellis_operator::MicroService;
 use trellis_tests::{
-    TestNamespace, binaries::built, eventually, kubeconfig_path, operator::install_crd,
+    binaries::built,
+    convergence::{microservice, namespace, wait_converged},
+    eventually, kubeconfig_path,
+    operator_process::OperatorProcess,
 };
 
 /// One fault at a time: each one disrupts the cluster for every test.
@@ -56,11 +46,6 @@ const CONVERGE: Duration = Duration::from_secs(180);
 
 // ---------------------------------------------------------------------------
 // Binaries
-
-fn operator_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| built("trellis-operator", "trellis-operator"))
-}
 
 fn xtask_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -88,159 +73,7 @@ async fn restart(component: &'static str) -> Duration {
 }
 
 // ---------------------------------------------------------------------------
-// The operator as a child process
-
-/// A `trellis-operator` process watching one namespace, killed on drop.
-struct OperatorProcess {
-    child: Child,
-    metrics: String,
-    log: PathBuf,
-}
-
-impl OperatorProcess {
-    /// Starts the binary for `ns` as `identity`, with its admin server on a free
-    /// loopback port and its log in a temporary file.
-    fn start(ns: &str, identity: &str, extra: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let metrics = format!("127.0.0.1:{port}");
-        let log = std::env::temp_dir().join(format!("trellis-faults-{ns}-{identity}.log"));
-        let file = fs::File::create(&log).unwrap();
-        let child = Command::new(operator_binary())
-            .args(["--watch-namespace", ns, "--lease-namespace", ns])
-            .args(["--identity", identity, "--metrics-addr", &metrics])
-            .args(["--log-format", "json"])
-            .args(extra)
-            .env("KUBECONFIG", kubeconfig_path())
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("starting trellis-operator");
-        Self {
-            child,
-            metrics,
-            log,
-        }
-    }
-
-    /// GET on the admin server: the status code and the body.
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&self.metrics))
-            .await
-            .ok()?
-            .ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: operator\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut text = String::new();
-        tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut text))
-            .await
-            .ok()?
-            .ok()?;
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n")?.1.to_owned();
-        Some((code, body))
-    }
-
-    /// The operator's metrics, once its admin server answers.
-    async fn metrics(&self) -> Metrics {
-        let text = eventually("the operator's /metrics", Duration::from_secs(30), || {
-            self.get("/metrics")
-        })
-        .await
-        .1;
-        Metrics(text)
-    }
-
-    /// True while the process runs.
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// SIGKILL, as the kernel's OOM killer or a node failure would.
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for OperatorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A scrape of the operator's /metrics.
-struct Metrics(String);
-
-impl Metrics {
-    /// The sum of every series of `name` (all label sets).
-    fn sum(&self, name: &str) -> f64 {
-        self.0
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    fn reconciles(&self) -> f64 {
-        self.sum("trellis_operator_reconciles_total")
-    }
-
-    fn errors(&self) -> f64 {
-        self.sum("trellis_operator_reconcile_errors_total")
-    }
-
-    fn leader(&self) -> f64 {
-        self.sum("trellis_operator_leader")
-    }
-}
-
-// ---------------------------------------------------------------------------
-// MicroServices and what they should converge to
-
-/// A namespace with the CRD installed and room for no pods at all.
-async fn namespace(prefix: &str) -> TestNamespace {
-    let ns = TestNamespace::new(prefix).await;
-    install_crd(&ns.client).await;
-    let quota: ResourceQuota = serde_json::from_value(json!({
-        "metadata": { "name": "no-pods" },
-        "spec": { "hard": { "pods": "0" } },
-    }))
-    .unwrap();
-    ns.api::<ResourceQuota>()
-        .create(&PostParams::default(), &quota)
-        .await
-        .unwrap();
-    ns
-}
-
-fn microservice(name: &str, version: &str) -> MicroService {
-    serde_json::from_value(json!({
-        "apiVersion": "trellis.dev/v1alpha1",
-        "kind": "MicroService",
-        "metadata": { "name": name },
-        "spec": {
-            "image": "trellis/smoke:0.1.0",
-            "port": 8080,
-            "replicas": 0,
-            "config": { "VERSION": version },
-        },
-    }))
-    .unwrap()
-}
+// Writes that outlast the faults
 
 /// Retries a write until the apiserver takes it, as any client must while it
 /// restarts. A create that already exists went through on an earlier attempt.
@@ -284,167 +117,6 @@ async fn update(api: &Api<MicroService>, name: &str, version: &str) -> u32 {
     .await
 }
 
-/// The children of one kind carrying the operator's label: name → controller owner uids.
-async fn children<K>(ns: &TestNamespace) -> Result<BTreeMap<String, (Vec<String>, K)>, String>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
-    let list = ns
-        .api::<K>()
-        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=trellis-operator"))
-        .await
-        .map_err(|e| format!("listing {}: {e}", K::kind(&())))?;
-    Ok(list
-        .items
-        .into_iter()
-        .map(|k| {
-            let owners = k
-                .owner_references()
-                .iter()
-                .filter(|o| o.controller == Some(true))
-                .map(|o| o.uid.clone())
-                .collect();
-            (k.name_any(), (owners, k))
-        })
-        .collect())
-}
-
-/// Checks one kind: exactly the expected names, each controlled by exactly its
-/// MicroService (no duplicates, no orphans).
-fn exactly<K>(
-    kind: &str,
-    have: &BTreeMap<String, (Vec<String>, K)>,
-    want: &BTreeMap<String, String>,
-) -> Result<(), String> {
-    let have_names: BTreeSet<&String> = have.keys().collect();
-    let want_names: BTreeSet<&String> = want.keys().collect();
-    if have_names != want_names {
-        let missing: Vec<_> = want_names.difference(&have_names).take(5).collect();
-        let extra: Vec<_> = have_names.difference(&want_names).take(5).collect();
-        return Err(format!(
-            "{kind}: {} of {} (missing e.g. {missing:?}, unexpected {extra:?})",
-            have.len(),
-            want.len()
-        ));
-    }
-    for (name, (owners, _)) in have {
-        if owners != &vec![want[name].clone()] {
-            return Err(format!(
-                "{kind} {name}: controller owners {owners:?}, want [{}]",
-                want[name]
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Whether every MicroService in `want` (name → config VERSION) has converged:
-/// Ready at its current generation, every child present exactly once with the
-/// right owner and the current config, nothing else labelled as ours.
-async fn converged(ns: &TestNamespace, want: &BTreeMap<String, String>) -> Result<(), String> {
-    let all = ns
-        .api::<MicroService>()
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let uids: BTreeMap<String, String> = all
-        .items
-        .iter()
-        .map(|m| (m.name_any(), m.uid().unwrap_or_default()))
-        .collect();
-    if uids.keys().collect::<BTreeSet<_>>() != want.keys().collect() {
-        return Err(format!("{} MicroServices, want {}", uids.len(), want.len()));
-    }
-    let not_ready: Vec<String> = all
-        .items
-        .iter()
-        .filter(|m| {
-            let st = m.status.as_ref();
-            st.and_then(|s| s.observed_generation) != m.metadata.generation
-                || !st.is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-        })
-        .map(|m| m.name_any())
-        .collect();
-    if !not_ready.is_empty() {
-        return Err(format!(
-            "{} MicroServices not Ready at their generation, e.g. {:?}",
-            not_ready.len(),
-            &not_ready[..not_ready.len().min(5)]
-        ));
-    }
-
-    let by = |suffix: &str| -> BTreeMap<String, String> {
-        uids.iter()
-            .map(|(n, uid)| (format!("{n}{suffix}"), uid.clone()))
-            .collect()
-    };
-    let mut config_maps = by("-config");
-    config_maps.extend(by("-sidecar"));
-    let cms = children::<ConfigMap>(ns).await?;
-    exactly("ConfigMap", &cms, &config_maps)?;
-    exactly(
-        "ServiceAccount",
-        &children::<ServiceAccount>(ns).await?,
-        &by(""),
-    )?;
-    exactly("Role", &children::<Role>(ns).await?, &by("-sidecar"))?;
-    exactly(
-        "RoleBinding",
-        &children::<RoleBinding>(ns).await?,
-        &by("-sidecar"),
-    )?;
-    exactly("Service", &children::<Service>(ns).await?, &by(""))?;
-    let deployments = children::<Deployment>(ns).await?;
-    exactly("Deployment", &deployments, &by(""))?;
-
-    // The last write of each MicroService reached its children.
-    for (name, version) in want {
-        let cm = &cms[&format!("{name}-config")].1;
-        let have = cm.data.as_ref().and_then(|d| d.get("VERSION"));
-        if have != Some(version) {
-            return Err(format!(
-                "ConfigMap {name}-config has VERSION {have:?}, want {version}"
-            ));
-        }
-        let config = BTreeMap::from([("VERSION".to_owned(), version.clone())]);
-        let checksum = render::config_checksum(&config);
-        let d = &deployments[name].1;
-        let have = d
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.annotations.as_ref())
-            .and_then(|a| a.get(render::CONFIG_CHECKSUM_ANNOTATION));
-        if have != Some(&checksum) {
-            return Err(format!(
-                "Deployment {name} has checksum {have:?}, want {checksum}"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Waits until [`converged`]; the time it took. On time-out, says what is not.
-async fn wait_converged(ns: &TestNamespace, want: &BTreeMap<String, String>) -> Duration {
-    let started = Instant::now();
-    let mut last = String::new();
-    while started.elapsed() < CONVERGE {
-        match converged(ns, want).await {
-            Ok(()) => return started.elapsed(),
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("not converged after {CONVERGE:?}: {last}");
-}
-
 // ---------------------------------------------------------------------------
 // The tests
 
@@ -459,7 +131,7 @@ async fn apiserver_restarted_three_times_during_a_burst_converges() {
     const COUNT: usize = 200;
     let ns = namespace("faults-apiserver").await;
     xtask_binary();
-    let mut operator = OperatorProcess::start(&ns.name, "restarts", &[]);
+    let mut operator = OperatorProcess::start(&ns.name, "restarts", &kubeconfig_path(), &[]);
     let api = ns.api::<MicroService>();
 
     let mut want = BTreeMap::new();
@@ -491,7 +163,7 @@ async fn apiserver_restarted_three_times_during_a_burst_converges() {
     let burst = started.elapsed();
     assert_eq!(downtimes.len(), 3, "three restarts during the burst");
 
-    let took = wait_converged(&ns, &want).await;
+    let took = wait_converged(&ns, &want, CONVERGE).await;
     let m = operator.metrics().await;
     assert!(operator.alive(), "the operator survived the restarts");
     eprintln!(
@@ -519,7 +191,7 @@ async fn operator_killed_mid_burst_and_restarted_converges() {
     let _serial = SERIAL.lock().await;
     const COUNT: usize = 150;
     let ns = namespace("faults-kill").await;
-    let mut operator = OperatorProcess::start(&ns.name, "first", &[]);
+    let mut operator = OperatorProcess::start(&ns.name, "first", &kubeconfig_path(), &[]);
     let api = ns.api::<MicroService>();
     let mut want = BTreeMap::new();
     let mut killed_at = None;
@@ -536,7 +208,7 @@ async fn operator_killed_mid_burst_and_restarted_converges() {
         }
         if i == COUNT / 2 + COUNT / 10 {
             // Started again while the burst goes on, as a Deployment's pod would be.
-            operator = OperatorProcess::start(&ns.name, "second", &[]);
+            operator = OperatorProcess::start(&ns.name, "second", &kubeconfig_path(), &[]);
         }
         let name = format!("ms-{i:03}");
         create(&api, &name, "1").await;
@@ -547,7 +219,7 @@ async fn operator_killed_mid_burst_and_restarted_converges() {
             want.insert(earlier, "2".to_owned());
         }
     }
-    let took = wait_converged(&ns, &want).await;
+    let took = wait_converged(&ns, &want, CONVERGE).await;
     let since_kill = killed_at.unwrap().elapsed();
     let m = operator.metrics().await;
     eprintln!(
@@ -567,12 +239,22 @@ async fn operator_killed_mid_burst_and_restarted_converges() {
 async fn two_replicas_one_reconciles_and_the_other_takes_over() {
     let _serial = SERIAL.lock().await;
     let ns = namespace("faults-leader").await;
-    let mut a = OperatorProcess::start(&ns.name, "replica-a", &["--leader-elect"]);
+    let mut a = OperatorProcess::start(
+        &ns.name,
+        "replica-a",
+        &kubeconfig_path(),
+        &["--leader-elect"],
+    );
     eventually("replica-a to lead", Duration::from_secs(30), || async {
         (a.metrics().await.leader() == 1.0).then_some(())
     })
     .await;
-    let mut b = OperatorProcess::start(&ns.name, "replica-b", &["--leader-elect"]);
+    let mut b = OperatorProcess::start(
+        &ns.name,
+        "replica-b",
+        &kubeconfig_path(),
+        &["--leader-elect"],
+    );
     // b is up (its admin server answers) and has tried the Lease several times.
     b.metrics().await;
     tokio::time::sleep(RETRY_PERIOD * 2).await;
@@ -584,7 +266,7 @@ async fn two_replicas_one_reconciles_and_the_other_takes_over() {
         create(&api, &name, "1").await;
         want.insert(name, "1".to_owned());
     }
-    wait_converged(&ns, &want).await;
+    wait_converged(&ns, &want, CONVERGE).await;
     let (ma, mb) = (a.metrics().await, b.metrics().await);
     assert_eq!(
         (ma.leader(), mb.leader()),
@@ -631,7 +313,7 @@ async fn two_replicas_one_reconciles_and_the_other_takes_over() {
     want.insert("after-takeover".into(), "1".into());
     update(&api, "ms-00", "2").await;
     want.insert("ms-00".into(), "2".into());
-    wait_converged(&ns, &want).await;
+    wait_converged(&ns, &want, CONVERGE).await;
     assert!(b.metrics().await.reconciles() >= 2.0);
     assert!(b.alive());
 }
@@ -652,7 +334,12 @@ async fn etcd_paused_errors_back_off_and_nothing_crashes() {
     const OUTAGE: Duration = Duration::from_secs(10);
     let ns = namespace("faults-etcd").await;
     // Resync every 5 s, so reconciles keep coming during the outage.
-    let mut operator = OperatorProcess::start(&ns.name, "etcd", &["--resync-seconds", "5"]);
+    let mut operator = OperatorProcess::start(
+        &ns.name,
+        "etcd",
+        &kubeconfig_path(),
+        &["--resync-seconds", "5"],
+    );
     let api = ns.api::<MicroService>();
     let mut want = BTreeMap::new();
     for i in 0..COUNT {
@@ -660,7 +347,7 @@ async fn etcd_paused_errors_back_off_and_nothing_crashes() {
         create(&api, &name, "1").await;
         want.insert(name, "1".to_owned());
     }
-    wait_converged(&ns, &want).await;
+    wait_converged(&ns, &want, CONVERGE).await;
 
     let etcd: u32 = fs::read_to_string("/run/trellis/pids/etcd.pid")
         .expect("etcd's pid file (the local cluster's)")
@@ -700,7 +387,7 @@ async fn etcd_paused_errors_back_off_and_nothing_crashes() {
     for v in want.values_mut() {
         *v = "2".into();
     }
-    let took = wait_converged(&ns, &want).await;
+    let took = wait_converged(&ns, &want, CONVERGE).await;
     let after = operator.metrics().await;
     let reconciles = during.reconciles() - before.reconciles();
     let errors = during.errors() - before.errors();
