@@ -242,9 +242,25 @@ impl Error {
     }
 }
 
+/// What to do when the first list of MicroServices fails, by its cause.
+fn list_failure_hint(e: &kube::Error) -> &'static str {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => {
+            "the operator's ServiceAccount may not list them: check its (Cluster)Role and \
+             binding; with `--watch-namespace` the namespace must exist before `helm install` \
+             puts the Role in it"
+        }
+        kube::Error::Api(s) if s.code == 404 => {
+            "the CRD is not installed: `kubectl apply -f crds/microservice.yaml`"
+        }
+        _ => "is the API reachable and the CRD installed?",
+    }
+}
+
 /// Runs the controller until `shutdown` resolves (or forever).
 ///
-/// Fails fast when the MicroService CRD is not installed.
+/// Fails fast, saying what to fix, when MicroServices cannot be listed (no
+/// CRD, no permission).
 pub async fn run(
     client: Client,
     settings: Settings,
@@ -258,9 +274,7 @@ pub async fn run(
         .list(&ListParams::default().limit(1))
         .await
         .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot list MicroServices (is the CRD installed? `kubectl apply -f crds/microservice.yaml`): {e}"
-            )
+            anyhow::anyhow!("cannot list MicroServices ({}): {e}", list_failure_hint(&e))
         })?;
 
     // Children carry the managed-by label; watching only those keeps the
@@ -1024,6 +1038,19 @@ mod tests {
         assert_eq!(backoff(5, 1.0), Duration::from_secs(16));
         assert_eq!(backoff(50, 1.0), MAX_RETRY_DELAY);
         assert_eq!(backoff(3, 0.75), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_failed_first_list_says_what_to_fix() {
+        let api = |code| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        assert!(list_failure_hint(&api(403)).contains("ServiceAccount may not list"));
+        assert!(list_failure_hint(&api(404)).contains("kubectl apply -f crds/microservice.yaml"));
+        assert!(list_failure_hint(&api(500)).contains("reachable"));
     }
 
     #[test]

@@ -53,6 +53,13 @@ async fn demo() -> Result<()> {
 
     say("Installing the Trellis operator with Helm (charts/trellis), watching namespace shop");
     let started = Instant::now();
+    // First the namespace: a namespaced install puts the operator's Role in it.
+    shop::run(
+        kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(shop::workspace().join("examples/shop/namespace.yaml")),
+    )?;
     shop::install_chart(RELEASE, SYSTEM, NAMESPACE)?;
     detail(&format!(
         "helm upgrade --install {RELEASE} charts/trellis -n {SYSTEM} --set watchNamespace={NAMESPACE}: operator available in {:.0?}",
