@@ -190,20 +190,26 @@ async fn run(
     let timeout = Duration::from_secs(opts.timeout);
     wait_converged(client, OPERATOR_NS, opts.count, timeout, procs).await?;
     let converge = t0.elapsed();
-    let converge_requests = counter.take();
+    let (converge_requests, converge_detail) = counter.take();
     eprintln!(
         "   converged in {:.1} s ({:.1} s to apply)",
         converge.as_secs_f64(),
         applied.as_secs_f64()
     );
 
-    // 2. Idle writes with everything converged (after the Deployment
-    // controller's own status updates have settled).
+    // 2. Idle writes with everything converged and settled: every
+    // MicroService Ready (the Deployment controller has caught up with
+    // every Deployment, so no status is still moving), then a moment more.
+    let settled = wait_ready(client, OPERATOR_NS, opts.count, timeout).await?;
+    eprintln!(
+        "   all Ready {:.1} s after applying",
+        (settled - t0).as_secs_f64()
+    );
     tokio::time::sleep(Duration::from_secs(10)).await;
     eprintln!("== counting idle API requests for {} s", opts.idle);
     counter.reset();
     tokio::time::sleep(Duration::from_secs(opts.idle)).await;
-    let idle = counter.take();
+    let (idle, idle_detail) = counter.take();
 
     // 3. Single-change latency.
     eprintln!("== {} spec edits, one at a time", opts.edits);
@@ -254,6 +260,7 @@ async fn run(
             "seconds": converge.as_secs_f64(),
             "apply_seconds": applied.as_secs_f64(),
             "requests_by_verb": converge_requests,
+            "requests_by_resource": converge_detail,
             "requests_per_resource": per(&converge_requests, opts.count),
             "writes_per_resource": writes(&converge_requests) as f64 / opts.count as f64,
         },
@@ -270,6 +277,7 @@ async fn run(
         "idle": {
             "seconds": opts.idle,
             "requests_by_verb": idle,
+            "requests_by_resource": idle_detail,
             "writes": writes(&idle),
         },
         "edit_latency_ms": {
@@ -435,6 +443,36 @@ async fn wait_converged(
     }
 }
 
+/// Waits until all `count` MicroServices in `ns` have `Ready=True`; when.
+async fn wait_ready(client: &Client, ns: &str, count: usize, timeout: Duration) -> Result<Instant> {
+    let mss = Api::<MicroService>::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = mss.list(&ListParams::default()).await?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|m| {
+                m.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .count();
+        if ready >= count {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{ready} of {count} MicroServices in {ns} Ready within {} s (--timeout)",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The children in a namespace, counted by kind.
 async fn children(client: &Client, ns: &str) -> Result<usize> {
     async fn count<K>(client: &Client, ns: &str) -> Result<usize>
@@ -575,22 +613,64 @@ where
 
 // ---- the counting proxy ------------------------------------------------------
 
-/// API requests by verb: the HTTP method, or WATCH for `?watch=true`.
+/// API requests by verb (the HTTP method, or WATCH for `?watch=true`), and
+/// by verb and resource (`PATCH deployments`, `POST events`,
+/// `PATCH microservices/status`), which says what the writes were.
 #[derive(Clone, Default)]
-struct Counter(Arc<Mutex<BTreeMap<String, u64>>>);
+struct Counter(Arc<Mutex<Counts>>);
+
+#[derive(Default)]
+struct Counts {
+    by_verb: BTreeMap<String, u64>,
+    by_resource: BTreeMap<String, u64>,
+}
 
 impl Counter {
-    fn count(&self, verb: &str) {
-        *self.0.lock().unwrap().entry(verb.to_owned()).or_default() += 1;
+    fn count(&self, verb: &str, path: &str) {
+        let mut c = self.0.lock().unwrap();
+        *c.by_verb.entry(verb.to_owned()).or_default() += 1;
+        *c.by_resource
+            .entry(format!("{verb} {}", resource_of(path)))
+            .or_default() += 1;
     }
     fn reset(&self) {
-        self.0.lock().unwrap().clear();
+        *self.0.lock().unwrap() = Counts::default();
     }
-    fn take(&self) -> BTreeMap<String, u64> {
-        std::mem::take(&mut *self.0.lock().unwrap())
+    /// The counts by verb and by verb and resource, reset.
+    fn take(&self) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+        let c = std::mem::take(&mut *self.0.lock().unwrap());
+        (c.by_verb, c.by_resource)
     }
     fn get(&self, verb: &str) -> u64 {
-        self.0.lock().unwrap().get(verb).copied().unwrap_or(0)
+        self.0
+            .lock()
+            .unwrap()
+            .by_verb
+            .get(verb)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// The resource (and subresource) an API path names:
+/// `/apis/apps/v1/namespaces/x/deployments/y` → `deployments`,
+/// `/apis/trellis.dev/v1alpha1/namespaces/x/microservices/y/status` → `microservices/status`.
+fn resource_of(path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    // Skip `api/v1` or `apis/<group>/<version>`, then `namespaces/<ns>`.
+    let mut rest = match parts.first() {
+        Some(&"api") => parts.get(2..),
+        Some(&"apis") => parts.get(3..),
+        _ => None,
+    }
+    .unwrap_or_default();
+    if rest.first() == Some(&"namespaces") && rest.len() > 2 {
+        rest = &rest[2..];
+    }
+    match rest {
+        [resource] | [resource, _] => (*resource).to_owned(),
+        [resource, _, sub, ..] => format!("{resource}/{sub}"),
+        [] => path.to_owned(),
     }
 }
 
@@ -625,11 +705,14 @@ async fn forward(
         .uri
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
-    counter.count(if watch {
-        "WATCH"
-    } else {
-        parts.method.as_str()
-    });
+    counter.count(
+        if watch {
+            "WATCH"
+        } else {
+            parts.method.as_str()
+        },
+        parts.uri.path(),
+    );
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return error_response(format!("reading the request: {e}")),
@@ -754,10 +837,33 @@ fn markdown(r: &serde_json::Value) -> String {
     );
     let _ = writeln!(
         out,
-        "| API writes in {} s idle with all converged | {} (all requests: {}) | 0 |",
+        "| API writes in {} s idle with all converged and Ready | {} (all requests: {}) | 0 |",
         r["idle"]["seconds"],
         r["idle"]["writes"],
-        verbs(&r["idle"]["requests_by_verb"])
+        verbs(&r["idle"]["requests_by_resource"])
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resource_of;
+
+    #[test]
+    fn names_the_resource_of_an_api_path() {
+        for (path, want) in [
+            ("/api/v1/namespaces/x/events", "events"),
+            ("/apis/events.k8s.io/v1/namespaces/x/events/e1", "events"),
+            ("/apis/apps/v1/namespaces/x/deployments/web", "deployments"),
+            (
+                "/apis/trellis.dev/v1alpha1/namespaces/x/microservices/web/status",
+                "microservices/status",
+            ),
+            ("/apis/coordination.k8s.io/v1/namespaces/x/leases", "leases"),
+            ("/api/v1/namespaces", "namespaces"),
+            ("/version", "/version"),
+        ] {
+            assert_eq!(resource_of(path), want, "{path}");
+        }
+    }
 }
