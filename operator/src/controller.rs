@@ -717,18 +717,6 @@ async fn plan<K: Cached>(ms: &MicroService, ctx: &Context, mut obj: K) -> Result
     Ok(Step { obj, hash, plan })
 }
 
-/// [`plan`] for a child that is rendered only with some specs.
-async fn plan_optional<K: Cached>(
-    ms: &MicroService,
-    ctx: &Context,
-    obj: Option<K>,
-) -> Option<Result<Step<K>, Error>> {
-    match obj {
-        Some(obj) => Some(plan(ms, ctx, obj).await),
-        None => None,
-    }
-}
-
 /// Applies a child unless it is kept; returns whether it changed and the
 /// object as it now is (`None` for a kept one: the cache has it).
 async fn execute<K: Cached>(ctx: &Context, step: &Step<K>) -> Result<Option<K>, Error> {
@@ -800,34 +788,20 @@ async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment, Error> {
     let c: Children = render::render(ms, &ctx.settings.render)?;
 
     // 1. Nothing is written while any child's name is taken by someone else.
-    // The plans run at once: for a new MicroService each is a live read (the
-    // caches cannot say whether someone else's object has the name), and
-    // seven reads one after another were most of a first reconcile's time.
-    let (config, policy, service_account, role, role_binding, deployment, service, pdb, hpa) = tokio::join!(
-        plan(ms, ctx, c.config),
-        plan(ms, ctx, c.policy),
-        plan(ms, ctx, c.service_account),
-        plan(ms, ctx, c.role),
-        plan(ms, ctx, c.role_binding),
-        plan(ms, ctx, c.deployment),
-        plan(ms, ctx, c.service),
-        plan_optional(ms, ctx, c.pdb),
-        plan_optional(ms, ctx, c.hpa),
-    );
     let mut pre = Preflight::default();
-    let config = pre.record(config)?;
-    let policy = pre.record(policy)?;
-    let service_account = pre.record(service_account)?;
-    let role = pre.record(role)?;
-    let role_binding = pre.record(role_binding)?;
-    let deployment = pre.record(deployment)?;
-    let service = pre.record(service)?;
-    let pdb = match pdb {
-        Some(step) => pre.record(step)?,
+    let config = pre.record(plan(ms, ctx, c.config).await)?;
+    let policy = pre.record(plan(ms, ctx, c.policy).await)?;
+    let service_account = pre.record(plan(ms, ctx, c.service_account).await)?;
+    let role = pre.record(plan(ms, ctx, c.role).await)?;
+    let role_binding = pre.record(plan(ms, ctx, c.role_binding).await)?;
+    let deployment = pre.record(plan(ms, ctx, c.deployment).await)?;
+    let service = pre.record(plan(ms, ctx, c.service).await)?;
+    let pdb = match c.pdb {
+        Some(pdb) => pre.record(plan(ms, ctx, pdb).await)?,
         None => None,
     };
-    let hpa = match hpa {
-        Some(step) => pre.record(step)?,
+    let hpa = match c.hpa {
+        Some(hpa) => pre.record(plan(ms, ctx, hpa).await)?,
         None => None,
     };
     if !pre.collisions.is_empty() {
