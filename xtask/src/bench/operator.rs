@@ -613,42 +613,39 @@ where
 
 // ---- the counting proxy ------------------------------------------------------
 
-/// API requests by verb (the HTTP method, or WATCH for `?watch=true`), and
-/// by verb and resource (`PATCH deployments`, `POST events`,
-/// `PATCH microservices/status`), which says what the writes were.
+/// API requests by verb and resource (`PATCH deployments`, `POST events`,
+/// `PATCH microservices/status`, `WATCH configmaps`), which says what the
+/// writes were; the verb is the HTTP method, or WATCH for `?watch=true`.
 #[derive(Clone, Default)]
-struct Counter(Arc<Mutex<Counts>>);
-
-#[derive(Default)]
-struct Counts {
-    by_verb: BTreeMap<String, u64>,
-    by_resource: BTreeMap<String, u64>,
-}
+struct Counter(Arc<Mutex<BTreeMap<String, u64>>>);
 
 impl Counter {
     fn count(&self, verb: &str, path: &str) {
-        let mut c = self.0.lock().unwrap();
-        *c.by_verb.entry(verb.to_owned()).or_default() += 1;
-        *c.by_resource
-            .entry(format!("{verb} {}", resource_of(path)))
-            .or_default() += 1;
+        let key = format!("{verb} {}", resource_of(path));
+        *self.0.lock().unwrap().entry(key).or_default() += 1;
     }
     fn reset(&self) {
-        *self.0.lock().unwrap() = Counts::default();
+        self.0.lock().unwrap().clear();
     }
     /// The counts by verb and by verb and resource, reset.
     fn take(&self) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
-        let c = std::mem::take(&mut *self.0.lock().unwrap());
-        (c.by_verb, c.by_resource)
+        let by_resource = std::mem::take(&mut *self.0.lock().unwrap());
+        let mut by_verb = BTreeMap::new();
+        for (key, n) in &by_resource {
+            let verb = key.split(' ').next().unwrap_or_default();
+            *by_verb.entry(verb.to_owned()).or_default() += n;
+        }
+        (by_verb, by_resource)
     }
+    /// Requests of one verb so far.
     fn get(&self, verb: &str) -> u64 {
         self.0
             .lock()
             .unwrap()
-            .by_verb
-            .get(verb)
-            .copied()
-            .unwrap_or(0)
+            .iter()
+            .filter(|(key, _)| key.split(' ').next() == Some(verb))
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
@@ -847,7 +844,24 @@ fn markdown(r: &serde_json::Value) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::resource_of;
+    use super::{Counter, resource_of};
+
+    #[test]
+    fn counts_by_resource_and_derives_the_verbs() {
+        let c = Counter::default();
+        c.count("PATCH", "/apis/apps/v1/namespaces/x/deployments/web");
+        c.count(
+            "PATCH",
+            "/apis/trellis.dev/v1alpha1/namespaces/x/microservices/web/status",
+        );
+        c.count("WATCH", "/api/v1/namespaces/x/configmaps");
+        assert_eq!(c.get("PATCH"), 2);
+        assert_eq!(c.get("WATCH"), 1);
+        let (by_verb, by_resource) = c.take();
+        assert_eq!(by_verb["PATCH"], 2);
+        assert_eq!(by_resource["PATCH microservices/status"], 1);
+        assert_eq!(c.get("PATCH"), 0);
+    }
 
     #[test]
     fn names_the_resource_of_an_api_path() {
