@@ -49,6 +49,9 @@ pub struct SidecarPolicy {
     /// Distributed tracing.
     #[serde(default)]
     pub tracing: Tracing,
+    /// What becomes of calls to destinations outside the mesh.
+    #[serde(default)]
+    pub egress: Egress,
 }
 
 impl SidecarPolicy {
@@ -62,6 +65,24 @@ impl SidecarPolicy {
     /// The policy as pretty JSON, the form stored in the ConfigMap.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a policy always serialises")
+    }
+
+    /// The dependency entry for Service `name` in `namespace`, if it is declared
+    /// (a dependency without a namespace is in the policy's own).
+    pub fn dependency(&self, name: &str, namespace: &str) -> Option<&Dependency> {
+        self.dependencies.iter().find(|d| {
+            d.name == name && d.namespace.as_deref().unwrap_or(&self.namespace) == namespace
+        })
+    }
+
+    /// Whether the sidecar may discover Services in `namespace`: its own, and
+    /// those its dependencies name, where the operator grants it read access.
+    pub fn may_read(&self, namespace: &str) -> bool {
+        self.namespace == namespace
+            || self
+                .dependencies
+                .iter()
+                .any(|d| d.namespace.as_deref() == Some(namespace))
     }
 
     /// The effective settings for one dependency: its overrides over the defaults.
@@ -81,6 +102,20 @@ impl SidecarPolicy {
                 .unwrap_or_else(|| self.resilience.circuit_breaker.clone()),
         }
     }
+}
+
+/// What the sidecar does with a call whose destination is neither a declared
+/// dependency nor a Service it can discover: a name in a namespace it may
+/// not read (`example.com` reads as Service `example` in namespace `com`),
+/// a name that is no Service, an IP address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Egress {
+    /// Resolve the host by DNS and forward the call, with the default
+    /// `resilience.timeout` and metrics labelled `egress:<host>`.
+    #[default]
+    Allow,
+    /// Refuse the call at once with 403, naming the host.
+    Deny,
 }
 
 /// The protocol an application speaks.
@@ -234,6 +269,14 @@ pub struct Retry {
     /// Caps retries to a share of the traffic, so a failing upstream is not hit by a storm.
     #[serde(default)]
     pub budget: RetryBudget,
+    /// The gRPC status codes retried, as in gRPC's own retry policy. gRPC
+    /// calls (all `POST`) are retryable without `x-trellis-retryable`, but only
+    /// on these codes, on `connect-failure` and on the statuses above; an empty
+    /// list retries no gRPC status.
+    #[serde(default = "defaults::grpc_codes")]
+    #[schemars(length(max = 17))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub grpc_codes: Vec<GrpcCode>,
 }
 
 impl Default for Retry {
@@ -245,7 +288,103 @@ impl Default for Retry {
             statuses: defaults::retry_statuses(),
             max_replay_bytes: defaults::max_replay_bytes(),
             budget: RetryBudget::default(),
+            grpc_codes: defaults::grpc_codes(),
         }
+    }
+}
+
+/// A gRPC status code, by its canonical name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum GrpcCode {
+    /// 0: success.
+    Ok,
+    /// 1: the caller cancelled the call.
+    Cancelled,
+    /// 2: an error with no better code.
+    Unknown,
+    /// 3: the request is invalid whatever the server's state.
+    InvalidArgument,
+    /// 4: the deadline passed before the call completed.
+    DeadlineExceeded,
+    /// 5: what the request names does not exist.
+    NotFound,
+    /// 6: what the request would create exists.
+    AlreadyExists,
+    /// 7: the caller may not do this.
+    PermissionDenied,
+    /// 8: a quota or resource ran out.
+    ResourceExhausted,
+    /// 9: the system is not in the state the call needs.
+    FailedPrecondition,
+    /// 10: the call was aborted (a conflict, a failed transaction).
+    Aborted,
+    /// 11: past the valid range.
+    OutOfRange,
+    /// 12: the server does not implement the method.
+    Unimplemented,
+    /// 13: the server broke an invariant.
+    Internal,
+    /// 14: the service is unavailable for now; retrying is safe.
+    Unavailable,
+    /// 15: unrecoverable data loss.
+    DataLoss,
+    /// 16: the caller has no valid credentials.
+    Unauthenticated,
+}
+
+impl GrpcCode {
+    const ALL: [Self; 17] = [
+        Self::Ok,
+        Self::Cancelled,
+        Self::Unknown,
+        Self::InvalidArgument,
+        Self::DeadlineExceeded,
+        Self::NotFound,
+        Self::AlreadyExists,
+        Self::PermissionDenied,
+        Self::ResourceExhausted,
+        Self::FailedPrecondition,
+        Self::Aborted,
+        Self::OutOfRange,
+        Self::Unimplemented,
+        Self::Internal,
+        Self::Unavailable,
+        Self::DataLoss,
+        Self::Unauthenticated,
+    ];
+
+    /// The code with number `n` (the value of `grpc-status`), if gRPC defines one.
+    pub fn from_number(n: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(n)).copied()
+    }
+
+    /// The code's number.
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    /// The canonical name, `UNAVAILABLE`.
+    pub fn name(self) -> &'static str {
+        [
+            "OK",
+            "CANCELLED",
+            "UNKNOWN",
+            "INVALID_ARGUMENT",
+            "DEADLINE_EXCEEDED",
+            "NOT_FOUND",
+            "ALREADY_EXISTS",
+            "PERMISSION_DENIED",
+            "RESOURCE_EXHAUSTED",
+            "FAILED_PRECONDITION",
+            "ABORTED",
+            "OUT_OF_RANGE",
+            "UNIMPLEMENTED",
+            "INTERNAL",
+            "UNAVAILABLE",
+            "DATA_LOSS",
+            "UNAUTHENTICATED",
+        ][usize::from(self.number())]
     }
 }
 
@@ -445,7 +584,7 @@ impl Default for Tracing {
 
 /// The defaults, in one place: the values of the seed's Go platform where it had them.
 mod defaults {
-    use super::{Duration, FailureKind, RetryOn};
+    use super::{Duration, FailureKind, GrpcCode, RetryOn};
 
     pub fn health_path() -> String {
         "/health".into()
@@ -468,6 +607,9 @@ mod defaults {
             RetryOn::ServerError,
             RetryOn::TooManyRequests,
         ]
+    }
+    pub fn grpc_codes() -> Vec<GrpcCode> {
+        vec![GrpcCode::Unavailable]
     }
     pub fn retry_statuses() -> Vec<u16> {
         vec![502, 503, 504]
@@ -526,5 +668,42 @@ mod defaults {
     }
     pub fn sample_ratio() -> f64 {
         0.1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_have_grpc_numbers_and_names() {
+        for n in 0..=16u8 {
+            let code = GrpcCode::from_number(n).unwrap();
+            assert_eq!(code.number(), n);
+            let wire = serde_json::to_value(code).unwrap();
+            assert_eq!(wire, code.name(), "serde and name() agree");
+        }
+        assert_eq!(GrpcCode::from_number(14), Some(GrpcCode::Unavailable));
+        assert_eq!(GrpcCode::Unavailable.name(), "UNAVAILABLE");
+        assert_eq!(GrpcCode::from_number(17), None);
+        assert_eq!(Retry::default().grpc_codes, [GrpcCode::Unavailable]);
+    }
+
+    #[test]
+    fn finds_dependencies_and_readable_namespaces() {
+        let mut p =
+            SidecarPolicy::from_json(r#"{"service":"order","namespace":"shop","appPort":8080}"#)
+                .unwrap();
+        p.dependencies.push(Dependency::named("user"));
+        p.dependencies.push(Dependency {
+            namespace: Some("billing".into()),
+            ..Dependency::named("ledger")
+        });
+        assert!(p.dependency("user", "shop").is_some());
+        assert!(p.dependency("user", "billing").is_none());
+        assert!(p.dependency("ledger", "billing").is_some());
+        assert!(p.dependency("ledger", "shop").is_none());
+        assert!(p.may_read("shop") && p.may_read("billing"));
+        assert!(!p.may_read("com"));
     }
 }

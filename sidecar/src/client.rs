@@ -27,10 +27,7 @@ pub enum UpstreamProtocol {
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
+    crate::http::grpc::is_grpc(req.headers())
 }
 
 impl UpstreamProtocol {

@@ -27,6 +27,12 @@ use prometheus_client::{
     registry::Registry,
 };
 use tower::{Layer, Service};
+use trellis_policy::GrpcCode;
+
+use crate::http::{
+    Body,
+    grpc::{End, OnEnd, Outcome},
+};
 
 /// Which listener a request came through.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -49,6 +55,13 @@ struct RequestLabels {
     direction: Direction,
     service: String,
     status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    direction: Direction,
+    service: String,
+    grpc_code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +143,7 @@ struct Inner {
     registry: Registry,
     handles: HandleCache,
     requests: Family<RequestLabels, Counter>,
+    grpc_responses: Family<GrpcLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, LatencyBuckets>,
     proxy_errors: Family<ErrorLabels, Counter>,
     endpoints: Family<ServiceLabels, Gauge>,
@@ -160,6 +174,12 @@ impl Default for Metrics {
             "requests",
             "Requests proxied, by direction, upstream service and status class",
             requests.clone(),
+        );
+        let grpc_responses = Family::default();
+        registry.register(
+            "grpc_responses",
+            "gRPC calls by direction, service and the grpc-status they ended with (from trailers-only headers or the trailers); a stream that broke before its status is INTERNAL",
+            grpc_responses.clone(),
         );
         let latency = Family::new_with_constructor(LatencyBuckets);
         registry.register(
@@ -218,7 +238,7 @@ impl Default for Metrics {
         let retries = Family::default();
         registry.register(
             "retries",
-            "Retries sent, by dependency and what was retried (connect-failure, 5xx, 429, timeout)",
+            "Retries sent, by dependency and what was retried (connect-failure, 5xx, 429, timeout, grpc)",
             retries.clone(),
         );
         let budget_exhausted = Family::default();
@@ -270,6 +290,7 @@ impl Default for Metrics {
             ejections,
             ejected,
             requests,
+            grpc_responses,
             latency,
             proxy_errors,
             endpoints,
@@ -354,6 +375,18 @@ impl Metrics {
         }
     }
 
+    /// Counts a gRPC call that ended with `code`.
+    pub fn record_grpc(&self, direction: Direction, service: &str, code: GrpcCode) {
+        self.0
+            .grpc_responses
+            .get_or_create(&GrpcLabels {
+                direction,
+                service: service.to_owned(),
+                grpc_code: code.name(),
+            })
+            .inc();
+    }
+
     /// The cached handles of `service` in `direction` (made at first use).
     fn handles(&self, direction: Direction, service: &str) -> Arc<ServiceHandles> {
         let map = &self.0.handles[direction as usize];
@@ -401,7 +434,7 @@ impl Metrics {
     }
 }
 
-/// The metrics of the resilience layers (issue 5).
+/// The metrics of the resilience layers.
 impl Metrics {
     /// Sets the breaker state gauge of `service` (one series per state, 1 for the current).
     pub fn set_breaker_state(&self, service: &str, state: &'static str) {
@@ -519,9 +552,9 @@ pub struct RecordRequests<S> {
     layer: MetricsLayer,
 }
 
-impl<S, B, RB> Service<Request<B>> for RecordRequests<S>
+impl<S, B> Service<Request<B>> for RecordRequests<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<B>, Response = Response<Body>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -551,20 +584,18 @@ pin_project! {
     }
 }
 
-impl<F, RB, E> Future for Recorded<F>
+impl<F, E> Future for Recorded<F>
 where
-    F: Future<Output = Result<Response<RB>, E>>,
+    F: Future<Output = Result<Response<Body>, E>>,
 {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let res = ready!(this.inner.poll(cx));
-        if let Ok(rsp) = &res {
-            let service = rsp
-                .extensions()
-                .get::<ServiceLabel>()
-                .map_or("unknown", |s| &s.0);
+        let mut res = ready!(this.inner.poll(cx));
+        if let Ok(rsp) = &mut res {
+            let label = rsp.extensions().get::<ServiceLabel>().map(|s| s.0.clone());
+            let service = label.as_deref().unwrap_or("unknown");
             let proxy_error = rsp
                 .headers()
                 .get(crate::http::response::X_PROXY_ERROR)
@@ -576,6 +607,22 @@ where
                 this.start.elapsed(),
                 proxy_error,
             );
+            let direction = this.layer.direction;
+            match Outcome::of(rsp) {
+                Outcome::Http => {}
+                Outcome::Grpc(code) => this.layer.metrics.record_grpc(direction, service, code),
+                Outcome::InTrailers => {
+                    let (metrics, service) = (this.layer.metrics.clone(), service.to_owned());
+                    let body = std::mem::replace(rsp.body_mut(), crate::http::empty());
+                    *rsp.body_mut() = OnEnd::wrap(body, move |end| {
+                        let code = match end {
+                            End::Status(code) => code,
+                            End::Broken => GrpcCode::Internal,
+                        };
+                        metrics.record_grpc(direction, &service, code);
+                    });
+                }
+            }
         }
         Poll::Ready(res)
     }

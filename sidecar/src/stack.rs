@@ -3,9 +3,9 @@
 //! Reading this file top to bottom shows what a request goes through:
 //!
 //! ```text
-//! outbound (127.0.0.1):  metrics → request id → hop-by-hop → router
+//! outbound (127.0.0.1):  metrics → request id → hop-by-hop → router (→ egress outside the mesh)
 //!     per service:       overall timeout → replay buffer → retry (budget, backoff)
-//!                        → client span (one per try) → circuit breaker → per-try timeout
+//!                        → gRPC trailers peek → client span (one per try) → circuit breaker → per-try timeout
 //!                        → no-endpoints fail-fast → p2c/peak-EWMA balancer
 //!     per endpoint:      outlier ejection (+ the try's deadline) → pooled client (HTTP/1.1 or h2c)
 //! inbound (pod IP):      server span → metrics → request id → hop-by-hop → per policy:
@@ -44,6 +44,7 @@ use crate::{
     },
     metrics::{Direction, Metrics, MetricsLayer},
     outbound::{
+        egress::EgressForwarder,
         endpoint::Endpoint,
         no_endpoints::FailFast,
         router::{Router, RouterParts},
@@ -55,7 +56,7 @@ use crate::{
         Registry,
         breaker::{self, BreakerService},
         outlier::{Outlier, OutlierSettings},
-        retry::{self, Replayable, RetryPolicy},
+        retry::{self, PeekTrailers, Replayable, RetryPolicy},
         timeout::{Overall, TryTimeout},
     },
     trace::{
@@ -107,6 +108,7 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
         resolver: parts.resolver.clone(),
         policy: parts.policy.clone(),
         discovery_timeout: parts.discovery_timeout,
+        egress: EgressForwarder::new(parts.client.clone(), parts.policy.clone()),
         make_balancer: Arc::new(move |svc: &ServiceName, watch| {
             let (client, label): (_, Arc<str>) = (client.clone(), svc.to_string().into());
             let group = registry.outliers(&label, &outlier);
@@ -142,13 +144,16 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
 
 /// The policy layers of one outbound service, over its balancer, outermost first:
 ///
-/// - the overall deadline (`timeout`, retries and backoff included: 504
-///   "overall timeout");
+/// - the overall deadline (`timeout`, or a gRPC client's shorter
+///   `grpc-timeout`; retries and backoff included: 504 "overall timeout");
 /// - replay buffering, which decides whether a request may be retried at all
 ///   (method or `x-trellis-retryable`, body size);
 /// - a counter of tries, for the spans' `http.request.resend_count`;
-/// - tower's `Retry` with our policy (statuses, 429 + Retry-After, connect
-///   failures, per-try timeouts; backoff with full jitter; the budget);
+/// - tower's `Retry` with our policy (statuses, gRPC codes, 429 +
+///   Retry-After, connect failures, per-try timeouts; backoff with full
+///   jitter; the budget);
+/// - a peek at a gRPC response's trailers when they come with its first
+///   message, so the retry policy sees a status sent there;
 /// - the client span, one per try, so retries are sibling spans;
 /// - the circuit breaker, under the retry so it counts every try and an
 ///   open breaker is never retried;
@@ -181,7 +186,7 @@ fn outbound_route(
     );
     let guarded = BreakerService::new(per_try, breaker);
     let traced = ClientSpan::new(guarded, tracing.clone(), service.clone());
-    let retrying = CountTries::new(tower::retry::Retry::new(policy, traced));
+    let retrying = CountTries::new(tower::retry::Retry::new(policy, PeekTrailers::new(traced)));
     let replayable = Replayable::new(retrying, settings);
     BoxCloneSyncService::new(Overall::new(replayable, res.timeout.get(), service))
 }

@@ -2,6 +2,7 @@
 //! handling, request ids and the error responses the proxy itself writes.
 
 pub mod framing;
+pub mod grpc;
 pub mod headers;
 pub mod request_id;
 pub mod response;

@@ -393,10 +393,9 @@ where
         let call: BoxFuture<'static, Result<http::Response<Body>, BoxError>> =
             Box::pin(self.inner.clone().oneshot(req));
         async move {
-            let res = call.await;
-            let failed = super::failure_kind(&res).is_some_and(|k| breaker.counts_as_failure(k));
-            ticket.record(!failed);
-            res
+            super::on_outcome(call.await, move |kind| {
+                ticket.record(!kind.is_some_and(|k| breaker.counts_as_failure(k)));
+            })
         }
         .boxed()
     }

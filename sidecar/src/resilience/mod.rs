@@ -24,7 +24,11 @@ use http::Response;
 use trellis_policy::{FailureKind, RetryBudget as BudgetSpec};
 
 use crate::{
-    http::{Body, BoxError, response::ProxyError},
+    http::{
+        Body, BoxError,
+        grpc::{self, Outcome},
+        response::ProxyError,
+    },
     metrics::Metrics,
 };
 
@@ -49,20 +53,51 @@ pub fn is_timeout(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
         || find::<tokio::time::error::Elapsed>(e).is_some()
 }
 
-/// What kind of failure a try's result is, if it is one: a 5xx answer, a
-/// timeout, or a connection that failed or broke before the response.
-/// Any other error below the breaker (not only a [`ClientError`](crate::client::ClientError)) is a
-/// transport failure too.
+/// What kind of failure a try's result is, as far as its headers tell: a
+/// 5xx answer, a gRPC status that is the server's failure (see
+/// [`grpc::failure_kind`]), a timeout, or a connection that failed or broke
+/// before the response. Any other error below the breaker (not only a
+/// [`ClientError`](crate::client::ClientError)) is a transport failure too.
+/// A gRPC response whose status is still to come in its trailers is not
+/// (yet) a failure: [`on_outcome`] waits for it.
 pub fn failure_kind(res: &Result<Response<Body>, BoxError>) -> Option<FailureKind> {
     match res {
-        Ok(rsp) if rsp.status().is_server_error() => Some(FailureKind::ServerError),
-        Ok(_) => None,
+        Ok(rsp) => match Outcome::of(rsp) {
+            Outcome::Grpc(code) => grpc::failure_kind(code),
+            Outcome::InTrailers => None,
+            Outcome::Http => rsp
+                .status()
+                .is_server_error()
+                .then_some(FailureKind::ServerError),
+        },
         Err(e) if is_timeout(e.as_ref()) => Some(FailureKind::Timeout),
         Err(e) => match find::<ProxyError>(e.as_ref()) {
             // Not the dependency's fault.
             Some(ProxyError::CircuitOpen { .. } | ProxyError::BadRequest(_)) => None,
             _ => Some(FailureKind::ConnectFailure),
         },
+    }
+}
+
+/// Calls `record` with the failure kind of `res` (`None`: a success) once
+/// its outcome is known: at once, or, for a gRPC response whose status
+/// comes in the trailers, when the body ends (a body dropped before its end
+/// calls nothing). Returns `res` to pass on.
+pub fn on_outcome<F>(
+    res: Result<Response<Body>, BoxError>,
+    record: F,
+) -> Result<Response<Body>, BoxError>
+where
+    F: FnOnce(Option<FailureKind>) + Send + 'static,
+{
+    match res {
+        Ok(rsp) if Outcome::of(&rsp) == Outcome::InTrailers => {
+            Ok(rsp.map(|body| grpc::OnEnd::wrap(body, move |end| record(end.failure_kind()))))
+        }
+        res => {
+            record(failure_kind(&res));
+            res
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use http::{Request, Response};
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
-use super::{failure_kind, timeout::TryDeadline};
+use super::{on_outcome, timeout::TryDeadline};
 use crate::{
     http::{Body, BoxError},
     metrics::Metrics,
@@ -267,8 +267,7 @@ where
                 },
                 None => fut.await,
             };
-            group.record(addr, failure_kind(&res).is_some());
-            res
+            on_outcome(res, move |kind| group.record(addr, kind.is_some()))
         }
         .boxed()
     }

@@ -22,7 +22,11 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
-use crate::http::{Body, BoxError, response::ProxyError};
+use crate::http::{
+    Body, BoxError,
+    grpc::{GRPC_TIMEOUT, parse_timeout},
+    response::ProxyError,
+};
 
 /// When the overall deadline of a call passes.
 #[derive(Clone, Copy, Debug)]
@@ -104,8 +108,14 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let at = Instant::now() + self.timeout;
-        let timeout = self.timeout;
+        // A gRPC client's own deadline bounds the call too: past it the
+        // client has given up, and retries would be work for no one.
+        let timeout = req
+            .headers()
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| parse_timeout(v.as_bytes()))
+            .map_or(self.timeout, |client| client.min(self.timeout));
+        let at = Instant::now() + timeout;
         req.extensions_mut().insert(Deadline { at, timeout });
         let fut: BoxFuture<'static, Result<Response<Body>, BoxError>> =
             Box::pin(self.inner.call(req));

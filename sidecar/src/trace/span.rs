@@ -36,10 +36,7 @@ pub fn describe<B>(req: &Request<B>) -> (Cow<'static, str>, Vec<KeyValue>) {
     {
         attrs.push(KeyValue::new("user_agent.original", ua.to_owned()));
     }
-    let is_grpc = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let is_grpc = crate::http::grpc::is_grpc(req.headers());
     let name = match path.trim_start_matches('/').split_once('/') {
         Some((service, method)) if is_grpc => {
             attrs.push(KeyValue::new("rpc.system", "grpc"));
