@@ -22,7 +22,7 @@ use k8s_openapi::{
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use trellis_policy::{Dependency, HealthCheck, Inbound, Protocol, Resilience, Tracing};
+use trellis_policy::{Dependency, Egress, HealthCheck, Inbound, Protocol, Resilience, Tracing};
 
 /// The API group of every Trellis resource.
 pub const GROUP: &str = "trellis.dev";
@@ -145,6 +145,12 @@ pub struct MicroServiceSpec {
     /// Distributed tracing by the sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
+
+    /// Calls to destinations outside the mesh — hosts that are neither
+    /// dependencies nor Services the sidecar can read — are forwarded by DNS
+    /// (`Allow`, the default) or refused with 403 naming the host (`Deny`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
 
     /// Scale on CPU with a HorizontalPodAutoscaler instead of a fixed `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

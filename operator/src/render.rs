@@ -176,6 +176,7 @@ pub fn sidecar_policy(ms: &MicroService) -> Result<SidecarPolicy, RenderError> {
         dependencies: s.dependencies.clone(),
         inbound: s.inbound.clone().unwrap_or_default(),
         tracing: s.tracing.clone().unwrap_or_default(),
+        egress: s.egress.unwrap_or_default(),
     };
     policy.validate().map_err(RenderError::InvalidPolicy)?;
     Ok(policy)

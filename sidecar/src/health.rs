@@ -31,8 +31,9 @@ use trellis_policy::Protocol;
 
 use crate::{
     client::{UpstreamClient, UpstreamProtocol},
-    discovery::Resolver,
+    discovery::{Discovered, Resolver},
     http::empty,
+    outbound::router::declared,
     policy_watch::PolicyState,
 };
 
@@ -137,11 +138,11 @@ impl Health {
         );
 
         let start = Instant::now();
-        let synced = self.resolver.is_synced();
+        let synced = self.dependencies_synced();
         let stale = self.stale_discovery();
         let mut problems = Vec::new();
         if !synced {
-            problems.push("discovery has not answered for every service yet".to_owned());
+            problems.push("discovery has not answered for every dependency yet".to_owned());
         }
         problems.extend(stale.clone());
         checks.insert(
@@ -173,6 +174,21 @@ impl Health {
         checks
     }
 
+    /// Whether discovery has answered for every declared dependency that
+    /// has been looked up. Other names an application calls do not count:
+    /// a destination it may not read, or one that never answers, must not
+    /// take the pod out of service. Before any policy, every name counts.
+    fn dependencies_synced(&self) -> bool {
+        let state = self.policy.borrow();
+        let Some(policy) = state.policy.as_deref() else {
+            return self.resolver.is_synced();
+        };
+        self.resolver
+            .snapshot()
+            .iter()
+            .all(|(svc, known)| *known != Discovered::Pending || !declared(Some(policy), svc))
+    }
+
     /// One line per service whose discovery is stale: since when, and why.
     fn stale_discovery(&self) -> Vec<String> {
         self.resolver
@@ -202,7 +218,7 @@ impl Health {
         let checks = self.checks();
         // Discovery fails readiness only while a service has had no answer
         // at all; stale answers still serve (see the module docs).
-        let synced = self.resolver.is_synced();
+        let synced = self.dependencies_synced();
         let failing: Vec<String> = ["listeners", "discovery", "app"]
             .iter()
             .filter(|name| **name != "discovery" || !synced)
@@ -334,5 +350,73 @@ pub fn status_code(ok: bool) -> StatusCode {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{discovery::EndpointsWatch, outbound::target::ServiceName};
+    use std::collections::BTreeMap;
+    use trellis_policy::{Dependency, SidecarPolicy};
+
+    /// Discovery that never answers: every name stays pending.
+    #[derive(Default)]
+    struct NeverAnswers(Mutex<BTreeMap<ServiceName, watch::Sender<Discovered>>>);
+
+    impl crate::discovery::Resolve for NeverAnswers {
+        fn resolve(&self, service: &ServiceName) -> EndpointsWatch {
+            let mut map = self.0.lock().unwrap();
+            map.entry(service.clone())
+                .or_insert_with(|| watch::channel(Discovered::Pending).0)
+                .subscribe()
+        }
+        fn is_synced(&self) -> bool {
+            self.0.lock().unwrap().is_empty()
+        }
+        fn snapshot(&self) -> BTreeMap<ServiceName, Discovered> {
+            let map = self.0.lock().unwrap();
+            map.iter()
+                .map(|(k, v)| (k.clone(), v.borrow().clone()))
+                .collect()
+        }
+    }
+
+    fn ready_health(resolver: Resolver) -> Health {
+        let mut policy =
+            SidecarPolicy::from_json(r#"{"service":"order","namespace":"shop","appPort":8080}"#)
+                .unwrap();
+        policy.dependencies.push(Dependency::named("user"));
+        let state = PolicyState {
+            policy: Some(Arc::new(policy)),
+            generation: 1,
+            ..PolicyState::default()
+        };
+        let (_tx, rx) = watch::channel(state);
+        std::mem::forget(_tx);
+        let health = Health::new(resolver, rx);
+        health.set_listening();
+        health.set_app(AppCheck {
+            ok: true,
+            duration: Duration::ZERO,
+            error: None,
+        });
+        health
+    }
+
+    #[test]
+    fn only_a_pending_dependency_makes_the_sidecar_unready() {
+        let resolver = Resolver::new(NeverAnswers::default());
+        let health = ready_health(resolver.clone());
+        assert_eq!(health.readiness(), Ok(()));
+        // Names the app called that are not dependencies: no answer from
+        // discovery must not take the pod out of service.
+        resolver.resolve(&ServiceName::new("example", "com"));
+        resolver.resolve(&ServiceName::new("nosuch", "shop"));
+        assert_eq!(health.readiness(), Ok(()));
+        // A declared dependency with no answer yet does.
+        resolver.resolve(&ServiceName::new("user", "shop"));
+        let err = health.readiness().unwrap_err();
+        assert!(err.contains("discovery"), "{err}");
     }
 }

@@ -220,8 +220,9 @@ async fn policy_reload_under_load_fails_no_request() {
 async fn metrics_count_requests_by_direction_service_and_class() {
     let app = upstream("app").await;
     let user = upstream("user").await;
+    let deps = serde_json::json!({"dependencies": [{"name": "user"}, {"name": "nosuch"}]});
     let (sc, _) = sidecar(
-        &policy("order", app.addr.port(), serde_json::json!({})),
+        &policy("order", app.addr.port(), deps),
         &[("user", &[user.addr])],
     )
     .await;

@@ -59,11 +59,10 @@ async fn proxy_form_and_host_routing_reach_the_named_service() {
 #[tokio::test]
 async fn unknown_names_and_empty_services_get_a_fast_503_naming_them() {
     let app = upstream("app").await;
-    let (sc, _) = sidecar(
-        &policy("order", app.addr.port(), serde_json::json!({})),
-        &[("empty", &[])],
-    )
-    .await;
+    // A declared dependency that does not exist (an undeclared one is a
+    // destination outside the mesh: tests/egress.rs).
+    let deps = serde_json::json!({"dependencies": [{"name": "nosuch"}]});
+    let (sc, _) = sidecar(&policy("order", app.addr.port(), deps), &[("empty", &[])]).await;
     let start = Instant::now();
     let a = get_via(sc.outbound, "http://nosuch/x").await;
     let took = start.elapsed();
@@ -175,8 +174,9 @@ async fn endpoint_changes_apply_live() {
         upstream("b").await,
         upstream("c").await,
     );
+    let deps = serde_json::json!({"dependencies": [{"name": "user"}]});
     let (sc, _) = sidecar(
-        &policy("order", app.addr.port(), serde_json::json!({})),
+        &policy("order", app.addr.port(), deps),
         &[("user", &[a.addr])],
     )
     .await;

@@ -44,6 +44,19 @@ pub enum ProxyError {
     /// Discovery has not answered yet about this service.
     #[error("discovery has no answer yet for service {0:?}")]
     DiscoveryPending(String),
+    /// The destination is outside the mesh and the policy's egress is `Deny`.
+    #[error(
+        "{0:?} is not a dependency or a service of the mesh this sidecar can read, and egress is Deny: declare it in spec.dependencies or set spec.egress to Allow"
+    )]
+    EgressDenied(String),
+    /// The destination outside the mesh could not be resolved by DNS.
+    #[error("{host:?} is outside the mesh and does not resolve: {error}")]
+    EgressUnresolved {
+        /// The host.
+        host: String,
+        /// What the resolver said.
+        error: String,
+    },
     /// The service exists but has no ready endpoint.
     #[error("service {0:?} has no ready endpoints")]
     NoEndpoints(String),
@@ -133,6 +146,8 @@ impl ProxyError {
             Self::NoAuthority | Self::BadAuthority(_) | Self::BadRequest(_) => {
                 StatusCode::BAD_REQUEST
             }
+            Self::EgressDenied(_) => StatusCode::FORBIDDEN,
+            Self::EgressUnresolved { .. } => StatusCode::BAD_GATEWAY,
             Self::UnknownService(_)
             | Self::NoEndpoints(_)
             | Self::DiscoveryPending(_)
@@ -160,6 +175,8 @@ impl ProxyError {
             Self::RateLimited { .. } => "rate-limited",
             Self::Overloaded { .. } => "overloaded",
             Self::NoPolicy => "no-policy",
+            Self::EgressDenied(_) => "egress-denied",
+            Self::EgressUnresolved { .. } => "egress-unresolved",
             Self::BadRequest(_) => "bad-request",
         }
     }

@@ -4,8 +4,10 @@
 //! service in Host / `:authority`, finds the service ([`target`]), and hands
 //! the request to that service's route ([`router`]), whose balancer picks an
 //! [`endpoint`], or
-//! [`no_endpoints`] refuses at once when nobody serves.
+//! [`no_endpoints`] refuses at once when nobody serves. A destination
+//! outside the mesh goes to [`egress`] instead.
 
+pub mod egress;
 pub mod endpoint;
 pub mod no_endpoints;
 pub mod router;

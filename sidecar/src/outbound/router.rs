@@ -1,6 +1,16 @@
 //! Routes: one per upstream service, each a balancer with the policy's
 //! layers on top, created on first use and kept.
 //!
+//! A request's destination is a service of the mesh when its host names a
+//! Service (`user`, `user.shop`, `user.shop.svc.cluster.local`) in a
+//! namespace the sidecar may read — its own, or one its dependencies name —
+//! and that Service exists or is a declared dependency. Anything else —
+//! `example.com`, which reads as Service `example` in a namespace `com` the
+//! sidecar may not read, a name that is no Service, an IP address — is
+//! outside the mesh, and [`EgressForwarder`] forwards or refuses it as the
+//! policy's `egress` says. So no host an application calls can start a
+//! watch the sidecar is not allowed, or hold its readiness.
+//!
 //! The balancer of a service lives as long as the sidecar, so its load
 //! estimates and warm connections survive policy changes; the policy layers
 //! above it are rebuilt when a new policy is applied. Requests already in
@@ -20,7 +30,10 @@ use tokio::sync::watch;
 use tower::{Service, ServiceExt};
 use trellis_policy::{Resilience, SidecarPolicy};
 
-use super::target::{NameRules, ServiceName};
+use super::{
+    egress::{EgressForwarder, External},
+    target::{NameRules, ServiceName, authority_of, is_host},
+};
 use crate::{
     balance::Balanced,
     discovery::{Discovered, EndpointsWatch, Resolver},
@@ -52,6 +65,7 @@ struct Inner {
     make_balancer: MakeBalancer,
     make_stack: MakePolicyStack,
     discovery_timeout: Duration,
+    egress: EgressForwarder,
     routes: Mutex<HashMap<ServiceName, Route>>,
 }
 
@@ -75,6 +89,8 @@ pub struct RouterParts {
     pub make_stack: MakePolicyStack,
     /// How long a request waits for discovery's first answer about a new name.
     pub discovery_timeout: Duration,
+    /// Where calls outside the mesh go.
+    pub egress: EgressForwarder,
 }
 
 impl Router {
@@ -87,9 +103,30 @@ impl Router {
             make_balancer: parts.make_balancer,
             make_stack: parts.make_stack,
             discovery_timeout: parts.discovery_timeout,
+            egress: parts.egress,
             routes: Mutex::default(),
         }))
     }
+}
+
+/// Where a request goes.
+enum Destination {
+    /// A service of the mesh, through its route.
+    Mesh(ServiceName, External),
+    /// Outside the mesh.
+    External(External),
+}
+
+/// Whether the sidecar may read `target`'s namespace (see
+/// [`SidecarPolicy::may_read`]); before any policy, its own only.
+fn readable(rules: &NameRules, policy: Option<&SidecarPolicy>, target: &ServiceName) -> bool {
+    target.namespace == rules.default_namespace
+        || policy.is_some_and(|p| p.may_read(&target.namespace))
+}
+
+/// Whether `target` is one of the policy's dependencies.
+pub fn declared(policy: Option<&SidecarPolicy>, target: &ServiceName) -> bool {
+    policy.is_some_and(|p| p.dependency(&target.name, &target.namespace).is_some())
 }
 
 /// The resilience settings for `target`: its dependency entry's, the
@@ -99,16 +136,32 @@ pub fn resilience_for(policy: Option<&SidecarPolicy>, target: &ServiceName) -> R
     let Some(p) = policy else {
         return Resilience::default();
     };
-    p.dependencies
-        .iter()
-        .find(|d| {
-            d.name == target.name
-                && d.namespace.as_deref().unwrap_or(&p.namespace) == target.namespace
-        })
+    p.dependency(&target.name, &target.namespace)
         .map_or_else(|| p.resilience.clone(), |d| p.effective(d))
 }
 
 impl Inner {
+    /// Where `req` goes (see the module docs).
+    fn destination<B>(&self, req: &Request<B>) -> Result<Destination, ProxyError> {
+        let (host, port) = authority_of(req)?;
+        let parsed = self.rules.parse_host(&host);
+        let external = External {
+            port: port.unwrap_or(80),
+            host,
+        };
+        match parsed {
+            Ok(svc) => {
+                let state = self.policy.borrow();
+                if readable(&self.rules, state.policy.as_deref(), &svc) {
+                    return Ok(Destination::Mesh(svc, external));
+                }
+            }
+            Err(e) if !is_host(&external.host) => return Err(e),
+            Err(_) => {}
+        }
+        Ok(Destination::External(external))
+    }
+
     /// The current stack of `target`, building what is missing or stale.
     fn stack_for(&self, target: &ServiceName, watch: EndpointsWatch) -> Balanced {
         let (generation, resilience) = {
@@ -133,11 +186,16 @@ impl Inner {
         }
     }
 
+    /// Sends `req` on to `target`'s route; a `target` that is no Service
+    /// and no declared dependency is outside the mesh after all, and goes to
+    /// `external`. Returns the label the request is counted under.
     async fn route(
         &self,
         target: &ServiceName,
+        external: External,
         req: Request<Body>,
-    ) -> Result<Response<Body>, BoxError> {
+    ) -> (String, Result<Response<Body>, BoxError>) {
+        let label = target.to_string();
         let mut watch = self.resolver.resolve(target);
         // A name seen for the first time may still be loading; wait briefly
         // for discovery's first answer rather than failing at once.
@@ -151,10 +209,15 @@ impl Inner {
         .map_or(Discovered::Pending, |s| s.clone());
         match state {
             Discovered::Pending => {
-                return Err(ProxyError::DiscoveryPending(target.to_string()).into());
+                let e = ProxyError::DiscoveryPending(label.clone());
+                return (label, Err(e.into()));
+            }
+            Discovered::NotFound if declared(self.policy.borrow().policy.as_deref(), target) => {
+                let e = ProxyError::UnknownService(label.clone());
+                return (label, Err(e.into()));
             }
             Discovered::NotFound => {
-                return Err(ProxyError::UnknownService(target.to_string()).into());
+                return (external.label(), self.egress.forward(&external, req).await);
             }
             // An empty set goes on to the route: its breaker counts
             // "nobody serving" and answers for it while open.
@@ -164,7 +227,7 @@ impl Inner {
         // rustc limitation with boxed-error lifetimes inside async blocks.
         let call: BoxFuture<'static, Result<Response<Body>, BoxError>> =
             Box::pin(self.stack_for(target, watch).oneshot(req));
-        call.await
+        (label, call.await)
     }
 }
 
@@ -190,12 +253,17 @@ impl Service<Request<Body>> for Router {
                 );
                 return Ok(e.into_response());
             }
-            let target = match inner.rules.target_of(&req) {
-                Ok(t) => t,
+            let (label, res) = match inner.destination(&req) {
+                Ok(Destination::Mesh(target, external)) => {
+                    inner.route(&target, external, req).await
+                }
+                Ok(Destination::External(external)) => {
+                    (external.label(), inner.egress.forward(&external, req).await)
+                }
                 Err(e) => return Ok(e.into_response()),
             };
-            let label: Arc<str> = target.to_string().into();
-            let mut rsp = match inner.route(&target, req).await {
+            let label: Arc<str> = label.into();
+            let mut rsp = match res {
                 Ok(rsp) => rsp,
                 Err(e) => {
                     tracing::debug!(service = %label, error = %e, "outbound request failed");

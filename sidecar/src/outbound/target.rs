@@ -74,21 +74,51 @@ impl NameRules {
     /// The service a request is for: the absolute URI's host when the request
     /// is in proxy form (or HTTP/2, whose `:authority` is in the URI), else `Host`.
     pub fn target_of<B>(&self, req: &Request<B>) -> Result<ServiceName, ProxyError> {
-        if let Some(host) = req.uri().host() {
-            return self.parse_host(host);
-        }
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .ok_or(ProxyError::NoAuthority)?
-            .to_str()
-            .map_err(|_| ProxyError::BadAuthority("<non-ascii Host>".into()))?;
-        // Host is an authority: reuse the URI parser to split off the port.
-        let uri: Uri = format!("http://{host}/")
-            .parse()
-            .map_err(|_| ProxyError::BadAuthority(host.to_owned()))?;
-        self.parse_host(uri.host().ok_or(ProxyError::NoAuthority)?)
+        self.parse_host(&authority_of(req)?.0)
     }
+}
+
+/// The host (lowercase, without brackets or a final dot) and port a request
+/// names: the absolute URI's when it is in proxy form (or HTTP/2, whose
+/// `:authority` is in the URI), else `Host`'s.
+pub fn authority_of<B>(req: &Request<B>) -> Result<(String, Option<u16>), ProxyError> {
+    let tidy = |uri: &Uri| {
+        uri.host().map(|h| {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            (h.trim_end_matches('.').to_ascii_lowercase(), uri.port_u16())
+        })
+    };
+    if let Some(found) = tidy(req.uri()) {
+        return Ok(found);
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .ok_or(ProxyError::NoAuthority)?
+        .to_str()
+        .map_err(|_| ProxyError::BadAuthority("<non-ascii Host>".into()))?;
+    // Host is an authority: reuse the URI parser to split off the port.
+    let uri: Uri = format!("http://{host}/")
+        .parse()
+        .map_err(|_| ProxyError::BadAuthority(host.to_owned()))?;
+    tidy(&uri).ok_or(ProxyError::NoAuthority)
+}
+
+/// Whether `host` is something DNS could resolve or an IP address: labels of
+/// letters, digits and `-` (and `_`, which DNS allows), or an address.
+pub fn is_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 #[cfg(test)]
@@ -139,6 +169,30 @@ mod tests {
                 "{host:?} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn tells_hosts_from_garbage() {
+        for host in [
+            "example.com",
+            "a.b.c",
+            "127.0.0.1",
+            "::1",
+            "my_host.local",
+            "x",
+        ] {
+            assert!(is_host(host), "{host}");
+        }
+        for host in ["", "a..b", "-a.com", "a b", "a/b", &"a".repeat(64)] {
+            assert!(!is_host(host), "{host:?}");
+        }
+        let req = Request::get("http://[::1]:8080/").body(()).unwrap();
+        assert_eq!(authority_of(&req).unwrap(), ("::1".into(), Some(8080)));
+        let req = Request::get("/")
+            .header("host", "Example.COM.")
+            .body(())
+            .unwrap();
+        assert_eq!(authority_of(&req).unwrap(), ("example.com".into(), None));
     }
 
     #[test]
