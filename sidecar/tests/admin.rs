@@ -2,7 +2,13 @@
 
 mod support;
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use http::StatusCode;
 use support::*;
@@ -178,19 +184,32 @@ async fn policy_reload_under_load_fails_no_request() {
     )
     .await;
     let outbound = sc.outbound;
-    let load = tokio::spawn(async move {
-        let mut statuses = Vec::new();
-        for _ in 0..100 {
-            let batch = (0..4).map(|_| get_via(outbound, "http://user/slow?ms=5"));
-            statuses.extend(
-                futures::future::join_all(batch)
-                    .await
-                    .into_iter()
-                    .map(|a| a.status),
-            );
+    // The load runs from before the first reload until after the last one
+    // has applied, so every reload happens under it by construction.
+    let done = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut statuses = Vec::new();
+            loop {
+                let batch = (0..4).map(|_| get_via(outbound, "http://user/slow?ms=5"));
+                statuses.extend(
+                    futures::future::join_all(batch)
+                        .await
+                        .into_iter()
+                        .map(|a| a.status),
+                );
+                if done.load(Ordering::SeqCst) {
+                    return statuses;
+                }
+            }
         }
-        statuses
     });
+    assert!(
+        eventually(Duration::from_secs(10), || async { user.hits() > 0 }).await,
+        "the load never started"
+    );
+    let status = || async { get(sc.admin, "/status").await.json() };
     for i in 0..10u64 {
         let timeout = format!("{}ms", 1000 + i);
         std::fs::write(
@@ -202,18 +221,25 @@ async fn policy_reload_under_load_fails_no_request() {
             ),
         )
         .unwrap();
-        tokio::time::sleep(Duration::from_millis(120)).await;
+        // Each policy is applied before the next is written: the file is
+        // polled, so a write overtaken by the next one might never be seen.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                status().await["policy"]["generation"] == 2 + i
+            })
+            .await,
+            "policy {} was never applied: {}",
+            2 + i,
+            status().await["policy"]
+        );
     }
+    done.store(true, Ordering::SeqCst);
     let statuses = load.await.unwrap();
-    assert_eq!(statuses.len(), 400);
+    eprintln!("10 reloads under {} requests", statuses.len());
     assert!(
         statuses.iter().all(|s| *s == StatusCode::OK),
         "{statuses:?}"
     );
-    let g = get(sc.admin, "/status").await.json()["policy"]["generation"]
-        .as_u64()
-        .unwrap();
-    assert!(g >= 5, "only {g} policies applied");
 }
 
 #[tokio::test]
@@ -283,10 +309,18 @@ async fn shutdown_drains_in_flight_requests() {
     )
     .await;
     let (outbound, admin) = (sc.outbound, sc.admin);
+    // Slow enough that they are still in flight when checked below, with a
+    // second of room for scheduling stalls.
     let in_flight: Vec<_> = (0..8)
-        .map(|_| tokio::spawn(get_via(outbound, "http://user/slow?ms=400")))
+        .map(|_| tokio::spawn(get_via(outbound, "http://user/slow?ms=1500")))
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shut down only once all 8 are in flight, however long they took to
+    // get there.
+    assert!(
+        eventually(Duration::from_secs(10), || async { user.hits() == 8 }).await,
+        "only {} of 8 requests reached the upstream",
+        user.hits()
+    );
     let drained = tokio::spawn(sc.shutdown());
     tokio::time::sleep(Duration::from_millis(50)).await;
     // While draining: not ready, and no new connections on the proxy.

@@ -111,7 +111,13 @@ async fn runs_from_flags_alone_and_drains_on_sigterm() {
     let in_flight: Vec<_> = (0..4)
         .map(|_| tokio::spawn(get_via(outbound, "http://user/slow?ms=500")))
         .collect();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Signal only once all 4 are in flight, however long they took to get
+    // there: one not yet connected would be refused, not drained.
+    assert!(
+        eventually(Duration::from_secs(10), || async { user.hits() == 5 }).await,
+        "only {} of 4 requests reached the upstream",
+        user.hits() - 1
+    );
     let killed = Command::new("kill")
         .args(["-TERM", &sc.child.id().to_string()])
         .status()

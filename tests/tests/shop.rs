@@ -215,15 +215,14 @@ async fn the_shop_end_to_end() {
             .collect();
         eprintln!("reservations per product pod: {per_pod:?}");
         assert_eq!(per_pod.iter().map(|(_, n)| n).sum::<f64>(), 90.0);
-        // Spread, not even: every pod takes a share and none takes two
-        // thirds. p2c over peak-EWMA favours the pods that have answered
-        // fastest, so the newest can still be small (4 of 90 seen).
-        for (pod, n) in &per_pod {
-            assert!(
-                (2.0..=60.0).contains(n),
-                "{pod} got {n} of 90: the load is not spread ({per_pod:?})"
-            );
-        }
+        // The spread is asserted above: every pod, the new ones included,
+        // took orders after the scale-up (within 90 s by construction: a
+        // new pod's 30 ms estimate decays below 0.1 ms, under any real
+        // pod's latency, within a minute, and from then p2c picks it
+        // whenever it is in the pair). How the 90 divide is not asserted:
+        // p2c over peak-EWMA sends to whichever pods answered fastest, so
+        // one slow answer can keep a pod's share near zero for seconds (4
+        // of 90 seen), and at 3 orders in flight no pod count bounds it.
     }
 
     {
@@ -328,13 +327,22 @@ async fn the_shop_end_to_end() {
             wait_policy_applied(&shop, "product", &generations, Duration::from_secs(60))
                 .await
                 .unwrap();
+        let sent = Instant::now();
         let limited = burst(&shop.reach, "product", &path, 30).await.unwrap();
+        let took = sent.elapsed().as_secs_f64();
         let refused: Vec<_> = limited.iter().filter(|r| r.status == 429).collect();
-        eprintln!("30 GETs with 1/s per pod: {} answered 429", refused.len());
-        // Three pods, each a bucket of at most 2 tokens over the burst's second or two.
+        eprintln!(
+            "30 GETs in {took:.2}s with 1/s per pod: {} answered 429",
+            refused.len()
+        );
+        // Each pod's bucket holds 1 token and gains 1 a second, so over the
+        // burst the pods let through at most pods × (1 + seconds) between
+        // them, however long the burst took; the rest are refused.
+        let allowed = uids.len() as f64 * (1.0 + took);
         assert!(
-            refused.len() >= 15,
-            "{:?}",
+            !refused.is_empty() && refused.len() as f64 >= 30.0 - allowed,
+            "{} pods let through more than {allowed:.1} in {took:.2}s: {:?}",
+            uids.len(),
             limited.iter().map(|r| r.status).collect::<Vec<_>>()
         );
         assert_eq!(
