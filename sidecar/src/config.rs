@@ -20,6 +20,16 @@ use crate::{
     trace::ExportSettings,
 };
 
+/// A duration flag that must be more than zero (a zero timeout would
+/// close every connection at once).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than zero, such as 10s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Where endpoints come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DiscoveryKind {
@@ -113,6 +123,11 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
 
+    /// Time a new client connection has to send the bytes that tell its
+    /// protocol; one that sends nothing is closed.
+    #[arg(long, env = "TRELLIS_FIRST_BYTES_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub first_bytes_timeout: Duration,
+
     /// Time a client has to send a request head.
     #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
@@ -120,6 +135,10 @@ pub struct Args {
     /// Largest request head, in bytes.
     #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
+
+    /// An HTTP/2 client connection with no open stream for this long is closed.
+    #[arg(long, env = "TRELLIS_HTTP2_IDLE_TIMEOUT", default_value = "5m", value_parser = positive_duration)]
+    pub http2_idle_timeout: Duration,
 
     /// Time to connect to an upstream.
     #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -312,7 +331,9 @@ impl From<Args> for Config {
             discovery_timeout: a.discovery_timeout,
             limits: ServerLimits {
                 max_connections: a.max_connections,
+                first_bytes_timeout: a.first_bytes_timeout,
                 header_read_timeout: a.header_read_timeout,
+                http2_idle_timeout: a.http2_idle_timeout,
                 max_header_bytes: a.max_header_bytes,
                 drain_grace: a.drain_grace,
                 ..ServerLimits::default()
@@ -370,6 +391,28 @@ mod tests {
         let a = Args::try_parse_from(["trellis-sidecar", "--policy-configmap", "order-sidecar"])
             .unwrap();
         assert!(Config::from(a).needs_kubernetes());
+    }
+
+    #[test]
+    fn connection_timeouts_are_flags() {
+        let a = Args::try_parse_from([
+            "trellis-sidecar",
+            "--first-bytes-timeout",
+            "2s",
+            "--http2-idle-timeout",
+            "90s",
+        ])
+        .unwrap();
+        let c = Config::from(a);
+        assert_eq!(c.limits.first_bytes_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.http2_idle_timeout, Duration::from_secs(90));
+        let d = Config::from(Args::try_parse_from(["trellis-sidecar"]).unwrap());
+        assert_eq!(d.limits.first_bytes_timeout, Duration::from_secs(10));
+        assert_eq!(d.limits.http2_idle_timeout, Duration::from_secs(300));
+        let zero = Args::try_parse_from(["trellis-sidecar", "--first-bytes-timeout", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("must be more than zero"), "{zero}");
     }
 
     #[test]
