@@ -74,18 +74,23 @@ pub const RESERVED_PORTS: [i32; 3] = [15001, 15006, 15020];
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = kube::core::Rule::new(SELF_DEPENDENCY_RULE)
         .message("a service may not depend on itself")
-        .field_path(".spec.dependencies")
+        .field_path(".spec.dependencies"),
+    validation = kube::core::Rule::new(NAME_RULE).message(NAME_MESSAGE)
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!(self.port in [15001, 15006, 15020])",
     "message": "port 15001, 15006 and 15020 are used by the Trellis sidecar",
     "fieldPath": ".port",
+}, {
+    "rule": DEPENDENCY_PER_TRY_RULE,
+    "message": "a dependency's perTryTimeout (its own or resilience.perTryTimeout) must not exceed its timeout (its own or resilience.timeout)",
+    "fieldPath": ".dependencies",
 }]))]
 pub struct MicroServiceSpec {
     /// The application's container image, such as `trellis/order-service:0.1.0`.
     /// Its tag becomes the `app.kubernetes.io/version` label.
-    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s\v\x{85}\p{Z}]+$"))]
     pub image: String,
 
     /// How many pods run the service. Ignored while `autoscaling` is set, when the
@@ -112,8 +117,11 @@ pub struct MicroServiceSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 256))]
     #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.all(k, k.matches('^[-._a-zA-Z0-9]+$'))",
-        "message": "config keys may contain only letters, digits, '-', '_' and '.'",
+        "rule": CONFIG_KEY_RULE,
+        "message": CONFIG_KEY_MESSAGE,
+    }, {
+        "rule": CONFIG_SIZE_RULE,
+        "message": CONFIG_SIZE_MESSAGE,
     }]))]
     pub config: BTreeMap<String, String>,
 
@@ -157,7 +165,23 @@ pub struct MicroServiceSpec {
     pub autoscaling: Option<Autoscaling>,
 
     /// CPU and memory for the application container (the sidecar has its own).
+    /// When set, used as given (Kubernetes defaults a missing request to its
+    /// limit). When unset: requests `cpu: 50m` and `memory: 64Mi`, a memory
+    /// limit of `256Mi`, and no CPU limit. Only `cpu`, `memory` and
+    /// `ephemeral-storage` may be named, each a valid quantity, requests no
+    /// more than limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": RESOURCE_NAMES_RULE,
+        "message": RESOURCE_NAMES_MESSAGE,
+    }, {
+        "rule": RESOURCE_QUANTITY_RULE,
+        "message": RESOURCE_QUANTITY_MESSAGE,
+    }, {
+        "rule": RESOURCE_REQUESTS_RULE,
+        "message": RESOURCE_REQUESTS_MESSAGE,
+        "fieldPath": ".requests",
+    }]))]
     pub resources: Option<ResourceRequirements>,
 
     /// When true, a change of `config` does not roll the pods: the mounted files
@@ -172,6 +196,62 @@ pub struct MicroServiceSpec {
 /// self-dependency in the own namespace when it renders the policy.
 pub const SELF_DEPENDENCY_RULE: &str = "!has(self.spec.dependencies) || \
      self.spec.dependencies.all(d, d.name != self.metadata.name || has(d.__namespace__))";
+
+/// The root CEL rule on the name: every child is named after the
+/// MicroService, and a Service's name must be a DNS-1035 label.
+pub const NAME_RULE: &str =
+    "size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
+/// What [`NAME_RULE`] says when it refuses a name.
+pub const NAME_MESSAGE: &str = "metadata.name must be a DNS-1035 label, as the Service named after \
+     it must be: at most 63 characters, lowercase letters, digits and '-', starting with a letter \
+     and ending with a letter or digit";
+
+/// A dependency's effective per-try timeout may not exceed its effective
+/// timeout; the default timeout is [`trellis_policy::Resilience`]'s (2s).
+pub const DEPENDENCY_PER_TRY_RULE: &str = "!has(self.dependencies) || self.dependencies.all(d, \
+     !(has(d.perTryTimeout) || (has(self.resilience) && has(self.resilience.perTryTimeout))) || \
+     duration(has(d.perTryTimeout) ? d.perTryTimeout : self.resilience.perTryTimeout) <= \
+     duration(has(d.timeout) ? d.timeout : has(self.resilience) ? self.resilience.timeout : '2s'))";
+
+/// Config keys are ConfigMap keys.
+pub const CONFIG_KEY_RULE: &str = "self.all(k, k.matches('^[-._a-zA-Z0-9]+$') && size(k) <= 253 \
+     && k != '.' && !k.startsWith('..'))";
+/// What [`CONFIG_KEY_RULE`] says when it refuses a key.
+pub const CONFIG_KEY_MESSAGE: &str = "config keys may contain only letters, digits, '-', '_' and \
+     '.', at most 253 of them, and may not be '.' or start with '..'";
+/// The most a ConfigMap may hold, keys and values together.
+pub const CONFIG_MAX_BYTES: usize = 1024 * 1024;
+/// The config fits in its ConfigMap. CEL counts characters, not bytes, so
+/// text beyond ASCII can pass here and still be refused by the operator.
+pub const CONFIG_SIZE_RULE: &str = "self.map(k, size(k) + size(self[k])).sum() <= 1048576";
+/// What [`CONFIG_SIZE_RULE`] says when it refuses a config.
+pub const CONFIG_SIZE_MESSAGE: &str =
+    "config keys and values together must not exceed 1 MiB, the most a ConfigMap holds";
+
+/// The resources the application container may name.
+pub const RESOURCE_NAMES: [&str; 3] = ["cpu", "memory", "ephemeral-storage"];
+/// Only [`RESOURCE_NAMES`] in `requests` and `limits`.
+pub const RESOURCE_NAMES_RULE: &str = "(!has(self.requests) || self.requests.all(k, k in \
+     ['cpu', 'memory', 'ephemeral-storage'])) && (!has(self.limits) || self.limits.all(k, k in \
+     ['cpu', 'memory', 'ephemeral-storage']))";
+/// What [`RESOURCE_NAMES_RULE`] says.
+pub const RESOURCE_NAMES_MESSAGE: &str =
+    "requests and limits may name only cpu, memory and ephemeral-storage";
+/// Every request and limit is a non-negative quantity.
+pub const RESOURCE_QUANTITY_RULE: &str = "(!has(self.requests) || self.requests.all(k, \
+     isQuantity(string(self.requests[k])) && quantity(string(self.requests[k])).sign() >= 0)) && \
+     (!has(self.limits) || self.limits.all(k, isQuantity(string(self.limits[k])) && \
+     quantity(string(self.limits[k])).sign() >= 0))";
+/// What [`RESOURCE_QUANTITY_RULE`] says.
+pub const RESOURCE_QUANTITY_MESSAGE: &str =
+    "requests and limits must be non-negative quantities, such as 250m, 0.5 or 128Mi";
+/// No request above its limit.
+pub const RESOURCE_REQUESTS_RULE: &str = "!has(self.requests) || !has(self.limits) || \
+     self.requests.all(k, !(k in self.limits) || !isQuantity(string(self.requests[k])) || \
+     !isQuantity(string(self.limits[k])) || \
+     quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)";
+/// What [`RESOURCE_REQUESTS_RULE`] says.
+pub const RESOURCE_REQUESTS_MESSAGE: &str = "each request must not exceed its limit";
 
 fn default_replicas() -> i32 {
     1
@@ -268,6 +348,9 @@ impl std::fmt::Display for Phase {
 ///   what they mean), so they are dropped.
 /// - `resources.claims` (dynamic resource allocation) needs pod-level claims
 ///   the operator does not render, so it is not offered.
+/// - `resources.limits` and `requests` get bounds (3 names, quantities of at
+///   most 64 characters) so the CEL rules on them stay within the
+///   apiserver's cost budget.
 ///
 /// (CEL escapes property names that are CEL keywords, hence
 /// `d.__namespace__` in [`SELF_DEPENDENCY_RULE`].)
@@ -289,6 +372,17 @@ pub fn crd() -> CustomResourceDefinition {
                 .and_then(|r| r.properties.as_mut())
             {
                 resources.remove("claims");
+                for key in ["limits", "requests"] {
+                    let Some(list) = resources.get_mut(key) else {
+                        continue;
+                    };
+                    list.max_properties = Some(RESOURCE_NAMES.len() as i64);
+                    if let Some(JSONSchemaPropsOrBool::Schema(q)) =
+                        list.additional_properties.as_mut()
+                    {
+                        q.max_length = Some(64);
+                    }
+                }
             }
         }
     }
@@ -476,12 +570,49 @@ mod tests {
     fn cel_rules_are_in_the_schema() {
         let s = schema();
         let spec = &s["properties"]["spec"]["properties"];
-        assert_eq!(rules(&s), [SELF_DEPENDENCY_RULE]);
+        assert_eq!(rules(&s), [SELF_DEPENDENCY_RULE, NAME_RULE]);
         assert!(SELF_DEPENDENCY_RULE.contains("d.name != self.metadata.name"));
         assert_eq!(
             rules(&s["properties"]["spec"]),
-            ["!(self.port in [15001, 15006, 15020])"]
+            [
+                "!(self.port in [15001, 15006, 15020])",
+                DEPENDENCY_PER_TRY_RULE
+            ]
         );
+        // The default timeout the rule assumes is the policy's.
+        assert!(DEPENDENCY_PER_TRY_RULE.contains(&format!(
+            "'{}'",
+            trellis_policy::Resilience::default().timeout
+        )));
+        assert_eq!(
+            rules(&spec["resources"]),
+            [
+                RESOURCE_NAMES_RULE,
+                RESOURCE_QUANTITY_RULE,
+                RESOURCE_REQUESTS_RULE
+            ]
+        );
+        let nonzero = [trellis_policy::NONZERO_DURATION_RULE];
+        let resilience = &spec["resilience"]["properties"];
+        let breaker = &resilience["circuitBreaker"]["properties"];
+        let dependency = &spec["dependencies"]["items"]["properties"];
+        for duration in [
+            &spec["health"]["properties"]["timeout"],
+            &resilience["timeout"],
+            &breaker["interval"],
+            &breaker["openFor"],
+            &dependency["timeout"],
+            &dependency["circuitBreaker"]["properties"]["openFor"],
+        ] {
+            assert_eq!(rules(duration), nonzero, "{duration:#}");
+        }
+        for may_be_zero in [
+            &spec["health"]["properties"]["interval"],
+            &resilience["perTryTimeout"],
+            &resilience["retry"]["properties"]["backoff"]["properties"]["base"],
+        ] {
+            assert!(rules(may_be_zero).is_empty(), "{may_be_zero:#}");
+        }
         assert_eq!(
             rules(&spec["autoscaling"]),
             ["self.minReplicas <= self.maxReplicas"]
@@ -494,10 +625,8 @@ mod tests {
             rules(&spec["resilience"]["properties"]["retry"]["properties"]["backoff"]),
             ["duration(self.base) <= duration(self.max)"]
         );
-        assert_eq!(
-            rules(&spec["config"]),
-            ["self.all(k, k.matches('^[-._a-zA-Z0-9]+$'))"]
-        );
+        assert_eq!(rules(&spec["config"]), [CONFIG_KEY_RULE, CONFIG_SIZE_RULE]);
+        assert!(CONFIG_SIZE_RULE.contains(&CONFIG_MAX_BYTES.to_string()));
     }
 
     #[test]

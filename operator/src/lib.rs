@@ -2,6 +2,7 @@
 //! services with the Trellis sidecar.
 //!
 //! - [`crd`]: the `MicroService` types and their CRD.
+//! - [`validate`]: the operator's own checks, mirroring the CRD's rules.
 //! - [`render`]: pure functions from a MicroService to its child objects.
 //! - [`status`]: pure functions from what the operator saw to the status.
 //! - [`controller`]: the kube-runtime controller that applies them.
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod render;
 pub mod status;
 pub mod telemetry;
+pub mod validate;
 
 pub use controller::{Context, Error, Settings, run};
 pub use crd::{MicroService, MicroServiceSpec, MicroServiceStatus, Phase};

@@ -20,7 +20,7 @@ use k8s_openapi::{
             HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec,
             PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
             SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort,
-            ServiceSpec, Volume, VolumeMount, VolumeProjection,
+            ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
@@ -57,6 +57,22 @@ pub const CONFIG_MOUNT: &str = "/etc/trellis/config";
 pub const POLICY_MOUNT: &str = "/etc/trellis/policy";
 /// The user and group both containers run as.
 pub const RUN_AS: i64 = 65532;
+/// The application container's CPU request when `spec.resources` is unset:
+/// enough to schedule a small service honestly, small enough that the shop
+/// (three services, two replicas each) fits a two-core node with room to spare.
+pub const DEFAULT_APP_CPU_REQUEST: &str = "50m";
+/// The application container's memory request when `spec.resources` is unset:
+/// about what an idle axum/tonic service with a database pool holds.
+pub const DEFAULT_APP_MEMORY_REQUEST: &str = "64Mi";
+/// The application container's memory limit when `spec.resources` is unset:
+/// a leak is OOM-killed in its own container instead of pressing the node.
+/// There is no default CPU limit: CPU is compressible, and a CFS quota
+/// throttles a service's tail latency long before the node is short of CPU.
+pub const DEFAULT_APP_MEMORY_LIMIT: &str = "256Mi";
+/// The topology keys a MicroService's replicas are spread over, in order.
+pub const SPREAD_TOPOLOGY_KEYS: [&str; 2] =
+    ["kubernetes.io/hostname", "topology.kubernetes.io/zone"];
+
 /// The default sidecar image.
 pub const DEFAULT_SIDECAR_IMAGE: &str = "trellis/sidecar:0.1.0";
 
@@ -112,9 +128,10 @@ pub enum RenderError {
     /// The object lacks a name, namespace or uid (it was not read from the apiserver).
     #[error("MicroService is missing metadata.{0}")]
     MissingMetadata(&'static str),
-    /// The rendered sidecar policy breaks a rule.
-    #[error("invalid sidecar policy: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    InvalidPolicy(Vec<trellis_policy::FieldError>),
+    /// The MicroService breaks a rule of its CRD or of the sidecar policy
+    /// ([`crate::validate`]); each field at fault is listed.
+    #[error("invalid MicroService: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<trellis_policy::FieldError>),
 }
 
 /// The names of a MicroService's children.
@@ -163,7 +180,8 @@ pub fn render(ms: &MicroService, cfg: &RenderConfig) -> Result<Children, RenderE
     })
 }
 
-/// The sidecar policy for a MicroService, validated.
+/// The sidecar policy for a MicroService, validated with the MicroService
+/// itself ([`crate::validate::all`]).
 pub fn sidecar_policy(ms: &MicroService) -> Result<SidecarPolicy, RenderError> {
     let s = &ms.spec;
     let policy = SidecarPolicy {
@@ -178,7 +196,10 @@ pub fn sidecar_policy(ms: &MicroService) -> Result<SidecarPolicy, RenderError> {
         tracing: s.tracing.clone().unwrap_or_default(),
         egress: s.egress.unwrap_or_default(),
     };
-    policy.validate().map_err(RenderError::InvalidPolicy)?;
+    let errors = crate::validate::all(&ms.name_any(), s, &policy);
+    if !errors.is_empty() {
+        return Err(RenderError::Invalid(errors));
+    }
     Ok(policy)
 }
 
@@ -233,6 +254,23 @@ pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
         ("app.kubernetes.io/name".into(), name.into()),
         ("app.kubernetes.io/instance".into(), name.into()),
     ])
+}
+
+/// The application container's resources when `spec.resources` is unset:
+/// [`DEFAULT_APP_CPU_REQUEST`], [`DEFAULT_APP_MEMORY_REQUEST`] and
+/// [`DEFAULT_APP_MEMORY_LIMIT`].
+pub fn default_app_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            (s("cpu"), Quantity(s(DEFAULT_APP_CPU_REQUEST))),
+            (s("memory"), Quantity(s(DEFAULT_APP_MEMORY_REQUEST))),
+        ])),
+        limits: Some(BTreeMap::from([(
+            s("memory"),
+            Quantity(s(DEFAULT_APP_MEMORY_LIMIT)),
+        )])),
+        ..ResourceRequirements::default()
+    }
 }
 
 struct Renderer<'a> {
@@ -503,7 +541,13 @@ impl Renderer<'_> {
                 ..EnvFromSource::default()
             }]),
             readiness_probe: Some(Self::http_probe("/readyz", 5, 3)),
-            resources: self.ms.spec.resources.clone(),
+            resources: Some(
+                self.ms
+                    .spec
+                    .resources
+                    .clone()
+                    .unwrap_or_else(default_app_resources),
+            ),
             security_context: Some(Self::security_context()),
             volume_mounts: Some(vec![
                 Self::mount("config", CONFIG_MOUNT, true),
@@ -602,8 +646,30 @@ impl Renderer<'_> {
             init_containers: Some(vec![self.sidecar()]),
             containers: vec![self.app()],
             volumes: Some(self.volumes()),
+            topology_spread_constraints: Some(self.spread()),
             ..PodSpec::default()
         }
+    }
+
+    /// One replica per node and per zone as far as they go, as a preference
+    /// (`ScheduleAnyway`), so a single-node cluster still runs every replica.
+    /// Counted per ReplicaSet (`pod-template-hash`), so a rollout's new pods
+    /// spread among themselves rather than around the old ones.
+    fn spread(&self) -> Vec<TopologySpreadConstraint> {
+        SPREAD_TOPOLOGY_KEYS
+            .iter()
+            .map(|key| TopologySpreadConstraint {
+                max_skew: 1,
+                topology_key: s(key),
+                when_unsatisfiable: s("ScheduleAnyway"),
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(selector_labels(&self.name)),
+                    ..LabelSelector::default()
+                }),
+                match_label_keys: Some(strings(&["pod-template-hash"])),
+                ..TopologySpreadConstraint::default()
+            })
+            .collect()
     }
 
     fn deployment(&self) -> Deployment {

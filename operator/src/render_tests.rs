@@ -712,6 +712,63 @@ fn app_resources_are_passed_through() {
 }
 
 #[test]
+fn app_gets_the_default_resources_when_none_are_given() {
+    let c = children(spec());
+    let r = app(&c).resources.clone().expect("the app has resources");
+    let q = |list: &Option<BTreeMap<String, Quantity>>, name: &str| {
+        list.as_ref().and_then(|l| l.get(name)).map(|q| q.0.clone())
+    };
+    assert_eq!(q(&r.requests, "cpu").as_deref(), Some("50m"));
+    assert_eq!(q(&r.requests, "memory").as_deref(), Some("64Mi"));
+    assert_eq!(q(&r.limits, "memory").as_deref(), Some("256Mi"));
+    // No CPU limit: CPU is compressible, and a limit throttles latency.
+    assert_eq!(q(&r.limits, "cpu"), None);
+    assert_eq!(r.limits.as_ref().map(BTreeMap::len), Some(1));
+    assert_eq!(r.requests.as_ref().map(BTreeMap::len), Some(2));
+}
+
+#[test]
+fn replicas_spread_across_nodes_and_zones() {
+    let c = children(spec());
+    let constraints = pod(&c)
+        .topology_spread_constraints
+        .clone()
+        .expect("topology spread constraints");
+    let keys: Vec<&str> = constraints
+        .iter()
+        .map(|t| t.topology_key.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    );
+    for t in &constraints {
+        assert_eq!(t.max_skew, 1);
+        // A preference, so a single-node cluster still schedules every replica.
+        assert_eq!(t.when_unsatisfiable, "ScheduleAnyway");
+        assert_eq!(
+            t.label_selector,
+            Some(LabelSelector {
+                match_labels: Some(selector_labels("order")),
+                ..LabelSelector::default()
+            })
+        );
+        // Counted per ReplicaSet, so a rollout's new pods spread among themselves.
+        assert_eq!(
+            t.match_label_keys,
+            Some(vec!["pod-template-hash".to_owned()])
+        );
+        assert_eq!(t.min_domains, None);
+    }
+    // The selector picks exactly the Deployment's pods.
+    let template = c.deployment.spec.as_ref().unwrap().template.clone();
+    let labels = template.metadata.unwrap().labels.unwrap();
+    for (k, v) in selector_labels("order") {
+        assert_eq!(labels.get(&k), Some(&v));
+    }
+}
+
+#[test]
 fn objects_serialise_with_api_version_and_kind() {
     let c = children(spec());
     let v = serde_json::to_value(&c.deployment).unwrap();

@@ -24,6 +24,47 @@ pub mod condition {
     pub const RECONCILE_FAILED: &str = "ReconcileFailed";
 }
 
+/// The most characters a condition message or an event note the operator
+/// writes may have: a sentence that fits a `kubectl describe` screen.
+pub const MAX_MESSAGE: usize = 256;
+
+/// `prefix`, `detail` and `suffix` in at most [`MAX_MESSAGE`] characters:
+/// the detail (an apiserver's or a library's text) is cut, with `…`, when
+/// the whole would be longer, and its trailing full stop dropped so the
+/// suffix ends the sentence.
+pub fn fit(prefix: &str, detail: &str, suffix: &str) -> String {
+    let detail = detail.trim().trim_end_matches('.');
+    let room = MAX_MESSAGE.saturating_sub(prefix.chars().count() + suffix.chars().count());
+    let mut out = String::from(prefix);
+    if detail.chars().count() <= room {
+        out.push_str(detail);
+    } else {
+        out.extend(detail.chars().take(room.saturating_sub(1)));
+        out.push('…');
+    }
+    out.push_str(suffix);
+    out
+}
+
+/// The fields at fault, as many as fit, then what to do:
+/// `spec.a: why; spec.b: why; and 3 more. Fix the MicroService and apply it again.`
+pub fn field_errors(errors: &[trellis_policy::FieldError]) -> String {
+    const ADVICE: &str = ". Fix the MicroService and apply it again.";
+    let items: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let mut shown = items.len();
+    loop {
+        let rest = items.len() - shown;
+        let mut text = items[..shown].join("; ");
+        if rest > 0 {
+            text.push_str(&format!("; and {rest} more"));
+        }
+        if shown <= 1 || text.chars().count() + ADVICE.chars().count() <= MAX_MESSAGE {
+            return fit("", &text, ADVICE);
+        }
+        shown -= 1;
+    }
+}
+
 /// Why the last reconcile failed, for the ReconcileFailed condition.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {
@@ -109,21 +150,29 @@ pub fn compute(o: &Observed<'_>) -> MicroServiceStatus {
     let summary = format!("{ready}/{replicas} replicas ready");
 
     let (phase, ready_c, progressing_c, degraded_c) = match (&o.failure, &r) {
+        // The failure is told once, in ReconcileFailed; the others point there.
         (Some(f), _) => (
             Phase::Failed,
             cond(
                 condition::READY,
                 false,
                 "ReconcileFailed",
-                f.message.clone(),
+                "Not ready: the operator cannot reconcile this MicroService; the ReconcileFailed \
+                 condition says why."
+                    .into(),
             ),
             cond(
                 condition::PROGRESSING,
                 false,
                 "ReconcileFailed",
-                "the operator cannot reconcile this MicroService".into(),
+                "No rollout until the MicroService can be reconciled.".into(),
             ),
-            cond(condition::DEGRADED, true, &f.reason, f.message.clone()),
+            cond(
+                condition::DEGRADED,
+                true,
+                &f.reason,
+                "Pods, if any, keep running the last spec the operator applied.".into(),
+            ),
         ),
         (None, None) => (
             Phase::Pending,
@@ -344,6 +393,26 @@ mod tests {
         );
         assert_eq!(c.message, "ConfigMap x is not owned");
         assert_eq!(get(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn a_failure_is_told_once() {
+        let f = Failure {
+            reason: "InvalidSpec".into(),
+            message: "spec.resilience.timeout: must be more than zero, such as 1s. Fix the \
+                      MicroService and apply it again."
+                .into(),
+        };
+        let s = compute(&observe(None, Some(f.clone())));
+        assert_eq!(get(&s, "ReconcileFailed").message, f.message);
+        let messages: Vec<&str> = s.conditions.iter().map(|c| c.message.as_str()).collect();
+        for (i, m) in messages.iter().enumerate() {
+            assert!(
+                !messages[i + 1..].contains(m),
+                "{m:?} is in two conditions: {messages:#?}"
+            );
+            assert!(m.chars().count() <= MAX_MESSAGE, "{m}");
+        }
     }
 
     #[test]

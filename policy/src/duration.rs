@@ -11,6 +11,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The pattern every duration field carries in the CRD's OpenAPI schema.
 pub const DURATION_PATTERN: &str = "^[0-9]{1,9}(ms|s|m|h)$";
 
+/// The CEL rule on every duration that must be more than zero (a timeout, a
+/// window): the pattern admits `0s`, `0ms` and `000m`, which this refuses.
+pub const NONZERO_DURATION_RULE: &str = "!self.matches('^0+(ms|s|m|h)$')";
+
 /// A non-negative duration written as an integer and a unit (`ms`, `s`, `m`, `h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Duration(time::Duration);

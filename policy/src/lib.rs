@@ -15,7 +15,7 @@ mod validate;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use duration::{DURATION_PATTERN, Duration, ParseDurationError};
+pub use duration::{DURATION_PATTERN, Duration, NONZERO_DURATION_RULE, ParseDurationError};
 pub use validate::{FieldError, PolicyError, is_dns_label};
 
 /// The key under which the policy is stored in the `<name>-sidecar` ConfigMap.
@@ -136,13 +136,16 @@ pub enum Protocol {
 pub struct HealthCheck {
     /// The path to GET on the application; a 2xx answer means healthy.
     #[serde(default = "defaults::health_path")]
-    #[schemars(regex(pattern = r"^/[^\s]*$"), length(max = 256))]
+    #[schemars(regex(pattern = r"^/[^\s\v\x{85}\p{Z}]*$"), length(max = 256))]
     pub path: String,
     /// How often the sidecar polls the path.
     #[serde(default = "defaults::health_interval")]
     pub interval: Duration,
     /// How long one poll may take before it counts as failed.
     #[serde(default = "defaults::health_timeout")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": NONZERO_DURATION_RULE, "message": "must be more than zero, such as 1s",
+    }]))]
     pub timeout: Duration,
 }
 
@@ -175,6 +178,9 @@ pub struct Dependency {
     pub namespace: Option<String>,
     /// Overrides `resilience.timeout` for this dependency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": NONZERO_DURATION_RULE, "message": "must be more than zero, such as 1s",
+    }]))]
     pub timeout: Option<Duration>,
     /// Overrides `resilience.perTryTimeout` for this dependency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,6 +218,9 @@ impl Dependency {
 pub struct Resilience {
     /// The overall deadline for one call, retries included. A call past it gets 504.
     #[serde(default = "defaults::timeout")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": NONZERO_DURATION_RULE, "message": "must be more than zero, such as 1s",
+    }]))]
     pub timeout: Duration,
     /// The deadline for each try; unset means each try may use the whole `timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -482,9 +491,15 @@ pub struct CircuitBreaker {
     pub min_requests: u32,
     /// The closed state's counting window; counts reset when it ends.
     #[serde(default = "defaults::interval")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": NONZERO_DURATION_RULE, "message": "must be more than zero, such as 1s",
+    }]))]
     pub interval: Duration,
     /// How long the breaker stays open, failing fast, before it goes half-open.
     #[serde(default = "defaults::open_for")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": NONZERO_DURATION_RULE, "message": "must be more than zero, such as 1s",
+    }]))]
     pub open_for: Duration,
     /// Calls let through while half-open; all must succeed to close the breaker.
     #[serde(default = "defaults::half_open_requests")]

@@ -22,6 +22,7 @@ const CONTROL_PLANE_TESTS: &[&str] = &[
     "sidecar_faults",
     "examples",
     "tracing",
+    "input_validation",
 ];
 /// Integration test targets of the full-node tier. `shop` is the end-to-end
 /// suite (also `cargo xtask e2e`), with the short soak.
