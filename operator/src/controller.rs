@@ -90,6 +90,9 @@ pub struct Settings {
     pub instance: Option<String>,
     /// How often a healthy MicroService is reconciled even without a watch event.
     pub resync: Duration,
+    /// Reconcile only the MicroServices with these labels (a label selector,
+    /// `key=value,...`); all when `None`.
+    pub selector: Option<String>,
 }
 
 impl Default for Settings {
@@ -100,6 +103,7 @@ impl Default for Settings {
             concurrency: 4,
             instance: None,
             resync: Duration::from_secs(300),
+            selector: None,
         }
     }
 }
@@ -313,7 +317,11 @@ pub async fn run(
     // The MicroServices: only a change the reconcile acts on (spec, labels,
     // annotations, deletion) triggers one, not the status it writes itself.
     let (ms_store, ms_writer) = reflector::store::<MicroService>();
-    let ms_trigger = watcher(microservices, watcher::Config::default().any_semantic())
+    let mut ms_config = watcher::Config::default().any_semantic();
+    if let Some(selector) = &ctx.settings.selector {
+        ms_config = ms_config.labels(selector);
+    }
+    let ms_trigger = watcher(microservices, ms_config)
         .backoff(WatchBackoff::default())
         .reflect(ms_writer)
         .applied_objects()
