@@ -63,10 +63,12 @@ use kube::{
 use rand::Rng;
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     crd::{MicroService, MicroServiceStatus, Phase},
+    grants,
     metrics::Metrics,
     render::{self, Children, FIELD_MANAGER, RenderConfig, RenderError},
     status::{self, Failure, Observed},
@@ -90,6 +92,9 @@ pub struct Settings {
     pub instance: Option<String>,
     /// How often a healthy MicroService is reconciled even without a watch event.
     pub resync: Duration,
+    /// Reconcile only the MicroServices with these labels (a label selector,
+    /// `key=value,...`); all when `None`.
+    pub selector: Option<String>,
 }
 
 impl Default for Settings {
@@ -100,6 +105,7 @@ impl Default for Settings {
             concurrency: 4,
             instance: None,
             resync: Duration::from_secs(300),
+            selector: None,
         }
     }
 }
@@ -119,7 +125,7 @@ pub struct Caches {
 }
 
 /// A kind of child with its cache.
-trait Cached:
+pub(crate) trait Cached:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
     + Clone
     + DeserializeOwned
@@ -175,7 +181,7 @@ pub struct Context {
     /// Consecutive failures per MicroService, for backoff in [`error_policy`].
     failures: Mutex<HashMap<ObjectRef<MicroService>, u32>>,
     /// The children's caches.
-    caches: Caches,
+    pub(crate) caches: Caches,
     /// The last apply per child (`Kind/namespace/name`); forgotten when the
     /// watch reports the child deleted.
     applied: Arc<Mutex<HashMap<String, Applied>>>,
@@ -224,6 +230,28 @@ pub enum Error {
     /// The MicroService cannot be rendered (e.g. it depends on itself).
     #[error(transparent)]
     Render(#[from] RenderError),
+    /// Namespaces that dependencies name do not exist (yet); retried with backoff.
+    #[error(
+        "dependency namespace{} {} do{} not exist yet, so the sidecar cannot read the EndpointSlices there; the operator grants that read once {} created",
+        if .0.len() == 1 { "" } else { "s" },
+        .0.join(", "),
+        if .0.len() == 1 { "es" } else { "" },
+        if .0.len() == 1 { "it is" } else { "they are" },
+    )]
+    DependencyNamespaceMissing(Vec<String>),
+    /// A namespaced operator cannot grant reads outside its namespace.
+    #[error(
+        "dependency namespace{} {} {} outside the namespace this operator watches ({watched}), so it cannot let the sidecar read the EndpointSlices there; install the operator for all namespaces (empty watchNamespace) or grant that read yourself",
+        if .namespaces.len() == 1 { "" } else { "s" },
+        .namespaces.join(", "),
+        if .namespaces.len() == 1 { "is" } else { "are" },
+    )]
+    DependencyOutOfScope {
+        /// The dependencies' namespaces.
+        namespaces: Vec<String>,
+        /// The namespace the operator watches.
+        watched: String,
+    },
 }
 
 impl Error {
@@ -233,6 +261,8 @@ impl Error {
             Error::Kube(_) => "ApiError",
             Error::NameCollision(_) => "NameCollision",
             Error::Render(_) => "InvalidSpec",
+            Error::DependencyNamespaceMissing(_) => "DependencyNamespaceMissing",
+            Error::DependencyOutOfScope { .. } => "DependencyOutOfScope",
         }
     }
 
@@ -264,7 +294,7 @@ impl Error {
 
     /// Errors retrying cannot fix without a change by someone.
     fn is_permanent(&self) -> bool {
-        !matches!(self, Error::Kube(_))
+        !matches!(self, Error::Kube(_) | Error::DependencyNamespaceMissing(_))
     }
 }
 
@@ -414,12 +444,29 @@ pub async fn run(
 
     // The MicroServices: only a change the reconcile acts on (spec, labels,
     // annotations, deletion) triggers one, not the status it writes itself.
+    // A deletion, or a full list that may have missed some, wakes the sweep
+    // of grants left by deleted MicroServices.
     let (ms_store, ms_writer) = reflector::store::<MicroService>();
-    let ms_trigger = watcher(microservices, watcher::Config::default().any_semantic())
+    let mut ms_config = watcher::Config::default().any_semantic();
+    if let Some(selector) = &ctx.settings.selector {
+        ms_config = ms_config.labels(selector);
+    }
+    let swept = Arc::new(Notify::new());
+    let wake = swept.clone();
+    let ms_trigger = watcher(microservices, ms_config)
         .backoff(WatchBackoff::default())
         .reflect(ms_writer)
+        .inspect(move |e| {
+            if matches!(e, Ok(watcher::Event::Delete(_) | watcher::Event::InitDone)) {
+                wake.notify_one();
+            }
+        })
         .applied_objects()
         .predicate_filter(ms_fingerprint, Default::default());
+    // Only a cluster-wide operator makes grants in other namespaces.
+    let _sweeper = ns
+        .is_none()
+        .then(|| grants::Sweeper::spawn(ctx.clone(), ms_store.clone(), swept));
 
     info!(
         namespace = ns.unwrap_or("<all>"),
@@ -428,8 +475,10 @@ pub async fn run(
     Controller::for_stream(ms_trigger, ms_store)
         .owns_stream(cm_trigger)
         .owns_stream(sa_trigger)
-        .owns_stream(role_trigger)
-        .owns_stream(rb_trigger)
+        // A Role or RoleBinding is the child of a MicroService in its own
+        // namespace (owner reference) or a grant to one in another (labels).
+        .watches_stream(role_trigger, grants::owners::<Role>)
+        .watches_stream(rb_trigger, grants::owners::<RoleBinding>)
         .owns_stream(deploy_trigger)
         .owns_stream(svc_trigger)
         .owns_stream(pdb_trigger)
@@ -635,13 +684,22 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
             return Ok(Action::await_change());
         }
         let key = ObjectRef::from_obj(ms.as_ref());
-        match apply(&ms, &ctx).await {
+        // The grants come after the MicroService's own children, so a
+        // dependency namespace that does not exist holds back nothing else.
+        let applied = match apply(&ms, &ctx).await {
+            Ok(deployment) => match grants::sync(&ms, &ctx).await {
+                Ok(()) => Ok(deployment),
+                Err(e) => Err((Some(deployment), e)),
+            },
+            Err(e) => Err((None, e)),
+        };
+        match applied {
             Ok(deployment) => {
                 ctx.failures.lock().expect("not poisoned").remove(&key);
                 update_status(&ms, &ctx, Some(&deployment), None).await?;
                 Ok(Action::requeue(ctx.settings.resync))
             }
-            Err(e) => {
+            Err((deployment, e)) => {
                 ctx.metrics.reconcile_failed(e.reason());
                 let failure = e.failure();
                 warn!(reason = %failure.reason, error = %e, "reconcile failed");
@@ -655,7 +713,9 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
                 )
                 .await;
                 // Best effort: the apiserver may be the thing that is failing.
-                if let Err(status_err) = update_status(&ms, &ctx, None, Some(failure)).await {
+                if let Err(status_err) =
+                    update_status(&ms, &ctx, deployment.as_ref(), Some(failure)).await
+                {
                     debug!(error = %status_err, "could not report the failure in the status");
                 }
                 if e.is_permanent() {
@@ -737,7 +797,7 @@ fn holds(want: &serde_json::Value, have: &serde_json::Value) -> bool {
 }
 
 /// Where one child stands before the apply.
-enum Plan {
+pub(crate) enum Plan {
     /// No object of this name: it is created.
     Create,
     /// Ours, and not as rendered: applied.
@@ -750,17 +810,25 @@ enum Plan {
 }
 
 /// A rendered child with its plan.
-struct Step<K> {
+pub(crate) struct Step<K> {
     obj: K,
     hash: String,
-    plan: Plan,
+    pub(crate) plan: Plan,
 }
 
 /// Decides what to do with the rendered `obj`: from the cache, or from a live
 /// read when the cache has no object of its name. `Err` names it when an
 /// object of that name is not controlled by `ms`.
-async fn plan<K: Cached>(ms: &MicroService, ctx: &Context, mut obj: K) -> Result<Step<K>, Error> {
-    let ns = ms.namespace().unwrap_or_default();
+pub(crate) async fn plan<K: Cached>(
+    ms: &MicroService,
+    ctx: &Context,
+    mut obj: K,
+) -> Result<Step<K>, Error> {
+    // The MicroService's own namespace, or a dependency's for a grant.
+    let ns = obj
+        .namespace()
+        .or_else(|| ms.namespace())
+        .unwrap_or_default();
     let name = obj.name_any();
     let what = format!("{} {ns}/{name}", K::kind(&()));
     let hash = applied_hash(&obj);
@@ -791,7 +859,12 @@ async fn plan<K: Cached>(ms: &MicroService, ctx: &Context, mut obj: K) -> Result
             plan: Plan::Create,
         });
     };
-    if !render::is_controlled_by(current.meta().owner_references.as_deref(), ms) {
+    let ours = if obj.namespace() == ms.namespace() {
+        render::is_controlled_by(current.meta().owner_references.as_deref(), ms)
+    } else {
+        grants::is_granted_by(current.meta(), ms)
+    };
+    if !ours {
         return Err(Error::NameCollision(vec![what]));
     }
     // The cache is older than our last apply of the same object: that apply holds.
@@ -818,7 +891,7 @@ async fn plan<K: Cached>(ms: &MicroService, ctx: &Context, mut obj: K) -> Result
 
 /// Applies a child unless it is kept; returns whether it changed and the
 /// object as it now is (`None` for a kept one: the cache has it).
-async fn execute<K: Cached>(ctx: &Context, step: &Step<K>) -> Result<Option<K>, Error> {
+pub(crate) async fn execute<K: Cached>(ctx: &Context, step: &Step<K>) -> Result<Option<K>, Error> {
     if matches!(step.plan, Plan::Keep) {
         return Ok(None);
     }
@@ -841,12 +914,15 @@ async fn execute<K: Cached>(ctx: &Context, step: &Step<K>) -> Result<Option<K>, 
 
 /// Collects collisions over all children before the first write.
 #[derive(Default)]
-struct Preflight {
-    collisions: Vec<String>,
+pub(crate) struct Preflight {
+    pub(crate) collisions: Vec<String>,
 }
 
 impl Preflight {
-    fn record<K>(&mut self, r: Result<Step<K>, Error>) -> Result<Option<Step<K>>, Error> {
+    pub(crate) fn record<K>(
+        &mut self,
+        r: Result<Step<K>, Error>,
+    ) -> Result<Option<Step<K>>, Error> {
         match r {
             Ok(s) => Ok(Some(s)),
             Err(Error::NameCollision(mut names)) => {
@@ -1098,7 +1174,7 @@ async fn update_status(
 }
 
 /// Publishes an Event about `ms`; a failure to publish is logged, not fatal.
-async fn publish(
+pub(crate) async fn publish(
     ms: &MicroService,
     ctx: &Context,
     type_: EventType,

@@ -6,12 +6,14 @@
 //! - [`render`]: pure functions from a MicroService to its child objects.
 //! - [`status`]: pure functions from what the operator saw to the status.
 //! - [`controller`]: the kube-runtime controller that applies them.
+//! - [`grants`]: the sidecar's reads in its dependencies' other namespaces.
 //! - [`leader`]: leader election on a Lease.
 //! - [`metrics`], [`admin`], [`telemetry`]: operations.
 
 pub mod admin;
 pub mod controller;
 pub mod crd;
+pub mod grants;
 pub mod leader;
 pub mod metrics;
 pub mod render;

@@ -113,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency,
         instance: Some(identity.clone()),
         resync: Duration::from_secs(args.resync_seconds),
+        selector: None,
     };
     // Ready once the apiserver answers; a standby is ready too.
     client

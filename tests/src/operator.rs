@@ -79,16 +79,24 @@ impl Operator {
 
     /// Installs the CRD and starts the controller for `ns` with `render`.
     pub async fn start_with(ns: &TestNamespace, render: RenderConfig) -> Self {
-        install_crd(&ns.client).await;
         let settings = Settings {
             render,
             namespace: Some(ns.name.clone()),
             instance: Some("itest".into()),
             ..Settings::default()
         };
+        Self::start_settings(&ns.client, settings).await
+    }
+
+    /// Installs the CRD and starts the controller with `settings`. An
+    /// operator for all namespaces (`namespace: None`) shares the cluster with
+    /// every other test: give it a `selector` that only this test's
+    /// MicroServices match.
+    pub async fn start_settings(client: &Client, settings: Settings) -> Self {
+        install_crd(client).await;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(trellis_operator::run(
-            ns.client.clone(),
+            client.clone(),
             settings,
             Arc::new(Metrics::default()),
             async {

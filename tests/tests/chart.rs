@@ -84,6 +84,8 @@ const UPDATE: &str = "operator::updates_change_the_right_children_and_only_them"
 const DRIFT: &str = "operator::drift_is_put_back_promptly";
 const FOREIGN: &str = "operator::a_foreign_object_with_a_child_name_is_left_alone_and_reported";
 const CHART_RBAC: &str = "chart::helm_install_runs_the_operator_with_the_charts_rbac";
+const CROSS_NAMESPACE: &str =
+    "grants::a_dependency_in_another_namespace_is_granted_used_and_revoked";
 
 /// Why the operator's ClusterRole grants each verb: the test that needs it.
 /// Children: server-side apply of a new object needs `create` as well as
@@ -267,6 +269,20 @@ const GRANTS: &[Grant] = &[
         &["patch"],
         DRIFT,
         "applied on every reconcile",
+    ),
+    grant(
+        "rbac.authorization.k8s.io",
+        "roles",
+        &["delete"],
+        CROSS_NAMESPACE,
+        "a grant in a dependency's namespace goes with the dependency or its MicroService",
+    ),
+    grant(
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        &["delete"],
+        CROSS_NAMESPACE,
+        "a grant in a dependency's namespace goes with the dependency or its MicroService",
     ),
     grant(
         "policy",

@@ -14,7 +14,7 @@ use k8s_openapi::api::{
     apps::v1::Deployment,
     autoscaling::v2::HorizontalPodAutoscaler,
     coordination::v1::Lease,
-    core::v1::{ConfigMap, Pod, Service, ServiceAccount},
+    core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount},
     events::v1::Event,
     policy::v1::PodDisruptionBudget,
     rbac::v1::{Role, RoleBinding},
@@ -25,7 +25,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 use trellis_operator::{
-    MicroService, Phase,
+    MicroService, Phase, Settings,
     leader::{LeaderElector, Timing},
     render::{self, RenderConfig},
 };
@@ -629,6 +629,106 @@ async fn delete_garbage_collects_every_child() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: cargo xtask test"]
+async fn a_dependency_namespace_created_later_is_reported_then_granted() {
+    let ns = TestNamespace::new("operator").await;
+    // For all namespaces (grants need it), reconciling this test's MicroService only.
+    let label = ("trellis.dev/grants-test", ns.name.clone());
+    let _op = Operator::start_settings(
+        &ns.client,
+        Settings {
+            render: RenderConfig {
+                sidecar_image: SIDECAR_IMAGE.into(),
+                ..RenderConfig::default()
+            },
+            namespace: None,
+            selector: Some(format!("{}={}", label.0, label.1)),
+            instance: Some("itest".into()),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let later = format!("{}-later", ns.name);
+    let mut spec = order_spec();
+    spec["dependencies"] = json!([{ "name": "payment", "namespace": later }]);
+    let mut ms = microservice("order", spec);
+    ms.metadata.labels = Some(BTreeMap::from([(label.0.to_owned(), label.1.clone())]));
+    ns.api::<MicroService>()
+        .patch(
+            "order",
+            &PatchParams::apply("kubectl").force(),
+            &Patch::Apply(&ms),
+        )
+        .await
+        .expect("applying the MicroService");
+
+    // Said in the status and an event, one sentence naming the namespace;
+    // everything in the MicroService's own namespace is made meanwhile.
+    let ms = wait_status(&ns, "order", "the missing namespace reported", |m| {
+        condition(m, "Ready").is_some_and(|c| c.message.contains("does not exist yet"))
+    })
+    .await;
+    let ready = condition(&ms, "Ready").unwrap();
+    assert_eq!(
+        ready.message,
+        format!(
+            "dependency namespace {later} does not exist yet, so the sidecar cannot read the \
+             EndpointSlices there; the operator grants that read once it is created"
+        )
+    );
+    assert_eq!(
+        condition(&ms, "Degraded").unwrap().reason,
+        "DependencyNamespaceMissing"
+    );
+    assert_eq!(
+        ms.status.as_ref().unwrap().replicas,
+        2,
+        "the Deployment is read"
+    );
+    wait_for::<Deployment>(&ns, "order", "the Deployment", |_| true).await;
+    let events = events(&ns, "order").await;
+    assert!(
+        events.iter().any(|(t, reason, note)| t == "Warning"
+            && reason == "DependencyNamespaceMissing"
+            && note.contains(&later)),
+        "{events:?}"
+    );
+
+    // The namespace appears: the retries (at most MAX_RETRY_DELAY apart, plus
+    // 25% jitter) make the grant there and clear the failure.
+    let namespaces: Api<Namespace> = Api::all(ns.client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": later, "labels": { trellis_tests::TEST_LABEL: "true" } },
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("creating the dependency's namespace");
+    let in_later: Api<Role> = Api::namespaced(ns.client.clone(), &later);
+    let grant = format!("trellis-sidecar.{}.order", ns.name);
+    let by = trellis_operator::controller::MAX_RETRY_DELAY.mul_f64(1.25) + WAIT;
+    let found = eventually("the grant once the namespace exists", by, || async {
+        in_later.get_opt(&grant).await.ok().flatten()
+    })
+    .await;
+    wait_status(&ns, "order", "the failure to clear", |m| {
+        condition(m, "Degraded").is_some_and(|c| c.reason != "DependencyNamespaceMissing")
+    })
+    .await;
+    assert_eq!(
+        found.rules.unwrap()[0].resources,
+        Some(vec!["endpointslices".to_owned()])
+    );
+    namespaces
+        .delete(&later, &DeleteParams::default())
+        .await
+        .expect("deleting the dependency's namespace");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,6 +18,7 @@ use crate::{cluster, images, paths, run};
 const CONTROL_PLANE_TESTS: &[&str] = &[
     "operator",
     "operator_watch",
+    "grants",
     "sidecar",
     "sidecar_faults",
     "examples",
