@@ -273,7 +273,11 @@ impl Error {
     pub fn failure(&self) -> Failure {
         let (reason, message) = match self {
             Error::Kube(e) => api_failure(e),
-            Error::NameCollision(_) => ("NameCollision", status::fit("", &self.to_string(), ".")),
+            Error::NameCollision(_)
+            | Error::DependencyNamespaceMissing(_)
+            | Error::DependencyOutOfScope { .. } => {
+                (self.reason(), status::fit("", &self.to_string(), "."))
+            }
             Error::Render(RenderError::Invalid(fields)) => {
                 ("InvalidSpec", status::field_errors(fields))
             }

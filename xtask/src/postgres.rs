@@ -2,7 +2,7 @@
 //!
 //! The shop (examples/shop) reaches its database as `postgres.<namespace>.svc`,
 //! a Service without a selector whose EndpointSlice names the node's address on
-//! the pod network, `10.244.0.1:5432`. This starts Debian's PostgreSQL 15 there:
+//! the pod network, `10.244.0.1:5432`. This starts Debian's PostgreSQL (whichever major version is installed) there:
 //!
 //! - its own cluster in `/var/lib/trellis/postgres` (`$TRELLIS_POSTGRES_DIR`),
 //!   owned by the `postgres` OS user (the server refuses to run as root),
@@ -30,8 +30,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::{cluster::network, run};
 
-/// Where Debian's PostgreSQL 15 server binaries are.
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The PostgreSQL programs this module runs from one directory.
+const PG_PROGRAMS: &[&str] = &["postgres", "initdb", "pg_ctl", "pg_isready", "psql"];
 /// The port, PostgreSQL's usual one: the shop's EndpointSlice names it.
 pub const PORT: u16 = 5432;
 /// The role the shop's services log in as, and its password.
@@ -54,13 +54,51 @@ fn log_file() -> PathBuf {
     dir().join("postgres.log")
 }
 
-/// A PostgreSQL binary, run as the `postgres` OS user.
+/// Where PostgreSQL's programs are, whatever the major version: the highest
+/// `/usr/lib/postgresql/<version>/bin` (Debian's layout) holding all of
+/// [`PG_PROGRAMS`], else the directory `postgres` on `PATH` resolves to.
+fn pg_bin() -> Result<PathBuf> {
+    let mut versions: Vec<(Vec<u64>, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let version = name
+                .split('.')
+                .map(|n| n.parse::<u64>().ok())
+                .collect::<Option<Vec<_>>>()?;
+            Some((version, e.path().join("bin")))
+        })
+        .collect();
+    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| fs::canonicalize(d.join("postgres")).ok()?.parent().map(Path::to_path_buf));
+    versions
+        .into_iter()
+        .map(|(_, p)| p)
+        .chain(on_path)
+        .find(|dir| PG_PROGRAMS.iter().all(|p| dir.join(p).is_file()))
+        .with_context(|| {
+            format!(
+                "PostgreSQL is not installed: no /usr/lib/postgresql/<version>/bin or PATH directory holds all of {}; `bash .ci/install` installs it (Debian's package postgresql)",
+                PG_PROGRAMS.join(", ")
+            )
+        })
+}
+
+/// A PostgreSQL program, from [`pg_bin`] (else looked up on `PATH`, to fail
+/// there), run as the `postgres` OS user.
 fn pg(bin: &str) -> Command {
+    let program = pg_bin().map(|d| d.join(bin)).unwrap_or_else(|_| PathBuf::from(bin));
     let mut cmd = Command::new("runuser");
     // From `/`, which the postgres user can read (the workspace may not be).
     cmd.current_dir("/")
         .args(["-u", "postgres", "--"])
-        .arg(Path::new(PG_BIN).join(bin));
+        .arg(program);
     cmd
 }
 
@@ -73,11 +111,7 @@ pub fn running() -> bool {
 /// Starts the shop's PostgreSQL on the node's bridge address, creating its
 /// cluster, role and databases when missing. Idempotent.
 pub fn up() -> Result<()> {
-    if !Path::new(PG_BIN).join("postgres").exists() {
-        bail!(
-            "PostgreSQL 15 is not installed ({PG_BIN}/postgres is missing): `bash .ci/install` installs it (Debian's postgresql-15)"
-        );
-    }
+    pg_bin()?;
     let addr = network::NODE_IP;
     let has_addr =
         run::output(Command::new("ip").args(["-o", "-4", "addr", "show", "dev", network::BRIDGE]))
@@ -159,7 +193,8 @@ pub fn up() -> Result<()> {
 
 fn wait_ready(timeout: Duration) -> Result<()> {
     let started = Instant::now();
-    while !run::quietly(Command::new(Path::new(PG_BIN).join("pg_isready")).args([
+    let pg_isready = pg_bin()?.join("pg_isready");
+    while !run::quietly(Command::new(&pg_isready).args([
         "-q",
         "-h",
         network::NODE_IP,

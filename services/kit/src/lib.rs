@@ -12,6 +12,7 @@ pub mod db;
 pub mod error;
 pub mod extract;
 pub mod server;
+pub mod text;
 pub mod trace;
 
 #[cfg(feature = "testing")]

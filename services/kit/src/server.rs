@@ -116,13 +116,60 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down: finishing requests in flight");
 }
 
-/// Serves `app` (HTTP/1.1 and h2c on one port) on `0.0.0.0:port` until SIGTERM.
-pub async fn serve(app: Router, port: u16) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+/// Serves `app` (HTTP/1.1 and h2c on one port) on `addr` until SIGTERM.
+/// Services pass [`crate::Config::listen_addr`], loopback unless configured
+/// otherwise, so the sidecar is the pod's only way in.
+pub async fn serve(app: Router, addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// 127.0.0.2 is a loopback address too on Linux (127.0.0.0/8), so a
+    /// connection there is refused only when the server bound 127.0.0.1
+    /// alone, not the wildcard address every interface answers on.
+    #[tokio::test]
+    async fn serves_on_loopback_only_by_default() {
+        if std::env::var_os("LISTEN_ADDR").is_some() {
+            panic!("unset LISTEN_ADDR to run this test: it checks the default");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // The address a service listens on when nothing is configured.
+        let cfg = crate::Config::load("t", std::env::temp_dir().join("kit-no-config")).unwrap();
+        let addr = SocketAddr::new(cfg.listen, port);
+        let app = Router::new().route("/", get(|| async { "ok" }));
+        let server = tokio::spawn(serve(app, addr));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not listen on 127.0.0.1:{port}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let other = TcpStream::connect(("127.0.0.2", port)).await;
+        server.abort();
+        assert!(
+            other.is_err(),
+            "the server answers on 127.0.0.2:{port}, so it listens beyond 127.0.0.1"
+        );
+    }
 }

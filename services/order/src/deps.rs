@@ -41,6 +41,16 @@ struct ProductAnswer {
     price_cents: i64,
 }
 
+/// What became of units given back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// The product's stock went up.
+    Returned,
+    /// The product no longer exists (the product service answered 404
+    /// `not_found`), so there is nothing to return the units to.
+    Gone,
+}
+
 /// Why a reservation failed.
 pub enum ReserveError {
     /// 404: no such product.
@@ -188,22 +198,32 @@ impl Deps {
         }
     }
 
-    /// Returns `quantity` units of a product.
+    /// Returns `quantity` units of a product: [`Released::Gone`] when the
+    /// product service answers that the product does not exist (there is no
+    /// stock to return to), a 503 naming `product` for any other failure.
     pub async fn release(
         &self,
         trace: &TraceHeaders,
         product_id: i64,
         quantity: i64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Released, ApiError> {
         let rsp = self.stock(trace, "release", product_id, quantity).await?;
-        if rsp.status().is_success() {
-            Ok(())
+        let status = rsp.status();
+        if status.is_success() {
+            Ok(Released::Returned)
+        } else if status == reqwest::StatusCode::NOT_FOUND
+            && rsp
+                .json::<ErrorBody>()
+                .await
+                .is_ok_and(|b| b.code == "not_found")
+        {
+            Ok(Released::Gone)
         } else {
             Err(ApiError::unavailable(
                 "product",
                 format!(
                     "the product service did not release stock (status {})",
-                    rsp.status().as_u16()
+                    status.as_u16()
                 ),
             ))
         }

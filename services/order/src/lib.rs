@@ -81,5 +81,5 @@ pub async fn run() -> anyhow::Result<()> {
         .get("PRODUCT_SERVICE")
         .unwrap_or_else(|| "product".to_owned());
     let deps = Deps::new(cfg.outbound_addr()?, &user, &product)?;
-    server::serve(app(AppState { pool, deps }), cfg.port).await
+    server::serve(app(AppState { pool, deps }), cfg.listen_addr()).await
 }

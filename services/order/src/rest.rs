@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::{
     AppState,
-    deps::ReserveError,
+    deps::{Released, ReserveError},
     store::{self, Item, Order, OrderPage},
 };
 
@@ -18,8 +18,10 @@ use crate::{
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewItem {
+    #[schema(minimum = 1)]
     pub product_id: i64,
     /// 1 to 1000.
+    #[schema(minimum = 1, maximum = 1000)]
     pub quantity: i64,
 }
 
@@ -27,8 +29,11 @@ pub struct NewItem {
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
+    #[schema(minimum = 1)]
     pub user_id: i64,
-    /// 1 to 50 lines, each product once.
+    /// 1 to 50 lines, each product once (a product listed twice is refused
+    /// with 422 `duplicate_product`).
+    #[schema(min_items = 1, max_items = 50)]
     pub items: Vec<NewItem>,
 }
 
@@ -36,11 +41,14 @@ pub struct NewOrder {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Required: the user whose orders to list.
+    /// The user whose orders to list.
+    #[param(required = true, minimum = 1)]
     pub user_id: Option<i64>,
     /// From 1 (default 1).
+    #[param(minimum = 1)]
     pub page: Option<i64>,
     /// 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
 }
 
@@ -71,9 +79,11 @@ fn check(new: &NewOrder) -> Result<(), ApiError> {
             .iter()
             .any(|o| o.product_id == item.product_id)
         {
-            return Err(ApiError::invalid(
-                &format!("items[{i}].product_id"),
-                "a product may appear only once",
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "duplicate_product",
+                Some(&format!("items[{i}].product_id")),
+                "a product may appear only once in an order; add its quantities into one line",
             ));
         }
     }
@@ -83,12 +93,22 @@ fn check(new: &NewOrder) -> Result<(), ApiError> {
 /// Releases what was reserved, best effort: a failure is logged.
 async fn release_all(state: &AppState, trace: &TraceHeaders, reserved: &[Item]) {
     for item in reserved {
-        if let Err(e) = state
+        match state
             .deps
             .release(trace, item.product_id, item.quantity)
             .await
         {
-            tracing::error!(product_id = item.product_id, quantity = item.quantity, error = %e, "could not release a reservation");
+            Ok(Released::Returned) => {}
+            Ok(Released::Gone) => {
+                tracing::warn!(
+                    product_id = item.product_id,
+                    quantity = item.quantity,
+                    "a reserved product is gone; nothing to release"
+                )
+            }
+            Err(e) => {
+                tracing::error!(product_id = item.product_id, quantity = item.quantity, error = %e, "could not release a reservation")
+            }
         }
     }
 }
@@ -98,7 +118,9 @@ async fn release_all(state: &AppState, trace: &TraceHeaders, reserved: &[Item]) 
 #[utoipa::path(post, path = "/api/v1/orders", tag = "orders", request_body = NewOrder,
     responses((status = 201, body = Order), (status = 400, body = ErrorBody),
         (status = 409, description = "Not enough stock", body = ErrorBody),
-        (status = 422, description = "Invalid input, unknown or inactive user, unknown product", body = ErrorBody),
+        (status = 422, description = "Input the schema refuses (code validation_failed); beyond it, \
+            `invalid_user`: the user is unknown or inactive; `unknown_product`: an item's product does not exist; \
+            `duplicate_product`: a product is listed twice", body = ErrorBody),
         (status = 503, description = "A dependency is unavailable; `dependency` names it", body = ErrorBody)))]
 pub async fn create_order(
     State(state): State<AppState>,
@@ -155,7 +177,7 @@ pub async fn create_order(
 
 /// Get an order.
 #[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders",
-    params(("id" = i64, Path, description = "The order's id")),
+    params(("id" = i64, Path, minimum = 1, description = "The order's id")),
     responses((status = 200, body = Order), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_order(
     State(state): State<AppState>,
@@ -204,10 +226,12 @@ pub async fn list_orders(
     ))
 }
 
-/// Cancel an order and release its stock.
+/// Cancel an order and release its stock. An item whose product no longer
+/// exists (the product service answers 404) is skipped: there is no stock to
+/// return it to, and the cancel succeeds.
 #[utoipa::path(post, path = "/api/v1/orders/{id}/cancel", tag = "orders",
-    params(("id" = i64, Path, description = "The order's id")),
-    responses((status = 200, body = Order), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    params(("id" = i64, Path, minimum = 1, description = "The order's id")),
+    responses((status = 200, description = "Cancelled; the stock of each item whose product still exists is released", body = Order), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "Already cancelled", body = ErrorBody),
         (status = 503, description = "The product service is unavailable; the order stays as it was", body = ErrorBody)))]
 pub async fn cancel_order(
@@ -224,28 +248,40 @@ pub async fn cancel_order(
             format!("order {id} is {}", order.status),
         ));
     };
-    for (i, item) in order.items.iter().enumerate() {
-        if let Err(e) = state
+    let mut released = Vec::new();
+    for item in &order.items {
+        match state
             .deps
             .release(&trace, item.product_id, item.quantity)
             .await
         {
-            // Put back what was released and the status, so a later cancel starts over.
-            for done in &order.items[..i] {
-                if let Err(e) = state
-                    .deps
-                    .reserve(&trace, done.product_id, done.quantity)
-                    .await
-                {
-                    let e = match e {
-                        ReserveError::NotFound(m) | ReserveError::Insufficient(m) => m,
-                        ReserveError::Unavailable(e) => e.to_string(),
-                    };
-                    tracing::error!(order = id, product_id = done.product_id, error = %e, "could not re-reserve after a failed cancel");
-                }
+            Ok(Released::Returned) => released.push(item),
+            Ok(Released::Gone) => {
+                tracing::warn!(
+                    order = id,
+                    product_id = item.product_id,
+                    quantity = item.quantity,
+                    "cancel: the product is gone; nothing to release"
+                );
             }
-            store::transition(&state.pool, id, "cancelled", "created").await?;
-            return Err(e);
+            Err(e) => {
+                // Put back what was released and the status, so a later cancel starts over.
+                for done in &released {
+                    if let Err(e) = state
+                        .deps
+                        .reserve(&trace, done.product_id, done.quantity)
+                        .await
+                    {
+                        let e = match e {
+                            ReserveError::NotFound(m) | ReserveError::Insufficient(m) => m,
+                            ReserveError::Unavailable(e) => e.to_string(),
+                        };
+                        tracing::error!(order = id, product_id = done.product_id, error = %e, "could not re-reserve after a failed cancel");
+                    }
+                }
+                store::transition(&state.pool, id, "cancelled", "created").await?;
+                return Err(e);
+            }
         }
     }
     Ok(axum::Json(order))

@@ -91,7 +91,7 @@ pub async fn list_by_user(
     ))
     .bind(user_id)
     .bind(limit)
-    .bind((page - 1) * limit)
+    .bind((page - 1).saturating_mul(limit))
     .fetch_all(pool)
     .await?;
     let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM orders WHERE user_id = $1")

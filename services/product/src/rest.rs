@@ -15,17 +15,22 @@ use crate::store::{self, Filter, NewProduct, Product, ProductPage, ProductPatch,
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Exact category.
+    /// Exact category (compared without surrounding whitespace); no NUL characters.
+    #[param(pattern = r"^[^\u0000]*$")]
     pub category: Option<String>,
     /// Lowest unit price, in cents.
+    #[param(minimum = 0)]
     pub min_price: Option<i64>,
-    /// Highest unit price, in cents.
+    /// Highest unit price, in cents; below `min_price`, nothing matches.
+    #[param(minimum = 0)]
     pub max_price: Option<i64>,
     /// `true`: only products in stock; `false`: only those out of stock.
     pub in_stock: Option<bool>,
     /// From 1 (default 1).
+    #[param(minimum = 1)]
     pub page: Option<i64>,
     /// 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
 }
 
@@ -63,7 +68,7 @@ pub async fn create_product(
 
 /// Get a product.
 #[utoipa::path(get, path = "/api/v1/products/{id}", tag = "products",
-    params(("id" = i64, Path, description = "The product's id")),
+    params(("id" = i64, Path, minimum = 1, description = "The product's id")),
     responses((status = 200, body = Product), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_product(
     State(pool): State<AnyPool>,
@@ -74,7 +79,7 @@ pub async fn get_product(
 
 /// Change a product.
 #[utoipa::path(put, path = "/api/v1/products/{id}", tag = "products", request_body = ProductPatch,
-    params(("id" = i64, Path, description = "The product's id")),
+    params(("id" = i64, Path, minimum = 1, description = "The product's id")),
     responses((status = 200, body = Product), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn update_product(
@@ -87,7 +92,7 @@ pub async fn update_product(
 
 /// Delete a product.
 #[utoipa::path(delete, path = "/api/v1/products/{id}", tag = "products",
-    params(("id" = i64, Path, description = "The product's id")),
+    params(("id" = i64, Path, minimum = 1, description = "The product's id")),
     responses((status = 204, description = "Deleted"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete_product(
     State(pool): State<AnyPool>,
@@ -100,7 +105,7 @@ pub async fn delete_product(
 /// Reserve units: the stock goes down by `quantity`, or nothing changes and
 /// the answer is 409 `insufficient_stock`. Never below zero, whatever the concurrency.
 #[utoipa::path(post, path = "/api/v1/products/{id}/reserve", tag = "stock", request_body = Quantity,
-    params(("id" = i64, Path, description = "The product's id")),
+    params(("id" = i64, Path, minimum = 1, description = "The product's id")),
     responses((status = 200, description = "Reserved; the product with its new stock", body = Product),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "Not enough stock", body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -114,7 +119,7 @@ pub async fn reserve(
 
 /// Release units reserved before: the stock goes up by `quantity`.
 #[utoipa::path(post, path = "/api/v1/products/{id}/release", tag = "stock", request_body = Quantity,
-    params(("id" = i64, Path, description = "The product's id")),
+    params(("id" = i64, Path, minimum = 1, description = "The product's id")),
     responses((status = 200, description = "Released; the product with its new stock", body = Product),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn release(

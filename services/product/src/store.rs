@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyPool, Row, any::AnyRow};
-use trellis_service_kit::{ApiError, error::is_unique_violation};
+use trellis_service_kit::{ApiError, error::is_unique_violation, text};
 use utoipa::ToSchema;
 
 /// A product.
@@ -24,15 +24,30 @@ pub struct Product {
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
-    /// 1 to 200 characters, unique.
+    /// 1 to 200 characters, not blank, without control characters, unique;
+    /// stored without surrounding whitespace.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F]*[^\s\u0000-\u001F\u007F][^\u0000-\u001F\u007F]*$"
+    )]
     pub name: String,
+    /// Up to 2000 characters, no NUL (default empty).
     #[serde(default)]
+    #[schema(max_length = 2000, pattern = r"^[^\u0000]*$")]
     pub description: String,
-    /// 1 to 50 characters.
+    /// 1 to 50 characters, not blank, without control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 50,
+        pattern = r"^[^\u0000-\u001F\u007F]*[^\s\u0000-\u001F\u007F][^\u0000-\u001F\u007F]*$"
+    )]
     pub category: String,
-    /// 0 or more.
+    /// 0 to 10^12 (so an order's total, up to 50 lines of 1000 units, fits in 64 bits).
+    #[schema(minimum = 0, maximum = 1e12)]
     pub price_cents: i64,
-    /// 0 or more.
+    /// 0 to 10^9.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub stock: i64,
 }
 
@@ -41,10 +56,28 @@ pub struct NewProduct {
 #[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProductPatch {
+    /// As in a new product.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F]*[^\s\u0000-\u001F\u007F][^\u0000-\u001F\u007F]*$"
+    )]
     pub name: Option<String>,
+    /// As in a new product.
+    #[schema(max_length = 2000, pattern = r"^[^\u0000]*$")]
     pub description: Option<String>,
+    /// As in a new product.
+    #[schema(
+        min_length = 1,
+        max_length = 50,
+        pattern = r"^[^\u0000-\u001F\u007F]*[^\s\u0000-\u001F\u007F][^\u0000-\u001F\u007F]*$"
+    )]
     pub category: Option<String>,
+    /// 0 to 10^12.
+    #[schema(minimum = 0, maximum = 1e12)]
     pub price_cents: Option<i64>,
+    /// 0 to 10^9: the stock from now on.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub stock: Option<i64>,
 }
 
@@ -53,6 +86,7 @@ pub struct ProductPatch {
 #[serde(deny_unknown_fields)]
 pub struct Quantity {
     /// 1 to 1000.
+    #[schema(minimum = 1, maximum = 1000)]
     pub quantity: i64,
 }
 
@@ -76,32 +110,43 @@ pub struct ProductPage {
     pub limit: i64,
 }
 
+/// The rules of `name` and `category`, as documented on [`NewProduct`].
 fn check_text(field: &str, v: &str, max: usize) -> Result<String, ApiError> {
-    let v = v.trim();
-    if v.is_empty() || v.chars().count() > max {
-        return Err(ApiError::invalid(
-            field,
-            format!("{field} must be 1 to {max} characters"),
-        ));
-    }
-    Ok(v.to_owned())
-}
-
-fn check_description(v: &str) -> Result<String, ApiError> {
-    if v.chars().count() > 2000 {
-        return Err(ApiError::invalid(
-            "description",
-            "description must be at most 2000 characters",
-        ));
-    }
+    text::check(
+        field,
+        v,
+        1,
+        max,
+        text::NAME,
+        "free of control characters and not blank",
+    )?;
     Ok(v.trim().to_owned())
 }
 
-fn check_non_negative(field: &str, v: i64) -> Result<i64, ApiError> {
-    if v < 0 {
+/// The rules of `description`, as documented on [`NewProduct`].
+fn check_description(v: &str) -> Result<String, ApiError> {
+    text::check(
+        "description",
+        v,
+        0,
+        2000,
+        text::NO_NUL,
+        "free of NUL characters",
+    )?;
+    Ok(v.trim().to_owned())
+}
+
+/// The highest `price_cents`: 50 lines of 1000 units at this price still
+/// total less than `i64::MAX`.
+pub const MAX_PRICE_CENTS: i64 = 1_000_000_000_000;
+/// The highest `stock` a client may set.
+pub const MAX_STOCK: i64 = 1_000_000_000;
+
+fn check_range(field: &str, v: i64, max: i64) -> Result<i64, ApiError> {
+    if !(0..=max).contains(&v) {
         return Err(ApiError::invalid(
             field,
-            format!("{field} must be 0 or more"),
+            format!("{field} must be between 0 and {max}"),
         ));
     }
     Ok(v)
@@ -174,14 +219,6 @@ pub async fn list(pool: &AnyPool, f: Filter) -> Result<ProductPage, ApiError> {
             "limit must be between 1 and 100",
         ));
     }
-    if let (Some(lo), Some(hi)) = (f.min_price, f.max_price)
-        && lo > hi
-    {
-        return Err(ApiError::bad_request(
-            Some("max_price"),
-            "max_price is below min_price",
-        ));
-    }
     for (field, v) in [("min_price", f.min_price), ("max_price", f.max_price)] {
         if v.is_some_and(|v| v < 0) {
             return Err(ApiError::bad_request(
@@ -190,6 +227,16 @@ pub async fn list(pool: &AnyPool, f: Filter) -> Result<ProductPage, ApiError> {
             ));
         }
     }
+    if f.category
+        .as_deref()
+        .is_some_and(|c| !text::matches(text::NO_NUL, c))
+    {
+        return Err(ApiError::bad_request(
+            Some("category"),
+            "category must not contain NUL characters",
+        ));
+    }
+    // A `max_price` below `min_price` is an empty range: it matches nothing.
     let mut conds = Vec::new();
     let mut args = Vec::new();
     if let Some(c) = &f.category {
@@ -237,7 +284,7 @@ pub async fn list(pool: &AnyPool, f: Filter) -> Result<ProductPage, ApiError> {
     }
     let rows = q
         .bind(f.limit)
-        .bind((f.page - 1) * f.limit)
+        .bind((f.page - 1).saturating_mul(f.limit))
         .fetch_all(pool)
         .await?;
     let total: i64 = count.fetch_one(pool).await?.try_get("n")?;
@@ -253,8 +300,8 @@ pub async fn create(pool: &AnyPool, new: NewProduct) -> Result<Product, ApiError
     let name = check_text("name", &new.name, 200)?;
     let description = check_description(&new.description)?;
     let category = check_text("category", &new.category, 50)?;
-    let price = check_non_negative("price_cents", new.price_cents)?;
-    let stock = check_non_negative("stock", new.stock)?;
+    let price = check_range("price_cents", new.price_cents, MAX_PRICE_CENTS)?;
+    let stock = check_range("stock", new.stock, MAX_STOCK)?;
     let row = sqlx::query(&format!(
         "INSERT INTO products (name, description, category, price_cents, stock, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {COLUMNS}"
@@ -293,12 +340,12 @@ pub async fn update(pool: &AnyPool, id: i64, p: ProductPatch) -> Result<Product,
         .unwrap_or(cur.category);
     let price = p
         .price_cents
-        .map(|v| check_non_negative("price_cents", v))
+        .map(|v| check_range("price_cents", v, MAX_PRICE_CENTS))
         .transpose()?
         .unwrap_or(cur.price_cents);
     let stock = p
         .stock
-        .map(|v| check_non_negative("stock", v))
+        .map(|v| check_range("stock", v, MAX_STOCK))
         .transpose()?;
     // Stock is set only when given, in the same statement, so a concurrent
     // reservation is not overwritten by a stale read.

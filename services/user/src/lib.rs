@@ -71,5 +71,5 @@ pub async fn run() -> anyhow::Result<()> {
     server::init_logging();
     let cfg = trellis_service_kit::Config::from_env("user")?;
     let pool = trellis_service_kit::db::connect(&cfg.database_url, &SQLITE, &POSTGRES).await?;
-    server::serve(app(pool), cfg.port).await
+    server::serve(app(pool), cfg.listen_addr()).await
 }

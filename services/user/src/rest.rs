@@ -16,10 +16,13 @@ use crate::store::{self, NewUser, User, UserPage, UserPatch};
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// From 1 (default 1).
+    #[param(minimum = 1)]
     pub page: Option<i64>,
     /// 1 to 100 (default 10).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
-    /// Matches name or e-mail, case-insensitively.
+    /// Matches name or e-mail, case-insensitively; no NUL characters.
+    #[param(pattern = r"^[^\u0000]*$")]
     pub search: Option<String>,
 }
 
@@ -55,7 +58,7 @@ pub async fn create_user(
 
 /// Get a user.
 #[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users",
-    params(("id" = i64, Path, description = "The user's id")),
+    params(("id" = i64, Path, minimum = 1, description = "The user's id")),
     responses((status = 200, body = User), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_user(
     State(pool): State<AnyPool>,
@@ -66,7 +69,7 @@ pub async fn get_user(
 
 /// Change a user's name, e-mail, age or active flag.
 #[utoipa::path(put, path = "/api/v1/users/{id}", tag = "users", request_body = UserPatch,
-    params(("id" = i64, Path, description = "The user's id")),
+    params(("id" = i64, Path, minimum = 1, description = "The user's id")),
     responses((status = 200, body = User), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn update_user(
@@ -79,7 +82,7 @@ pub async fn update_user(
 
 /// Delete a user.
 #[utoipa::path(delete, path = "/api/v1/users/{id}", tag = "users",
-    params(("id" = i64, Path, description = "The user's id")),
+    params(("id" = i64, Path, minimum = 1, description = "The user's id")),
     responses((status = 204, description = "Deleted"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete_user(State(pool): State<AnyPool>, Id(id): Id) -> Result<StatusCode, ApiError> {
     store::delete(&pool, id).await?;

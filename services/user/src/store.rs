@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyPool, Row, any::AnyRow};
-use trellis_service_kit::{ApiError, error::is_unique_violation};
+use trellis_service_kit::{ApiError, error::is_unique_violation, text};
 use utoipa::ToSchema;
 
 /// A user.
@@ -23,11 +23,24 @@ pub struct User {
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
-    /// 1 to 100 characters.
+    /// 1 to 100 characters, not blank, without control characters; stored
+    /// without surrounding whitespace.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\u0000-\u001F\u007F]*[^\s\u0000-\u001F\u007F][^\u0000-\u001F\u007F]*$"
+    )]
     pub name: String,
-    /// An e-mail address, unique among users.
+    /// An e-mail address (`local@domain.tld`), at most 254 characters,
+    /// unique among users regardless of case; stored in lower case.
+    #[schema(
+        format = "email",
+        max_length = 254,
+        pattern = r"^[^@\s\u0000-\u001F\u007F]+@[^@\s.\u0000-\u001F\u007F]+(\.[^@\s.\u0000-\u001F\u007F]+)+$"
+    )]
     pub email: String,
     /// 0 to 150.
+    #[schema(minimum = 0, maximum = 150)]
     pub age: i64,
 }
 
@@ -35,8 +48,22 @@ pub struct NewUser {
 #[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
+    /// As in a new user.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\u0000-\u001F\u007F]*[^\s\u0000-\u001F\u007F][^\u0000-\u001F\u007F]*$"
+    )]
     pub name: Option<String>,
+    /// As in a new user.
+    #[schema(
+        format = "email",
+        max_length = 254,
+        pattern = r"^[^@\s\u0000-\u001F\u007F]+@[^@\s.\u0000-\u001F\u007F]+(\.[^@\s.\u0000-\u001F\u007F]+)+$"
+    )]
     pub email: Option<String>,
+    /// 0 to 150.
+    #[schema(minimum = 0, maximum = 150)]
     pub age: Option<i64>,
     pub active: Option<bool>,
 }
@@ -51,34 +78,30 @@ pub struct UserPage {
     pub limit: i64,
 }
 
+/// The rules of `name`, as documented on [`NewUser`].
 fn check_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 100 {
-        return Err(ApiError::invalid(
-            "name",
-            "name must be 1 to 100 characters",
-        ));
-    }
-    Ok(name.to_owned())
+    text::check(
+        "name",
+        name,
+        1,
+        100,
+        text::NAME,
+        "free of control characters and not blank",
+    )?;
+    Ok(name.trim().to_owned())
 }
 
+/// The rules of `email`, as documented on [`NewUser`].
 fn check_email(email: &str) -> Result<String, ApiError> {
-    let email = email.trim().to_lowercase();
-    let ok = email.len() <= 254
-        && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty()
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-        })
-        && !email.contains(char::is_whitespace);
-    if !ok {
+    if email.chars().count() > 254 || !text::matches(text::EMAIL, email) {
         return Err(ApiError::invalid(
             "email",
-            format!("{email:?} is not an e-mail address"),
+            format!(
+                "{email:?} is not an e-mail address (local@domain.tld, at most 254 characters)"
+            ),
         ));
     }
-    Ok(email)
+    Ok(email.to_lowercase())
 }
 
 fn check_age(age: i64) -> Result<i64, ApiError> {
@@ -149,6 +172,12 @@ pub async fn list(
     search: &str,
 ) -> Result<UserPage, ApiError> {
     check_page(page, limit)?;
+    if !text::matches(text::NO_NUL, search) {
+        return Err(ApiError::bad_request(
+            Some("search"),
+            "search must not contain NUL characters",
+        ));
+    }
     let search = search.trim().to_lowercase();
     let (filter, pattern) = if search.is_empty() {
         ("", None)
@@ -176,7 +205,7 @@ pub async fn list(
     }
     let rows = q
         .bind(limit)
-        .bind((page - 1) * limit)
+        .bind((page - 1).saturating_mul(limit))
         .fetch_all(pool)
         .await?;
     let total: i64 = count.fetch_one(pool).await?.try_get("n")?;
