@@ -76,7 +76,12 @@ fn pg_bin() -> Result<PathBuf> {
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|d| fs::canonicalize(d.join("postgres")).ok()?.parent().map(Path::to_path_buf));
+        .filter_map(|d| {
+            fs::canonicalize(d.join("postgres"))
+                .ok()?
+                .parent()
+                .map(Path::to_path_buf)
+        });
     versions
         .into_iter()
         .map(|(_, p)| p)
@@ -93,7 +98,9 @@ fn pg_bin() -> Result<PathBuf> {
 /// A PostgreSQL program, from [`pg_bin`] (else looked up on `PATH`, to fail
 /// there), run as the `postgres` OS user.
 fn pg(bin: &str) -> Command {
-    let program = pg_bin().map(|d| d.join(bin)).unwrap_or_else(|_| PathBuf::from(bin));
+    let program = pg_bin()
+        .map(|d| d.join(bin))
+        .unwrap_or_else(|_| PathBuf::from(bin));
     let mut cmd = Command::new("runuser");
     // From `/`, which the postgres user can read (the workspace may not be).
     cmd.current_dir("/")

@@ -316,7 +316,7 @@ where
             });
             return inner.oneshot(req).boxed();
         }
-        if !exact.is_some_and(|n| n <= limit) {
+        if exact.is_none_or(|n| n > limit) {
             return inner.oneshot(req).boxed();
         }
         async move {
