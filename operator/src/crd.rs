@@ -239,9 +239,9 @@ pub const RESOURCE_NAMES_MESSAGE: &str =
     "requests and limits may name only cpu, memory and ephemeral-storage";
 /// Every request and limit is a non-negative quantity.
 pub const RESOURCE_QUANTITY_RULE: &str = "(!has(self.requests) || self.requests.all(k, \
-     isQuantity(string(self.requests[k])) && quantity(string(self.requests[k])).sign() >= 0)) && \
+     isQuantity(string(self.requests[k])) && !quantity(string(self.requests[k])).isLessThan(quantity('0')))) && \
      (!has(self.limits) || self.limits.all(k, isQuantity(string(self.limits[k])) && \
-     quantity(string(self.limits[k])).sign() >= 0))";
+     !quantity(string(self.limits[k])).isLessThan(quantity('0'))))";
 /// What [`RESOURCE_QUANTITY_RULE`] says.
 pub const RESOURCE_QUANTITY_MESSAGE: &str =
     "requests and limits must be non-negative quantities, such as 250m, 0.5 or 128Mi";
