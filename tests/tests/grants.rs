@@ -66,6 +66,24 @@ async fn upstream(name: &'static str) -> SocketAddr {
 }
 
 /// GET `http://SERVICE/` through the sidecar's outbound listener, in proxy form.
+/// Whether the sidecar whose admin listener is `admin` has applied a policy.
+async fn policy_applied(admin: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(admin).await else {
+        return false;
+    };
+    let request = "GET /status HTTP/1.0\r\nhost: admin\r\n\r\n";
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["policy"]["generation"].as_u64())
+        .is_some_and(|g| g >= 1)
+}
+
 async fn get(outbound: SocketAddr, service: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(outbound).await.unwrap();
     let request =
@@ -305,6 +323,13 @@ async fn a_dependency_in_another_namespace_is_granted_used_and_revoked() {
 
     // The sidecar itself, as that ServiceAccount, reaches payment in b.
     let sidecar = sidecar_as(&a.name, "order", &sa).await;
+    // Its policy comes from the ConfigMap a moment after it starts; until
+    // then it knows no dependency, and b is a namespace it does not read.
+    eventually("the sidecar's policy", WAIT, || async {
+        let ready = policy_applied(sidecar.admin).await;
+        ready.then_some(())
+    })
+    .await;
     let to = format!("payment.{}", b.name);
     let (status, body) = get(sidecar.outbound, &to).await;
     assert_eq!(
