@@ -108,7 +108,10 @@ async fn unknown_names_and_empty_services_get_a_fast_503_naming_them() {
     // no Service, such as a.b.c.d, is outside the mesh: tests/egress.rs).
     let a = h1(sc.outbound, Request::get("/x").body(full("")).unwrap()).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text());
-    let bad = Request::get("/x").header("host", "-a.b-").body(full("")).unwrap();
+    let bad = Request::get("/x")
+        .header("host", "-a.b-")
+        .body(full(""))
+        .unwrap();
     let a = h1(sc.outbound, bad).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text());
 }

@@ -667,22 +667,21 @@ async fn a_dependency_namespace_created_later_is_reported_then_granted() {
 
     // Said in the status and an event, one sentence naming the namespace;
     // everything in the MicroService's own namespace is made meanwhile.
+    // The failure is told once, in ReconcileFailed.
     let ms = wait_status(&ns, "order", "the missing namespace reported", |m| {
-        condition(m, "Ready").is_some_and(|c| c.message.contains("does not exist yet"))
+        condition(m, "ReconcileFailed").is_some_and(|c| c.message.contains("does not exist yet"))
     })
     .await;
-    let ready = condition(&ms, "Ready").unwrap();
-    assert_eq!(
-        ready.message,
-        format!(
+    let failed = condition(&ms, "ReconcileFailed").unwrap();
+    assert!(
+        failed.message.starts_with(&format!(
             "dependency namespace {later} does not exist yet, so the sidecar cannot read the \
              EndpointSlices there; the operator grants that read once it is created"
-        )
+        )),
+        "{}",
+        failed.message
     );
-    assert_eq!(
-        condition(&ms, "Degraded").unwrap().reason,
-        "DependencyNamespaceMissing"
-    );
+    assert_eq!(failed.reason, "DependencyNamespaceMissing");
     assert_eq!(
         ms.status.as_ref().unwrap().replicas,
         2,
