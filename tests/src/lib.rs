@@ -17,6 +17,7 @@
 pub mod binaries;
 pub mod collector;
 pub mod convergence;
+pub mod node_peers;
 pub mod operator;
 pub mod operator_process;
 pub mod relay;
