@@ -128,7 +128,7 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_FIRST_BYTES_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub first_bytes_timeout: Duration,
 
-    /// Time a client has to send a request head.
+    /// Time an HTTP/1.1 client has from the first byte of a request head to its end.
     #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
 
@@ -136,9 +136,9 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
 
-    /// An HTTP/2 client connection with no open stream for this long is closed.
-    #[arg(long, env = "TRELLIS_HTTP2_IDLE_TIMEOUT", default_value = "5m", value_parser = positive_duration)]
-    pub http2_idle_timeout: Duration,
+    /// A client connection with no request in flight for this long is closed (HTTP/1.1 and HTTP/2).
+    #[arg(long, env = "TRELLIS_CLIENT_IDLE_TIMEOUT", default_value = "5m", value_parser = positive_duration)]
+    pub client_idle_timeout: Duration,
 
     /// Time to connect to an upstream.
     #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -333,7 +333,7 @@ impl From<Args> for Config {
                 max_connections: a.max_connections,
                 first_bytes_timeout: a.first_bytes_timeout,
                 header_read_timeout: a.header_read_timeout,
-                http2_idle_timeout: a.http2_idle_timeout,
+                idle_timeout: a.client_idle_timeout,
                 max_header_bytes: a.max_header_bytes,
                 drain_grace: a.drain_grace,
                 ..ServerLimits::default()
@@ -399,16 +399,16 @@ mod tests {
             "trellis-sidecar",
             "--first-bytes-timeout",
             "2s",
-            "--http2-idle-timeout",
+            "--client-idle-timeout",
             "90s",
         ])
         .unwrap();
         let c = Config::from(a);
         assert_eq!(c.limits.first_bytes_timeout, Duration::from_secs(2));
-        assert_eq!(c.limits.http2_idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(90));
         let d = Config::from(Args::try_parse_from(["trellis-sidecar"]).unwrap());
         assert_eq!(d.limits.first_bytes_timeout, Duration::from_secs(10));
-        assert_eq!(d.limits.http2_idle_timeout, Duration::from_secs(300));
+        assert_eq!(d.limits.idle_timeout, Duration::from_secs(300));
         let zero = Args::try_parse_from(["trellis-sidecar", "--first-bytes-timeout", "0s"])
             .unwrap_err()
             .to_string();

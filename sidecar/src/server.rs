@@ -9,9 +9,13 @@
 //! nothing is closed instead of holding a slot. Connections are capped with
 //! a semaphore taken before `accept`, so at the cap the kernel's backlog
 //! holds new clients instead of the proxy accepting and dropping them.
-//! Once the protocol is known, hyper's header read timeout bounds an
-//! HTTP/1.1 connection waiting for a request, and an idle timer over the
-//! open streams bounds an HTTP/2 one (hyper's HTTP/2 server has none).
+//! Once the protocol is known, a watchdog beside each connection closes it
+//! when its client goes quiet: an HTTP/1.1 request head that has begun and
+//! is not complete within the header read timeout, and a connection of
+//! either protocol with no request in flight for the idle timeout. hyper's
+//! own HTTP/1.1 header read timeout is not used: it also runs while a
+//! keep-alive connection waits between requests, so it would close pooled
+//! connections after seconds, racing the requests clients send on them.
 
 use std::{
     convert::Infallible,
@@ -19,7 +23,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -63,16 +70,21 @@ pub struct ServerLimits {
     /// that connects and sends nothing is closed when it passes, so silent
     /// connections hold a slot of `max_connections` for this long at most.
     /// HTTP/1.1 then has `header_read_timeout` for the rest of its first
-    /// head; HTTP/2 has `http2_idle_timeout` until its first stream.
+    /// head; HTTP/2 has `idle_timeout` until its first stream.
     ///
     /// 10 s by default, as Linkerd's protocol detection (Envoy's listener
     /// filters allow 15 s): a client that speaks first writes its first
     /// bytes right after connecting, so any real client is far inside it.
     pub first_bytes_timeout: Duration,
-    /// Time a client has to send a complete request head (HTTP/1.1), so a
-    /// slow client cannot hold a connection open by trickling bytes. hyper
-    /// starts this clock whenever it waits for a head, between keep-alive
-    /// requests too, so it is also the HTTP/1.1 idle timeout.
+    /// Time an HTTP/1.1 client has from the first byte of a request head to
+    /// its end, so a slow client cannot hold a connection by trickling
+    /// bytes. A keep-alive connection waiting for its next request is
+    /// under `idle_timeout` instead.
+    ///
+    /// The clock starts when bytes arrive on a connection with no request
+    /// in flight; bytes of a pipelined head that arrived with the previous
+    /// request start no clock, and such a head is bounded by
+    /// `idle_timeout`.
     pub header_read_timeout: Duration,
     /// The largest request head accepted: HTTP/1.1 read buffer and HTTP/2
     /// header list size. Larger heads get 431 (HTTP/1.1) or a stream reset.
@@ -84,9 +96,10 @@ pub struct ServerLimits {
     pub keepalive_interval: Duration,
     /// See `keepalive_interval`.
     pub keepalive_timeout: Duration,
-    /// An HTTP/2 connection with no open stream for this long is closed
-    /// gracefully (GOAWAY, then close). Keep-alive pings do not count as
-    /// activity: they prove the peer is there, not that it needs the slot.
+    /// A connection with no request in flight (no open stream, for HTTP/2)
+    /// for this long is closed gracefully (HTTP/2: GOAWAY, then close).
+    /// HTTP/2 keep-alive pings do not count as activity: they prove the
+    /// peer is there, not that it needs the slot.
     ///
     /// 5 min by default. Pooling clients close idle connections sooner
     /// (this sidecar's own pool after 30 s, hyper's and Go's after 90 s),
@@ -94,7 +107,7 @@ pub struct ServerLimits {
     /// still means to use; Envoy's default of 1 h is for edge proxies
     /// with long-lived clients, and lets an abandoned connection hold a
     /// slot twelve times as long.
-    pub http2_idle_timeout: Duration,
+    pub idle_timeout: Duration,
     /// How long a drain waits for in-flight requests before closing anyway.
     pub drain_grace: Duration,
 }
@@ -109,7 +122,7 @@ impl Default for ServerLimits {
             max_concurrent_streams: 1000,
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(20),
-            http2_idle_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(300),
             drain_grace: Duration::from_secs(25),
         }
     }
@@ -125,7 +138,7 @@ impl Builders {
     fn new(limits: &ServerLimits) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes.max(8192));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
@@ -238,49 +251,58 @@ async fn connection(
         req.extensions_mut().insert(ClientAddr(peer));
         req
     });
-    let io = TokioIo::new(io);
+    let (requests, watched) = watch::channel(Requests::default());
+    let svc = CountRequests {
+        inner: svc,
+        requests: Arc::new(requests),
+    };
     // Each connection future is boxed with its type spelled out: the
     // boxed-error lifetimes in the body type otherwise trip a rustc
     // limitation when this future is spawned.
     let conn: BoxFuture<'static, Result<(), hyper::Error>> = match protocol {
         Protocol::Http1 => {
+            let heads = HeadSignal::new();
+            io.heads = Some(heads.clone());
             let conn = builders
                 .http1
-                .serve_connection(io, TowerToHyperService::new(svc));
-            Box::pin(until_drained(conn, drain, std::future::pending()))
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+            let quiet = http1_quiet(watched, heads, limits.clone());
+            Box::pin(until_drained(conn, drain, quiet))
         }
         Protocol::Http2 => {
-            let (open, idle) = watch::channel(0);
-            let svc = CountStreams {
-                inner: svc,
-                open: Arc::new(open),
-            };
             let conn = builders
                 .http2
-                .serve_connection(io, TowerToHyperService::new(svc));
-            Box::pin(until_drained(
-                conn,
-                drain,
-                idle_for(idle, limits.http2_idle_timeout),
-            ))
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+            let quiet = idle_for(watched, limits.idle_timeout);
+            Box::pin(until_drained(conn, drain, quiet))
         }
     };
     conn.await?;
     Ok(())
 }
 
+/// Why a connection's client is considered gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Quiet {
+    /// No request in flight for the idle timeout: closed gracefully.
+    Idle,
+    /// An HTTP/1.1 request head begun and not finished in time: closed at
+    /// once, since there is no request to finish.
+    StalledHead,
+}
+
 /// Drives `conn` to its end, shutting it down gracefully when the drain
-/// starts or `idle` resolves, whichever is first.
+/// starts or the client goes idle, and dropping it when a head stalls.
 async fn until_drained<C>(
     conn: C,
     mut drain: watch::Receiver<bool>,
-    idle: impl Future<Output = ()>,
+    quiet: impl Future<Output = Quiet>,
 ) -> Result<(), C::Error>
 where
     C: GracefulConnection,
 {
     tokio::pin!(conn);
-    tokio::pin!(idle);
+    tokio::pin!(quiet);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -289,25 +311,112 @@ where
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            () = &mut idle, if !closing => {
-                tracing::debug!("HTTP/2 connection idle; closing");
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+            why = &mut quiet, if !closing => match why {
+                Quiet::Idle => {
+                    tracing::debug!("connection idle; closing");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                Quiet::StalledHead => {
+                    tracing::debug!("request head not complete in time; closing");
+                    return Ok(());
+                }
+            },
+        }
+    }
+}
+
+/// Resolves with [`Quiet::Idle`] once no request has been in flight for
+/// `timeout`.
+async fn idle_for(mut requests: watch::Receiver<Requests>, timeout: Duration) -> Quiet {
+    loop {
+        if requests.wait_for(|r| r.open == 0).await.map(drop).is_err() {
+            // The connection (which holds the sender) is gone.
+            return std::future::pending().await;
+        }
+        // Any change, a request starting, restarts the wait.
+        if tokio::time::timeout(timeout, requests.changed())
+            .await
+            .is_err()
+        {
+            return Quiet::Idle;
+        }
+    }
+}
+
+/// The HTTP/1.1 watchdog: resolves when a begun request head is not
+/// complete within `header_read_timeout`, or when no request has been in
+/// flight for `idle_timeout`.
+async fn http1_quiet(
+    mut requests: watch::Receiver<Requests>,
+    heads: Arc<HeadSignal>,
+    limits: Arc<ServerLimits>,
+) -> Quiet {
+    let mut began = heads.began.subscribe();
+    // Requests started so far, as last seen here.
+    let mut seen = 0;
+    // Protocol detection read the first head's first bytes.
+    let mut head_begun = true;
+    loop {
+        if head_begun {
+            tokio::select! {
+                open = started_after(&mut requests, seen) => if !open {
+                    return std::future::pending().await;
+                },
+                () = tokio::time::sleep(limits.header_read_timeout) => return Quiet::StalledHead,
+            }
+        }
+        match requests.wait_for(|r| r.open == 0).await.map(|r| r.started) {
+            Ok(started) => seen = started,
+            Err(_) => return std::future::pending().await,
+        }
+        began.borrow_and_update();
+        heads.armed.store(true, Ordering::Release);
+        tokio::select! {
+            () = tokio::time::sleep(limits.idle_timeout) => return Quiet::Idle,
+            changed = began.changed() => {
+                if changed.is_err() {
+                    return std::future::pending().await;
+                }
+                head_begun = true;
+            }
+            // A pipelined head, read with the previous request.
+            open = started_after(&mut requests, seen) => {
+                if !open {
+                    return std::future::pending().await;
+                }
+                heads.armed.store(false, Ordering::Release);
+                head_begun = false;
             }
         }
     }
 }
 
-/// Resolves once the stream count has stayed at zero for `timeout`.
-async fn idle_for(mut open: watch::Receiver<usize>, timeout: Duration) {
-    loop {
-        if open.wait_for(|n| *n == 0).await.is_err() {
-            // The connection (which holds the sender) is gone.
-            return std::future::pending().await;
-        }
-        // Any change, a stream opening, restarts the wait.
-        if tokio::time::timeout(timeout, open.changed()).await.is_err() {
-            return;
+/// Waits until more than `seen` requests have started; false when the
+/// connection is gone.
+async fn started_after(requests: &mut watch::Receiver<Requests>, seen: u64) -> bool {
+    requests.wait_for(|r| r.started > seen).await.is_ok()
+}
+
+/// Told by an HTTP/1.1 connection's reads when bytes arrive while the
+/// watchdog waits for the next request head. Only the first read after
+/// arming signals, so reads of bodies cost one atomic load.
+struct HeadSignal {
+    armed: AtomicBool,
+    began: watch::Sender<()>,
+}
+
+impl HeadSignal {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            armed: AtomicBool::new(false),
+            began: watch::Sender::new(()),
+        })
+    }
+
+    fn bytes_arrived(&self) {
+        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::AcqRel) {
+            self.began.send_replace(());
         }
     }
 }
@@ -329,6 +438,8 @@ struct Replay {
     read: usize,
     len: usize,
     stream: TcpStream,
+    /// Told when bytes arrive from the stream (HTTP/1.1 only).
+    heads: Option<Arc<HeadSignal>>,
 }
 
 impl Replay {
@@ -338,6 +449,7 @@ impl Replay {
             read: 0,
             len: 0,
             stream,
+            heads: None,
         }
     }
 
@@ -373,7 +485,14 @@ impl AsyncRead for Replay {
             this.read += n;
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let (Some(heads), Poll::Ready(Ok(()))) = (&this.heads, &read)
+            && buf.filled().len() > filled
+        {
+            heads.bytes_arrived();
+        }
+        read
     }
 }
 
@@ -407,15 +526,24 @@ impl AsyncWrite for Replay {
     }
 }
 
-/// Counts an HTTP/2 connection's open streams: from the request's arrival
-/// until its response body is done or dropped.
-#[derive(Clone)]
-struct CountStreams<S> {
-    inner: S,
-    open: Arc<watch::Sender<usize>>,
+/// A connection's requests, for its watchdog.
+#[derive(Clone, Copy, Debug, Default)]
+struct Requests {
+    /// Started since the connection opened.
+    started: u64,
+    /// In flight: from a request's arrival until its response body is done
+    /// or dropped (for HTTP/2, the open streams).
+    open: usize,
 }
 
-impl<S> Service<Request<Incoming>> for CountStreams<S>
+/// Counts a connection's requests into [`Requests`].
+#[derive(Clone)]
+struct CountRequests<S> {
+    inner: S,
+    requests: Arc<watch::Sender<Requests>>,
+}
+
+impl<S> Service<Request<Incoming>> for CountRequests<S>
 where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
 {
@@ -428,7 +556,7 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let stream = OpenStream::new(&self.open);
+        let stream = InFlight::new(&self.requests);
         Counted {
             inner: self.inner.call(req),
             stream: Some(stream),
@@ -437,12 +565,12 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A response future holding its stream open; the response body takes
-    /// the hold over.
+    /// A response future holding its request in flight; the response body
+    /// takes the hold over.
     struct Counted<F> {
         #[pin]
         inner: F,
-        stream: Option<OpenStream>,
+        stream: Option<InFlight>,
     }
 }
 
@@ -465,26 +593,29 @@ where
     }
 }
 
-/// One open stream, counted while this lives.
-struct OpenStream(Arc<watch::Sender<usize>>);
+/// One request in flight, counted while this lives.
+struct InFlight(Arc<watch::Sender<Requests>>);
 
-impl OpenStream {
-    fn new(open: &Arc<watch::Sender<usize>>) -> Self {
-        open.send_modify(|n| *n += 1);
-        Self(open.clone())
+impl InFlight {
+    fn new(requests: &Arc<watch::Sender<Requests>>) -> Self {
+        requests.send_modify(|r| {
+            r.started += 1;
+            r.open += 1;
+        });
+        Self(requests.clone())
     }
 }
 
-impl Drop for OpenStream {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        self.0.send_modify(|r| r.open -= 1);
     }
 }
 
-/// A response body that keeps its stream counted until hyper drops it.
+/// A response body that keeps its request counted until hyper drops it.
 struct Held {
     body: Body,
-    _stream: Option<OpenStream>,
+    _stream: Option<InFlight>,
 }
 
 impl hyper::body::Body for Held {

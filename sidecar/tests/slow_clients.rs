@@ -1,8 +1,11 @@
 //! Slow and idle clients against the inbound listener: connections that
 //! send nothing are closed once the first-bytes deadline passes, so a flood
 //! of them cannot keep a well-behaved client out even when it outnumbers
-//! `max_connections`; an HTTP/2 connection with no stream is closed after
-//! the idle timeout, and one carrying a long stream is not.
+//! `max_connections`; a connection with no request in flight (HTTP/1.1 or
+//! HTTP/2) is closed after the idle timeout, and one carrying a long stream
+//! is not; an HTTP/1.1 client that starts a request head and stalls is
+//! closed after the header read timeout, which does not apply to a
+//! keep-alive connection waiting between requests.
 
 mod support;
 
@@ -202,7 +205,7 @@ const IDLE: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
-    let (sc, _app) = sidecar_with(|l| l.http2_idle_timeout = IDLE).await;
+    let (sc, _app) = sidecar_with(|l| l.idle_timeout = IDLE).await;
     let began = Instant::now();
     let (_send, closed) = h2_with_conn(sc.inbound).await;
     // The client answers pings, so only the idle timeout can end it.
@@ -224,7 +227,7 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_connection_with_a_long_stream_stays_open() {
-    let (sc, _app) = sidecar_with(|l| l.http2_idle_timeout = IDLE).await;
+    let (sc, _app) = sidecar_with(|l| l.idle_timeout = IDLE).await;
     let (mut send, closed) = h2_with_conn(sc.inbound).await;
     tokio::pin!(closed);
 
@@ -298,4 +301,137 @@ where
     T: Send + 'static,
 {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|t| (t, rx)) })
+}
+
+/// An HTTP/1.1 connection to `addr` whose connection task is returned: it
+/// ends when the connection closes.
+async fn h1_with_conn(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<TestBody>,
+    impl Future<Output = ()>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    (send, async move {
+        let _ = task.await;
+    })
+}
+
+/// One request on an HTTP/1.1 connection; the answer's status and body.
+async fn h1_get(
+    send: &mut hyper::client::conn::http1::SendRequest<TestBody>,
+    path: &str,
+) -> Result<(StatusCode, String), hyper::Error> {
+    send.ready().await?;
+    let rsp = send
+        .send_request(
+            Request::get(format!("http://order{path}"))
+                .body(full(""))
+                .unwrap(),
+        )
+        .await?;
+    let status = rsp.status();
+    let body = rsp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+const HEAD: Duration = Duration::from_secs(1);
+
+/// Pooling clients (hyper's and Go's keep idle connections 90 s, this
+/// sidecar's own pool 30 s) reuse a connection long after the header read
+/// timeout; were the server to close it then, a request sent as the close
+/// crosses it fails on a connection the client believed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_outlives_the_header_read_timeout() {
+    let (sc, _app) = sidecar_with(|l| l.header_read_timeout = HEAD).await;
+    let (mut send, closed) = h1_with_conn(sc.inbound).await;
+    tokio::pin!(closed);
+    let (status, body) = h1_get(&mut send, "/first").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let wait = 3 * HEAD;
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = &mut closed => panic!(
+            "the server closed a keep-alive connection idle for less than {wait:?}, with a \
+             header read timeout of {HEAD:?} and an idle timeout of 5 min"
+        ),
+    }
+    let (status, body) = h1_get(&mut send, "/second")
+        .await
+        .unwrap_or_else(|e| panic!("the second request on the connection failed: {e}"));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    println!(
+        "a keep-alive connection idle for {wait:?} (header read timeout {HEAD:?}) served again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_head_is_closed_after_the_header_read_timeout() {
+    let (sc, _app) = sidecar_with(|l| l.header_read_timeout = HEAD).await;
+    // On a fresh connection, and on a kept-alive one after a first request.
+    for served_first in [false, true] {
+        let mut stream = TcpStream::connect(sc.inbound).await.unwrap();
+        if served_first {
+            use tokio::io::AsyncWriteExt;
+            stream
+                .write_all(b"GET /first HTTP/1.1\r\nHost: order\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(
+                buf[..n].starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            // Idle for longer than the header read timeout first.
+            tokio::time::sleep(2 * HEAD).await;
+        }
+        use tokio::io::AsyncWriteExt;
+        stream
+            .write_all(b"GET /stalled HTTP/1.1\r\nHost: ord")
+            .await
+            .unwrap();
+        let began = Instant::now();
+        timeout(HEAD + SLACK, closed_by_peer(stream))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "a request head stalled half-way was still open after {:?} (served first: \
+                     {served_first})",
+                    HEAD + SLACK
+                )
+            });
+        println!(
+            "a stalled head closed after {:?} (header read timeout {HEAD:?}, served first: \
+             {served_first})",
+            began.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http1_connection_is_closed_after_the_idle_timeout() {
+    let (sc, _app) = sidecar_with(|l| l.idle_timeout = IDLE).await;
+    let (mut send, closed) = h1_with_conn(sc.inbound).await;
+    let (status, body) = h1_get(&mut send, "/first").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let idle_from = Instant::now();
+    timeout(IDLE + SLACK, closed).await.unwrap_or_else(|_| {
+        panic!(
+            "an HTTP/1.1 connection with no request was still open after {:?}",
+            IDLE + SLACK
+        )
+    });
+    let lasted = idle_from.elapsed();
+    assert!(
+        lasted >= IDLE,
+        "closed after {lasted:?}, before the idle timeout {IDLE:?}"
+    );
+    println!("idle HTTP/1.1 connection closed after {lasted:?} (idle timeout {IDLE:?})");
 }

@@ -774,6 +774,22 @@ pub fn by_status(outcomes: &[Outcome]) -> Vec<(u16, usize)> {
     counts.into_iter().collect()
 }
 
+/// The outcomes counted by status, and the body of the first answer of
+/// each status other than `expected`: what a failed assertion needs to say.
+pub fn unexpected(outcomes: &[Outcome], expected: u16) -> String {
+    let mut seen = std::collections::BTreeSet::new();
+    let samples: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.status != expected && seen.insert(o.status))
+        .map(|o| format!("{} at {:.1?}: {}", o.status, o.at, o.body))
+        .collect();
+    format!(
+        "{:?}; first of each: {}",
+        by_status(outcomes),
+        samples.join(" | ")
+    )
+}
+
 /// The `q` quantile of the outcomes' latencies.
 pub fn latency_quantile(outcomes: &[&Outcome], q: f64) -> Option<Duration> {
     let mut l: Vec<Duration> = outcomes.iter().map(|o| o.elapsed).collect();

@@ -21,7 +21,7 @@ use trellis_tests::{
     TestNamespace, eventually, kubectl,
     shop::{
         self, Outage, SERVICES, Shop, Target, burst, by_status, latency_quantile, service_delta,
-        wait_policy_applied,
+        unexpected, wait_policy_applied,
     },
     shop_metrics::{REQUESTS, Scrape},
 };
@@ -172,8 +172,8 @@ async fn the_shop_end_to_end() {
                 let warm = shop.orders(10, 2).await;
                 assert!(
                     warm.iter().all(|o| o.status == 201),
-                    "{:?}",
-                    by_status(&warm)
+                    "{}",
+                    unexpected(&warm, 201)
                 );
                 let now = shop.scrape(&["product"]).await.ok()?;
                 now["product"]
@@ -198,8 +198,8 @@ async fn the_shop_end_to_end() {
         let outcomes = shop.orders(90, 3).await;
         assert!(
             outcomes.iter().all(|o| o.status == 201),
-            "{:?}",
-            by_status(&outcomes)
+            "{}",
+            unexpected(&outcomes, 201)
         );
         let after = shop.scrape(&["product"]).await.unwrap();
         let per_pod: Vec<(String, f64)> = after["product"]
@@ -403,8 +403,8 @@ async fn the_shop_end_to_end() {
         let outcomes = shop.orders(10, 2).await;
         assert!(
             outcomes.iter().all(|o| o.status == 201),
-            "{:?}",
-            by_status(&outcomes)
+            "{}",
+            unexpected(&outcomes, 201)
         );
     }
 
@@ -521,8 +521,8 @@ async fn soak(shop: &Shop) {
     let warm = warm.stop().await;
     assert!(
         warm.iter().all(|o| o.status == 201),
-        "{:?}",
-        by_status(&warm)
+        "{}",
+        unexpected(&warm, 201)
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = footprints(shop).await;
