@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::Stdio};
 /// Builds a workspace binary with cargo (a no-op when it is fresh) and
 /// returns its path as cargo reports it, so `CARGO_TARGET_DIR` is honoured.
 pub fn built(package: &str, bin: &str) -> PathBuf {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let workspace = crate::shop::workspace();
     let out = crate::cargo()
         .current_dir(&workspace)
         .args([

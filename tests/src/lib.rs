@@ -65,7 +65,7 @@ pub fn ensure_cluster(node: bool) {
     if ensured[usize::from(node)] || std::env::var_os("TRELLIS_E2E_KIND").is_some() {
         return;
     }
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let workspace = crate::shop::workspace();
     let mut cmd = crate::cargo();
     cmd.current_dir(&workspace).args(["xtask", "cluster", "up"]);
     if !node {

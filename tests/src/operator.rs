@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Installs the CRD from the committed YAML (so the file CI checks is the
 /// file tested) and waits until the apiserver serves it.
 pub async fn install_crd(client: &Client) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/microservice.yaml");
+    let path = crate::shop::workspace().join("crds/microservice.yaml");
     let yaml = std::fs::read_to_string(path).expect("crds/microservice.yaml");
     let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).expect("a CRD");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());

@@ -51,9 +51,14 @@ pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 /// The shop's services, callers last.
 pub const SERVICES: [&str; 3] = ["user", "product", "order"];
 
-/// The workspace root.
+/// The workspace root. `cargo test` says where this crate's manifest is at
+/// run time; that is preferred to the path compiled in, which names the
+/// clone that built the binary when clones share a target directory.
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
 }
 
 /// How the host reaches pods (their sidecars' admin port). Services are

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use trellis_tests::{TestNamespace, eventually, helm};
 
 fn chart() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/trellis")
+    trellis_tests::shop::workspace().join("charts/trellis")
 }
 
 fn ok(out: Output, what: &str) -> String {
@@ -368,7 +368,7 @@ fn assert_test_exists(needed_by: &str) {
     let (file, function) = needed_by
         .split_once("::")
         .unwrap_or_else(|| panic!("{needed_by}: not file::function"));
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/{file}.rs"));
+    let path = trellis_tests::shop::workspace().join(format!("tests/tests/{file}.rs"));
     let source = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{needed_by}: reading {}: {e}", path.display()));
     assert!(

@@ -19,7 +19,7 @@ async fn the_shop_example_is_accepted_by_the_apiserver() {
         .await
         .expect("API discovery");
 
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/shop");
+    let dir = trellis_tests::shop::workspace().join("examples/shop");
     let mut applied = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()

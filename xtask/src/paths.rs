@@ -5,11 +5,18 @@
 //! can remove it all. Built tools are cached under [`cache_dir`], outside the
 //! clone, keyed by version, so a fresh clone reuses them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The workspace root (the parent of `xtask/`).
+///
+/// `cargo run` says where xtask's manifest is at run time; that is preferred
+/// to the path compiled in, which names the clone that built the binary
+/// when clones share a target directory (as CI's cache does).
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
