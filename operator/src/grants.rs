@@ -357,15 +357,10 @@ impl Drop for Sweeper {
 /// Deletes the grants of MicroServices that no longer exist, each time
 /// `wake` is notified and every `resync`, once the caches are filled.
 async fn sweep(ctx: Arc<Context>, microservices: Store<MicroService>, wake: Arc<Notify>) {
-    let ready = async {
-        microservices.wait_until_ready().await.ok()?;
-        Role::store(&ctx.caches).wait_until_ready().await.ok()?;
-        RoleBinding::store(&ctx.caches)
-            .wait_until_ready()
-            .await
-            .ok()
-    };
-    if ready.await.is_none() {
+    let ready = until_ready(&microservices).await
+        && until_ready(Role::store(&ctx.caches)).await
+        && until_ready(RoleBinding::store(&ctx.caches)).await;
+    if !ready {
         return;
     }
     loop {
@@ -377,6 +372,28 @@ async fn sweep(ctx: Arc<Context>, microservices: Store<MicroService>, wake: Arc<
         let _ = tokio::time::timeout(ctx.settings.resync, wake.notified()).await;
         // Let a burst of deletions settle into one pass.
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `store` has had its first full list; false when its writer
+/// is gone first.
+///
+/// kube's `Store::wait_until_ready` wakes only the last of several tasks
+/// waiting at once (the one-shot channel behind it keeps a single waker),
+/// and the controller waits on the MicroService store too, so a single
+/// wait here could sleep forever. Each wait is given up after a second and
+/// made again, which registers this task anew.
+pub(crate) async fn until_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(ready) =
+            tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await
+        {
+            return ready.is_ok();
+        }
     }
 }
 

@@ -191,3 +191,30 @@ fn pending_and_out_of_scope_namespaces_are_one_sentence_naming_them() {
     );
     assert_eq!(scoped.reason(), "DependencyOutOfScope");
 }
+
+/// The sweep's wait for the caches must end even when another task (the
+/// controller) waits on the same store at the same time: kube wakes only
+/// the last waiter, and a plain `wait_until_ready` here never ends.
+#[tokio::test]
+async fn the_wait_for_a_store_ends_when_another_task_waits_too() {
+    use kube::runtime::{reflector, watcher};
+    let (store, mut writer) = reflector::store::<MicroService>();
+    let ours = tokio::spawn({
+        let store = store.clone();
+        async move { until_ready(&store).await }
+    });
+    // Let ours register first; the other waiter then takes the one waker.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let other = tokio::spawn({
+        let store = store.clone();
+        async move { store.wait_until_ready().await.is_ok() }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    writer.apply_watcher_event(&watcher::Event::Init);
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let ours = tokio::time::timeout(Duration::from_secs(5), ours)
+        .await
+        .expect("the sweep's wait ended once the store was ready");
+    assert!(ours.unwrap());
+    assert!(other.await.unwrap());
+}

@@ -33,10 +33,7 @@ const NODE_TESTS: &[&str] = &["node", "chart", "security", "traces_on_node", "sh
 const FAULT_TESTS: &[&str] = &["faults"];
 /// Tests known to fail, left out of the tiers until fixed (each is listed in
 /// docs/reliability.md with what fails; run one by name to work on it).
-const KNOWN_FAILING: &[&str] = &[
-    // The sweep does not remove a deleted MicroService's grant within 30 s.
-    "a_dependency_in_another_namespace_is_granted_used_and_revoked",
-];
+const KNOWN_FAILING: &[&str] = &[];
 
 fn cargo() -> Command {
     let mut cmd = crate::run::cargo();
