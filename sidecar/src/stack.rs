@@ -3,12 +3,14 @@
 //! Reading this file top to bottom shows what a request goes through:
 //!
 //! ```text
-//! outbound (127.0.0.1):  metrics → request id → hop-by-hop → router (→ egress outside the mesh)
+//! outbound (127.0.0.1):  metrics → gRPC form of the proxy's errors → request id → hop-by-hop
+//!                        → router (→ egress outside the mesh)
 //!     per service:       overall timeout → replay buffer → retry (budget, backoff)
 //!                        → gRPC trailers peek → client span (one per try) → circuit breaker → per-try timeout
 //!                        → no-endpoints fail-fast → p2c/peak-EWMA balancer
 //!     per endpoint:      outlier ejection (+ the try's deadline) → pooled client (HTTP/1.1 or h2c)
-//! inbound (pod IP):      server span → metrics → request id → hop-by-hop → per policy:
+//! inbound (pod IP):      server span → metrics → gRPC form of the proxy's errors → request id
+//!                        → hop-by-hop → per policy:
 //!                        rate limit → concurrency limit (shed) → timeout → app (x-forwarded-for)
 //! admin:                 /livez /readyz /healthz /metrics /status
 //! ```
@@ -33,6 +35,7 @@ use crate::{
     discovery::Resolver,
     http::{
         Body, BoxError,
+        grpc_errors::GrpcErrorsLayer,
         headers::HopByHopLayer,
         request_id::RequestIdLayer,
         response::{ProxyError, RespondToErrors},
@@ -136,6 +139,7 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
                 parts.metrics.clone(),
                 Direction::outbound,
             ))
+            .layer(GrpcErrorsLayer)
             .layer(RequestIdLayer)
             .layer(HopByHopLayer)
             .service(router),
@@ -222,6 +226,7 @@ pub fn inbound(parts: &StackParts) -> ListenerService {
         ServiceBuilder::new()
             .layer(ServerSpanLayer::new(parts.tracing.clone()))
             .layer(MetricsLayer::new(parts.metrics.clone(), Direction::inbound))
+            .layer(GrpcErrorsLayer)
             .layer(RequestIdLayer)
             .layer(HopByHopLayer)
             .service(per_policy),

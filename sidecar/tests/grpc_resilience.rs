@@ -138,7 +138,9 @@ async fn sidecar_for(up: &GrpcUpstream, dependency: serde_json::Value) -> trelli
 struct Answer {
     status: u16,
     grpc_status: Option<String>,
+    grpc_message: Option<String>,
     proxy_error: Option<String>,
+    breaker: Option<String>,
 }
 
 /// One unary call to `user` through the outbound listener at `outbound`,
@@ -163,6 +165,7 @@ async fn call(outbound: SocketAddr, extra: &[(&str, &str)]) -> Answer {
     let status = rsp.status().as_u16();
     let header = |k: &str| rsp.headers().get(k).map(|v| v.to_str().unwrap().to_owned());
     let (mut grpc_status, proxy_error) = (header("grpc-status"), header("x-trellis-proxy-error"));
+    let (grpc_message, breaker) = (header("grpc-message"), header("x-trellis-breaker"));
     let collected = rsp.into_body().collect().await.unwrap();
     if let Some(t) = collected.trailers() {
         grpc_status = t.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
@@ -170,7 +173,9 @@ async fn call(outbound: SocketAddr, extra: &[(&str, &str)]) -> Answer {
     Answer {
         status,
         grpc_status,
+        grpc_message,
         proxy_error,
+        breaker,
     }
 }
 
@@ -192,16 +197,27 @@ async fn breaker_opens_on(style: u8) {
         let a = call(sidecar.outbound, &[]).await;
         if a.proxy_error.as_deref() == Some("circuit-open") {
             refused += 1;
+            // Answered in gRPC's terms: a trailers-only UNAVAILABLE naming
+            // the dependency, which a gRPC client reads as such.
+            assert_eq!((a.status, a.grpc_status.as_deref()), (200, Some("14")));
+            assert_eq!(a.breaker.as_deref(), Some("user.default"));
+            let message = a.grpc_message.unwrap_or_default();
+            assert!(
+                message.contains("circuit breaker") && message.contains("user.default"),
+                "{message}"
+            );
         } else {
             assert_eq!((a.status, a.grpc_status.as_deref()), (200, Some("14")));
         }
     }
     assert_eq!(up.calls(), 6, "the breaker lets six failures through");
     assert_eq!(refused, 4, "then answers itself");
+    // The application saw ten calls end UNAVAILABLE: six from the server,
+    // four from the open breaker.
     let metrics = support::get(sidecar.admin, "/metrics").await.text();
     assert!(
         metrics.contains(
-            r#"trellis_grpc_responses_total{direction="outbound",service="user.default",grpc_code="UNAVAILABLE"} 6"#
+            r#"trellis_grpc_responses_total{direction="outbound",service="user.default",grpc_code="UNAVAILABLE"} 10"#
         ),
         "{metrics}"
     );
@@ -287,8 +303,8 @@ async fn the_retried_codes_are_configurable() {
 }
 
 /// The client's `grpc-timeout` is shorter than the policy's timeout, so it
-/// is the call's deadline: the sidecar answers 504 when it passes rather
-/// than waiting for the upstream, which takes 5 s.
+/// is the call's deadline: the sidecar answers DEADLINE_EXCEEDED when it
+/// passes rather than waiting for the upstream, which takes 5 s.
 #[tokio::test]
 async fn a_grpc_timeout_bounds_the_call() {
     let up = GrpcUpstream::start(0, TRAILERS_ONLY, 0).await;
@@ -297,7 +313,10 @@ async fn a_grpc_timeout_bounds_the_call() {
     let started = Instant::now();
     let a = call(sidecar.outbound, &[("grpc-timeout", "200m")]).await;
     let took = started.elapsed();
-    assert_eq!((a.status, a.proxy_error.as_deref()), (504, Some("timeout")));
+    assert_eq!(
+        (a.status, a.grpc_status.as_deref(), a.proxy_error.as_deref()),
+        (200, Some("4"), Some("timeout"))
+    );
     assert!(
         took >= Duration::from_millis(200) && took < Duration::from_secs(4),
         "answered after {took:?}: the 200 ms client deadline, not the upstream's 5 s"

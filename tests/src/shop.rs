@@ -122,6 +122,61 @@ impl Target {
     }
 }
 
+/// The shop's PostgreSQL, as the role the services use: for faults a test
+/// makes in one service's database.
+pub struct Database(sqlx::PgPool);
+
+impl Database {
+    /// Connects to the order service's database on `target`'s PostgreSQL
+    /// (any database but the one to refuse would do).
+    pub async fn connect(target: &Target) -> Result<Self> {
+        let url = format!("postgres://shop:shop@{}:5432/shop_order", target.postgres);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&url)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        Ok(Self(pool))
+    }
+
+    /// `db` refuses new connections and its open ones are closed, so the
+    /// service on it answers that its database is unavailable (503, or
+    /// gRPC UNAVAILABLE) until [`Database::allow`].
+    pub async fn refuse(&self, db: &str) -> Result<()> {
+        let db = identifier(db)?;
+        sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+            .execute(&self.0)
+            .await?;
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(db)
+            .execute(&self.0)
+            .await?;
+        Ok(())
+    }
+
+    /// `db` takes connections again.
+    pub async fn allow(&self, db: &str) -> Result<()> {
+        let db = identifier(db)?;
+        sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+            .execute(&self.0)
+            .await?;
+        Ok(())
+    }
+}
+
+/// `name` when it is a plain SQL identifier (it is spliced into a statement).
+fn identifier(name: &str) -> Result<&str> {
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !plain {
+        bail!("{name:?} is not a plain database name");
+    }
+    Ok(name)
+}
+
 /// Runs a command, failing with its output when it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let shown = format!(

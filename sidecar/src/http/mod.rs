@@ -3,6 +3,7 @@
 
 pub mod framing;
 pub mod grpc;
+pub mod grpc_errors;
 pub mod headers;
 pub mod request_id;
 pub mod response;

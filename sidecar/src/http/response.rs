@@ -25,6 +25,11 @@ pub const X_PROXY_ERROR: HeaderName = HeaderName::from_static("x-trellis-proxy-e
 /// Names the dependency whose circuit breaker refused a request.
 pub const X_BREAKER: HeaderName = HeaderName::from_static("x-trellis-breaker");
 
+/// The text of a response the proxy wrote itself (its body, as a response
+/// extension), for the layers that answer in another form (gRPC).
+#[derive(Clone, Debug)]
+pub struct ProxyErrorText(pub Arc<str>);
+
 /// Why the proxy answered a request itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -183,7 +188,9 @@ impl ProxyError {
 
     /// The response the client gets.
     pub fn into_response(self) -> Response<Body> {
-        let mut rsp = Response::new(full(format!("{self}\n")));
+        let text: Arc<str> = self.to_string().into();
+        let mut rsp = Response::new(full(format!("{text}\n")));
+        rsp.extensions_mut().insert(ProxyErrorText(text));
         *rsp.status_mut() = self.status();
         let h = rsp.headers_mut();
         match &self {
