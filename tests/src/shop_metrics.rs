@@ -11,6 +11,8 @@ pub const REQUESTS: &str = "trellis_requests_total";
 pub const LATENCY_BUCKET: &str = "trellis_request_duration_seconds_bucket";
 /// Requests the proxy answered itself, by `direction`, `service` and `kind`.
 pub const PROXY_ERRORS: &str = "trellis_proxy_errors_total";
+/// gRPC calls by `direction`, `service` and `grpc_code` (its name).
+pub const GRPC_RESPONSES: &str = "trellis_grpc_responses_total";
 /// 1 for the state each dependency's breaker is in, by `service` and `state`.
 pub const BREAKER_STATE: &str = "trellis_circuit_breaker_state";
 /// Breaker state changes, by `service`, `from` and `to`.

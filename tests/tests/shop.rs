@@ -23,7 +23,7 @@ use trellis_tests::{
         self, Outage, SERVICES, Shop, Target, burst, by_status, latency_quantile, service_delta,
         unexpected, wait_policy_applied,
     },
-    shop_metrics::{REQUESTS, Scrape},
+    shop_metrics::{GRPC_RESPONSES, REQUESTS, Scrape},
 };
 
 /// Prints a phase's name and, when dropped, how long it took.
@@ -92,6 +92,11 @@ async fn the_shop_end_to_end() {
     }
 
     let mut shop = Shop::new(ns.client.clone(), &ns.name, &target).await;
+    let database = shop::Database::connect(&target)
+        .await
+        .expect("the shop's PostgreSQL");
+    // A run stopped half-way may have left the user database refusing.
+    database.allow("shop_user").await.unwrap();
     let (user_dep, product_dep) = (shop.qualified("user"), shop.qualified("product"));
 
     {
@@ -303,6 +308,99 @@ async fn the_shop_end_to_end() {
             recovered - outage.deleted_at
         );
         shop::wait_ready(&ns.name, Duration::from_secs(120)).unwrap();
+    }
+
+    {
+        let _p = Phase::new(
+            "user's database refuses connections: user answers UNAVAILABLE over gRPC, order's \
+             breaker for user opens and fails fast, then closes",
+        );
+        let before = shop.scrape(&["order", "user"]).await.unwrap();
+        database.refuse("shop_user").await.unwrap();
+        let refused_at = Instant::now();
+        let mut failed = Vec::new();
+        let opened = loop {
+            let batch = shop.orders(4, 1).await;
+            failed.extend(batch.into_iter().filter(|o| o.status != 201));
+            let states = shop.breaker_states("user").await.unwrap();
+            if states.iter().any(|s| s == "open") {
+                break Some(refused_at.elapsed());
+            }
+            if refused_at.elapsed() > Duration::from_secs(60) {
+                break None;
+            }
+        };
+        // While it is open, order's sidecar answers the gRPC call itself, in
+        // gRPC's terms, and the order service says so.
+        let fast = shop.orders(1, 1).await;
+        let after = shop.scrape(&["order", "user"]).await.unwrap();
+        database.allow("shop_user").await.unwrap();
+        let opened = opened.unwrap_or_else(|| {
+            panic!(
+                "order's breaker for user never opened in 60 s: {}",
+                unexpected(&failed, 201)
+            )
+        });
+        assert!(
+            !failed.is_empty(),
+            "no order failed with user's database refusing"
+        );
+        for o in failed.iter().chain(&fast) {
+            assert_eq!(o.status, 503, "{o:?}");
+            let body: serde_json::Value = serde_json::from_str(&o.body).unwrap();
+            assert_eq!(body["code"], "dependency_unavailable", "{body}");
+            assert_eq!(body["dependency"], "user", "{body}");
+        }
+        let message = serde_json::from_str::<serde_json::Value>(&fast[0].body).unwrap()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            message.starts_with("the user service is unavailable (circuit breaker open)"),
+            "{message}"
+        );
+        let order_delta = shop::service_delta(&before, &after, "order");
+        let user_delta = shop::service_delta(&before, &after, "user");
+        // Inbound metrics name the sidecar's own service; outbound ones the
+        // dependency, qualified.
+        let unavailable = |d: &Scrape, direction: &str, service: &str| {
+            d.sum(
+                GRPC_RESPONSES,
+                &[
+                    ("direction", direction),
+                    ("service", service),
+                    ("grpc_code", "UNAVAILABLE"),
+                ],
+            )
+        };
+        let from_user = unavailable(&user_delta, "inbound", "user");
+        let seen_by_order = unavailable(&order_delta, "outbound", &user_dep);
+        assert!(from_user >= 1.0, "user's sidecar counted no UNAVAILABLE");
+        assert!(
+            seen_by_order >= from_user,
+            "order's sidecar saw {seen_by_order} UNAVAILABLE, user's answered {from_user}"
+        );
+        eprintln!(
+            "breaker for user open {opened:.1?} after the database refused; {} orders failed \
+             (503 naming user); UNAVAILABLE answered by user {from_user}, seen by order {seen_by_order}; \
+             while open: {message}",
+            failed.len()
+        );
+        let back = Instant::now();
+        eventually(
+            "orders to succeed and order's breaker for user to close",
+            Duration::from_secs(90),
+            || async {
+                let o = shop.orders(1, 1).await;
+                let states = shop.breaker_states("user").await.ok()?;
+                (o[0].status == 201 && states.iter().all(|s| s == "closed")).then_some(())
+            },
+        )
+        .await;
+        eprintln!(
+            "orders back and the breaker closed {:.1?} after the database came back",
+            back.elapsed()
+        );
     }
 
     {
