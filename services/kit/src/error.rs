@@ -106,13 +106,31 @@ impl std::error::Error for ApiError {}
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                tracing::error!(error = %e, "database unavailable");
-                Self::unavailable("database", "the database is unavailable")
-            }
-            e => Self::internal(e),
+        if is_unavailable(&e) {
+            tracing::error!(error = %e, "database unavailable");
+            return Self::unavailable("database", "the database is unavailable");
         }
+        Self::internal(e)
+    }
+}
+
+/// Whether a database error says the database cannot be reached or used
+/// for now (a 503 to retry later) rather than that the request failed.
+///
+/// Besides the pool's and the socket's own failures, these are PostgreSQL's
+/// SQLSTATEs for it: class 08 (connection exception), 57P01–57P03 (the
+/// server shutting down, crashed, or not accepting connections yet, which
+/// also ends sessions an administrator terminates), 53300 (too many
+/// connections), and 55000, with which PostgreSQL refuses a connection to a
+/// database that does not allow connections.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|code| {
+            code.starts_with("08")
+                || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "55000")
+        }),
+        _ => false,
     }
 }
 

@@ -311,3 +311,58 @@ async fn fuzz_postgres() {
     let pg = Postgres::start();
     fuzz(&pg.url()).await;
 }
+
+/// A database that refuses connections (as PostgreSQL does for a database
+/// with connections turned off, or one an administrator is emptying) is a
+/// dependency that is unavailable: 503 naming the database over REST and
+/// UNAVAILABLE over gRPC, which callers' breakers count and retry, not a
+/// 500 / INTERNAL that says the request broke something.
+#[tokio::test]
+async fn a_database_refusing_connections_is_unavailable_not_an_internal_error() {
+    let pg = Postgres::start();
+    let admin = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    sqlx::query("CREATE DATABASE refusing")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = format!(
+        "{}/refusing",
+        pg.url().strip_suffix("/postgres").expect("the postgres database")
+    );
+    let addr = start(&url).await;
+    let api = Api::new(addr);
+    let (s, b) = api
+        .post(
+            "/api/v1/users",
+            &json!({"name": "Ann", "email": "ann@shop.test", "age": 30}).to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let id = b["id"].as_u64().unwrap();
+
+    sqlx::query("ALTER DATABASE refusing ALLOW_CONNECTIONS false")
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'refusing'",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+
+    for _ in 0..2 {
+        let (s, b) = api.get(&format!("/api/v1/users/{id}")).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+        assert_eq!(b["code"], "dependency_unavailable", "{b}");
+        assert_eq!(b["dependency"], "database", "{b}");
+    }
+    let mut grpc = UserServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let e = grpc
+        .validate_user(pb::ValidateUserRequest { user_id: id })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+}
