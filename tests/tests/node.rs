@@ -363,6 +363,42 @@ async fn a_microservice_becomes_ready_with_its_sidecar_and_serves_through_its_se
     )
     .await;
 
+    // The app calls destinations outside the mesh through its sidecar (the
+    // operator sets HTTP_PROXY): a name that does not resolve, and a
+    // namespace the sidecar may not read, each get an answer naming the
+    // host, and neither takes the pod out of service.
+    let pod_name = pod.metadata.name.clone().unwrap();
+    for host in ["nowhere.invalid", "ghost.kube-system"] {
+        let url = format!("http://{host}/");
+        let started = std::time::Instant::now();
+        let out = trellis_tests::kubectl()
+            .args(["-n", &ns.name, "exec", &pod_name, "-c", "app", "--"])
+            .args(["/usr/local/bin/trellis-smoke", "get", &url])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url} answered 200");
+        assert!(
+            stderr.contains("answered 502") && stderr.contains(host),
+            "{url}: not a 502 naming the host: {stderr}"
+        );
+        println!(
+            "{url} from the app: {} in {:.1?}",
+            stderr.trim(),
+            started.elapsed()
+        );
+    }
+    // Several readiness periods (1 s) later the pod is still Ready.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let now = pods.get(&pod_name).await.unwrap();
+    let ready = now
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    assert!(ready, "the pod turned unready after calls outside the mesh");
+
     // kubectl describe shows the status, the conditions and the events.
     let describe = trellis_tests::kubectl()
         .args(["-n", &ns.name, "describe", "microservice", "hello"])

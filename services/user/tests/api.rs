@@ -327,7 +327,9 @@ async fn a_database_refusing_connections_is_unavailable_not_an_internal_error() 
         .unwrap();
     let url = format!(
         "{}/refusing",
-        pg.url().strip_suffix("/postgres").expect("the postgres database")
+        pg.url()
+            .strip_suffix("/postgres")
+            .expect("the postgres database")
     );
     let addr = start(&url).await;
     let api = Api::new(addr);

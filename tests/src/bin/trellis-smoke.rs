@@ -8,6 +8,8 @@
 //!   from inside its pod, through its sidecar.
 //! - `trellis-smoke get URL`: GETs an `http://host:port/path` URL, prints the body,
 //!   exits 0 on a 200 and 1 otherwise (so a Job's success is the test's assertion).
+//!   Like curl and Go's net/http it goes through `$HTTP_PROXY` (the sidecar's
+//!   outbound listener, in a MicroService) unless the host is in `$NO_PROXY`.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -89,7 +91,11 @@ fn fetch(url: &str) -> std::io::Result<(u16, String)> {
     } else {
         format!("{authority}:80")
     };
-    let target = addr
+    let (connect_to, request_target) = match proxy_for(authority) {
+        Some(proxy) => (proxy, format!("http://{authority}{path}")),
+        None => (addr, path.to_owned()),
+    };
+    let target = connect_to
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| invalid("no address"))?;
@@ -97,7 +103,7 @@ fn fetch(url: &str) -> std::io::Result<(u16, String)> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n"
+        "GET {request_target} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
@@ -111,4 +117,27 @@ fn fetch(url: &str) -> std::io::Result<(u16, String)> {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// The `host:port` of the proxy for `authority`: `$HTTP_PROXY` (or
+/// `$http_proxy`) unless the host is listed in `$NO_PROXY` (or `$no_proxy`).
+fn proxy_for(authority: &str) -> Option<String> {
+    let var = |name: &str| {
+        std::env::var(name)
+            .or_else(|_| std::env::var(name.to_lowercase()))
+            .ok()
+            .filter(|v| !v.is_empty())
+    };
+    let proxy = var("HTTP_PROXY")?;
+    let host = authority.split(':').next().unwrap_or(authority);
+    let bypassed = var("NO_PROXY").is_some_and(|list| {
+        list.split(',')
+            .map(str::trim)
+            .any(|h| h == host || (h.starts_with('.') && host.ends_with(h)))
+    });
+    if bypassed {
+        return None;
+    }
+    let proxy = proxy.strip_prefix("http://").unwrap_or(&proxy);
+    Some(proxy.trim_end_matches('/').to_owned())
 }
