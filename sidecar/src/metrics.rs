@@ -597,9 +597,9 @@ where
             let label = rsp.extensions().get::<ServiceLabel>().map(|s| s.0.clone());
             let service = label.as_deref().unwrap_or("unknown");
             let proxy_error = rsp
-                .headers()
-                .get(crate::http::response::X_PROXY_ERROR)
-                .and_then(|v| v.to_str().ok());
+                .extensions()
+                .get::<crate::http::response::ProxyAnswer>()
+                .map(|a| a.kind);
             this.layer.metrics.record_request(
                 this.layer.direction,
                 service,

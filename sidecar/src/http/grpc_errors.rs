@@ -14,7 +14,7 @@
 //! answers gRPC calls the same way.
 //!
 //! Responses of the application pass through untouched: only a response
-//! carrying `x-trellis-proxy-error` was written by the proxy.
+//! carrying the [`ProxyAnswer`] extension was written by this proxy.
 
 use std::{
     future::Future,
@@ -31,7 +31,7 @@ use trellis_policy::GrpcCode;
 use super::{
     Body, empty,
     grpc::{GRPC_STATUS, is_grpc},
-    response::{ProxyErrorText, X_PROXY_ERROR},
+    response::ProxyAnswer,
 };
 
 /// The message header of a gRPC status.
@@ -61,8 +61,8 @@ pub fn trailers_only(rsp: Response<Body>) -> Response<Body> {
     let code = code_for(parts.status);
     let message = parts
         .extensions
-        .get::<ProxyErrorText>()
-        .map(|t| t.0.trim().to_owned())
+        .get::<ProxyAnswer>()
+        .map(|a| a.text.trim().to_owned())
         .unwrap_or_else(|| parts.status.to_string());
     parts.status = StatusCode::OK;
     let h = &mut parts.headers;
@@ -134,7 +134,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let rsp = ready!(this.inner.poll(cx))?;
-        let by_proxy = rsp.headers().contains_key(X_PROXY_ERROR) && !is_grpc(rsp.headers());
+        let by_proxy = rsp.extensions().get::<ProxyAnswer>().is_some() && !is_grpc(rsp.headers());
         Poll::Ready(Ok(if *this.grpc && by_proxy {
             trailers_only(rsp)
         } else {
@@ -148,7 +148,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
-    use crate::http::response::{ProxyError, X_BREAKER};
+    use crate::http::response::{ProxyError, X_BREAKER, X_PROXY_ERROR};
 
     #[tokio::test]
     async fn an_open_breaker_is_unavailable_with_the_proxys_text_and_headers() {
@@ -157,7 +157,7 @@ mod tests {
             state: "open",
         }
         .into_response();
-        let text = rsp.extensions().get::<ProxyErrorText>().unwrap().0.clone();
+        let text = rsp.extensions().get::<ProxyAnswer>().unwrap().text.clone();
         let rsp = trailers_only(rsp);
         assert_eq!(rsp.status(), StatusCode::OK);
         let h = rsp.headers();
@@ -199,9 +199,10 @@ mod tests {
         let rsp = Response::new(empty());
         let (mut parts, body) = rsp.into_parts();
         parts.status = StatusCode::SERVICE_UNAVAILABLE;
-        parts
-            .extensions
-            .insert(ProxyErrorText("100% down\nnaïve".into()));
+        parts.extensions.insert(ProxyAnswer {
+            kind: "upstream-failed",
+            text: "100% down\nnaïve".into(),
+        });
         let rsp = trailers_only(Response::from_parts(parts, body));
         assert_eq!(rsp.headers()[GRPC_MESSAGE], "100%25 down%0Ana%C3%AFve");
     }

@@ -25,10 +25,17 @@ pub const X_PROXY_ERROR: HeaderName = HeaderName::from_static("x-trellis-proxy-e
 /// Names the dependency whose circuit breaker refused a request.
 pub const X_BREAKER: HeaderName = HeaderName::from_static("x-trellis-breaker");
 
-/// The text of a response the proxy wrote itself (its body, as a response
-/// extension), for the layers that answer in another form (gRPC).
+/// A response extension on every response the proxy wrote itself: what
+/// went wrong, for the layers above (metrics, tracing, the gRPC form),
+/// which read it here rather than parse the `x-trellis-proxy-error` header
+/// back (that header is for the client; a peer's sidecar sets it too).
 #[derive(Clone, Debug)]
-pub struct ProxyErrorText(pub Arc<str>);
+pub struct ProxyAnswer {
+    /// [`ProxyError::kind`].
+    pub kind: &'static str,
+    /// The error's text, also the response body.
+    pub text: Arc<str>,
+}
 
 /// Why the proxy answered a request itself.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +197,10 @@ impl ProxyError {
     pub fn into_response(self) -> Response<Body> {
         let text: Arc<str> = self.to_string().into();
         let mut rsp = Response::new(full(format!("{text}\n")));
-        rsp.extensions_mut().insert(ProxyErrorText(text));
+        rsp.extensions_mut().insert(ProxyAnswer {
+            kind: self.kind(),
+            text,
+        });
         *rsp.status_mut() = self.status();
         let h = rsp.headers_mut();
         match &self {

@@ -11,7 +11,7 @@ use opentelemetry::{
 
 use crate::http::{
     BoxError,
-    response::{ProxyError, X_PROXY_ERROR},
+    response::{ProxyAnswer, ProxyError},
 };
 
 /// The span name and the attributes every span of this request carries,
@@ -77,7 +77,7 @@ impl Guard {
     ///
     /// Server spans are errors on 5xx; client spans on 4xx too (the
     /// convention: the caller's request failed). A response the sidecar made
-    /// itself (`x-trellis-proxy-error`) adds an event naming the failure.
+    /// itself (a [`ProxyAnswer`]) adds an event naming the failure.
     pub fn respond<B>(&mut self, rsp: &Response<B>) {
         let Some(cx) = self.cx.take() else { return };
         let span = cx.span();
@@ -86,11 +86,7 @@ impl Guard {
             "http.response.status_code",
             i64::from(status),
         ));
-        if let Some(kind) = rsp
-            .headers()
-            .get(&X_PROXY_ERROR)
-            .and_then(|v| v.to_str().ok())
-        {
+        if let Some(kind) = rsp.extensions().get::<ProxyAnswer>().map(|a| a.kind) {
             span.add_event(
                 event_name(kind),
                 vec![KeyValue::new("trellis.error.kind", kind.to_owned())],
