@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 use crate::{
     controller::{self, Cached, Caches, Context, Error, Plan, Preflight},
     crd::MicroService,
-    render::{FIELD_MANAGER, RenderError},
+    render::{FIELD_MANAGER, MANAGED_BY_LABEL, RenderError},
 };
 
 /// The label naming the namespace of the MicroService a grant is for.
@@ -93,7 +93,7 @@ pub fn namespaces(ms: &MicroService) -> BTreeSet<String> {
 pub fn labels(ms_namespace: &str, ms_name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/part-of".into(), "trellis".into()),
-        ("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into()),
+        (MANAGED_BY_LABEL.into(), FIELD_MANAGER.into()),
         (OWNER_NAMESPACE_LABEL.into(), ms_namespace.into()),
         (OWNER_NAME_LABEL.into(), ms_name.into()),
     ])

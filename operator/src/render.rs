@@ -39,6 +39,15 @@ use crate::crd::MicroService;
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "trellis-operator";
+
+/// The label every object the operator makes carries, with [`FIELD_MANAGER`]
+/// as its value; the watches select children by it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+
+/// The label selector of every object the operator makes.
+pub fn managed_by_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={FIELD_MANAGER}")
+}
 /// The pod template annotation holding the sha256 of the app config.
 pub const CONFIG_CHECKSUM_ANNOTATION: &str = "trellis.dev/config-checksum";
 /// The name of the sidecar container (a native sidecar: an init container that keeps running).
@@ -294,7 +303,7 @@ impl Renderer<'_> {
     fn labels(&self) -> BTreeMap<String, String> {
         let mut l = selector_labels(&self.name);
         l.insert("app.kubernetes.io/part-of".into(), "trellis".into());
-        l.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into());
+        l.insert(MANAGED_BY_LABEL.into(), FIELD_MANAGER.into());
         l
     }
 

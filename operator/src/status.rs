@@ -91,8 +91,11 @@ pub struct Observed<'a> {
     pub now: Timestamp,
 }
 
-/// The Deployment's numbers and whether its rollout is done.
-struct Rollout {
+/// The Deployment's numbers and whether its rollout is done: all the status
+/// is computed from, so the watch of Deployments also triggers a reconcile
+/// exactly when it changes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Rollout {
     desired: i32,
     ready: i32,
     updated: i32,
@@ -102,7 +105,8 @@ struct Rollout {
     has_status: bool,
 }
 
-fn rollout(d: &Deployment) -> Rollout {
+/// The [`Rollout`] of `d`.
+pub fn rollout(d: &Deployment) -> Rollout {
     let spec_replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let st = d.status.clone().unwrap_or_default();
     let observed = match (d.metadata.generation, st.observed_generation) {

@@ -1,0 +1,263 @@
+//! The reconcile against a fake apiserver ([`FakeApi`]): which requests it
+//! makes for a new MicroService, an unchanged one, a drifted child, a name
+//! taken by someone else, a child no longer wanted, and a status change.
+//! The cluster tests (tests/tests/operator.rs) check the same behaviours
+//! end to end; these catch a planner mistake in milliseconds.
+
+use http::Method;
+use serde_json::{Value, json};
+
+use super::{fake_api::FakeApi, watch::CacheWriters, *};
+
+const UID: &str = "7d0c5a1e-0000-4000-8000-000000000001";
+const MICROSERVICE: &str = "/apis/trellis.dev/v1alpha1/namespaces/shop/microservices/order";
+const STATUS: &str = "/apis/trellis.dev/v1alpha1/namespaces/shop/microservices/order/status";
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/shop/deployments/order";
+const PDB: &str = "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/order";
+
+/// Where the children of `order` in `shop` are applied, in the order they are.
+const CHILDREN: [&str; 7] = [
+    "/api/v1/namespaces/shop/configmaps/order-config",
+    "/api/v1/namespaces/shop/configmaps/order-sidecar",
+    "/api/v1/namespaces/shop/serviceaccounts/order",
+    "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/order-sidecar",
+    "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/order-sidecar",
+    DEPLOYMENT,
+    "/api/v1/namespaces/shop/services/order",
+];
+
+/// MicroService `order` in `shop`, one replica, as the apiserver has it.
+fn order() -> MicroService {
+    serde_json::from_value(json!({
+        "apiVersion": "trellis.dev/v1alpha1",
+        "kind": "MicroService",
+        "metadata": { "name": "order", "namespace": "shop", "uid": UID, "generation": 1 },
+        "spec": { "image": "trellis/order-service:0.1.0", "port": 8080, "replicas": 1 },
+    }))
+    .unwrap()
+}
+
+/// A fake apiserver holding `order`, and a client of it.
+fn fake() -> (FakeApi, Client) {
+    let (fake, client) = FakeApi::new();
+    fake.hold(MICROSERVICE, serde_json::to_value(order()).unwrap());
+    (fake, client)
+}
+
+fn context(client: Client, caches: Caches) -> Arc<Context> {
+    Arc::new(Context::new(
+        client,
+        Settings::default(),
+        Arc::new(Metrics::default()),
+        caches,
+        Arc::default(),
+    ))
+}
+
+fn paths(fake: &FakeApi, method: Method) -> Vec<String> {
+    fake.seen()
+        .into_iter()
+        .filter(|s| s.method == method)
+        .map(|s| s.path)
+        .collect()
+}
+
+/// The reasons of the Events published.
+fn events(fake: &FakeApi) -> Vec<String> {
+    fake.seen()
+        .into_iter()
+        .filter(|s| s.method == Method::POST)
+        .filter_map(|s| s.body?["reason"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A MicroService reconciled once and its caches filled with what that
+/// applied, as the watches would: the state of a converged MicroService.
+struct Converged {
+    fake: FakeApi,
+    ms: MicroService,
+    caches: Caches,
+    writers: CacheWriters,
+    client: Client,
+}
+
+impl Converged {
+    async fn new() -> Self {
+        let (fake, client) = fake();
+        let (caches, _writers) = Caches::for_tests();
+        reconcile(Arc::new(order()), context(client.clone(), caches))
+            .await
+            .unwrap();
+        let (caches, mut writers) = Caches::for_tests();
+        for path in CHILDREN {
+            writers.insert(&fake.object(path).expect("applied"));
+        }
+        let mut ms = order();
+        let written = fake.object(MICROSERVICE).expect("the status was written");
+        ms.status = Some(serde_json::from_value(written["status"].clone()).unwrap());
+        fake.clear();
+        Self {
+            fake,
+            ms,
+            caches,
+            writers,
+            client,
+        }
+    }
+
+    async fn reconcile(&self) -> Action {
+        reconcile(
+            Arc::new(self.ms.clone()),
+            context(self.client.clone(), self.caches.clone()),
+        )
+        .await
+        .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_new_microservice_gets_its_children_applied_in_order_then_its_status() {
+    let (fake, client) = fake();
+    let (caches, _writers) = Caches::for_tests();
+    reconcile(Arc::new(order()), context(client, caches))
+        .await
+        .unwrap();
+
+    let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
+    expected.push(STATUS.into());
+    assert_eq!(paths(&fake, Method::PATCH), expected);
+    // Server-side apply, forced, by the one field manager.
+    for s in fake.seen().iter().filter(|s| s.method == Method::PATCH) {
+        assert!(
+            s.query.contains("fieldManager=trellis-operator") && s.query.contains("force=true"),
+            "{}: {}",
+            s.line(),
+            s.query
+        );
+    }
+    // The cache had none of them, so each name was read live first: one
+    // taken by someone else would have stopped the reconcile before a write.
+    assert_eq!(paths(&fake, Method::GET), CHILDREN);
+    assert!(paths(&fake, Method::DELETE).is_empty());
+    assert_eq!(events(&fake), ["Created"]);
+    let status = &fake.object(MICROSERVICE).unwrap()["status"];
+    assert_eq!(status["observedGeneration"], 1, "{status}");
+}
+
+#[tokio::test]
+async fn a_converged_microservice_makes_no_request() {
+    let converged = Converged::new().await;
+    converged.reconcile().await;
+    let seen: Vec<String> = converged.fake.seen().iter().map(|s| s.line()).collect();
+    assert!(seen.is_empty(), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_drifted_child_is_applied_again_and_nothing_else() {
+    let mut converged = Converged::new().await;
+    let mut deployment = converged.fake.object(DEPLOYMENT).unwrap();
+    deployment["spec"]["template"]["spec"]["containers"][0]["image"] = json!("someone/else:1");
+    converged.writers.insert(&deployment);
+    converged.reconcile().await;
+    assert_eq!(
+        converged.fake.writes(),
+        [
+            format!("PATCH {DEPLOYMENT}"),
+            "POST /apis/events.k8s.io/v1/namespaces/shop/events".to_owned(),
+        ]
+    );
+    assert_eq!(events(&converged.fake), ["Updated"]);
+    let applied = converged.fake.object(DEPLOYMENT).unwrap();
+    assert_eq!(
+        applied["spec"]["template"]["spec"]["containers"][0]["image"],
+        "trellis/order-service:0.1.0"
+    );
+}
+
+#[tokio::test]
+async fn a_name_taken_by_someone_else_stops_the_reconcile_before_any_write() {
+    let (fake, client) = fake();
+    fake.hold(
+        "/api/v1/namespaces/shop/services/order",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": "order", "namespace": "shop", "resourceVersion": "7" },
+        }),
+    );
+    let (caches, _writers) = Caches::for_tests();
+    reconcile(Arc::new(order()), context(client, caches))
+        .await
+        .expect("a collision is reported, not retried");
+    // Only the status is written, saying what is wrong.
+    assert_eq!(paths(&fake, Method::PATCH), [STATUS]);
+    assert_eq!(events(&fake), ["NameCollision"]);
+    let status = &fake.object(MICROSERVICE).unwrap()["status"];
+    let failed = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "ReconcileFailed")
+        .expect("a ReconcileFailed condition");
+    assert_eq!(failed["reason"], "NameCollision", "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("Service shop/order"),
+        "{failed}"
+    );
+}
+
+#[tokio::test]
+async fn a_child_no_longer_wanted_is_deleted() {
+    let mut converged = Converged::new().await;
+    // A PodDisruptionBudget from when the MicroService had more replicas.
+    let pdb = json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": "order",
+            "namespace": "shop",
+            "resourceVersion": "3",
+            "ownerReferences": [{
+                "apiVersion": "trellis.dev/v1alpha1",
+                "kind": "MicroService",
+                "name": "order",
+                "uid": UID,
+                "controller": true,
+            }],
+        },
+    });
+    converged.fake.hold(PDB, pdb.clone());
+    converged.writers.insert(&pdb);
+    converged.reconcile().await;
+    assert_eq!(
+        converged.fake.writes(),
+        [
+            format!("DELETE {PDB}"),
+            "POST /apis/events.k8s.io/v1/namespaces/shop/events".to_owned(),
+        ]
+    );
+    assert_eq!(events(&converged.fake), ["Deleted"]);
+}
+
+#[tokio::test]
+async fn a_rollout_that_finishes_updates_only_the_status() {
+    let mut converged = Converged::new().await;
+    let mut deployment = converged.fake.object(DEPLOYMENT).unwrap();
+    deployment["metadata"]["generation"] = json!(1);
+    deployment["status"] = json!({
+        "observedGeneration": 1,
+        "replicas": 1,
+        "readyReplicas": 1,
+        "updatedReplicas": 1,
+        "availableReplicas": 1,
+    });
+    converged.writers.insert(&deployment);
+    converged.reconcile().await;
+    assert_eq!(paths(&converged.fake, Method::PATCH), [STATUS]);
+    assert_eq!(events(&converged.fake), ["Ready"]);
+    let status: Value = converged.fake.object(MICROSERVICE).unwrap()["status"].clone();
+    assert_eq!(status["phase"], "Ready", "{status}");
+}

@@ -1,0 +1,97 @@
+//! What the reconcile tells: the MicroService's status and its Events.
+
+use super::*;
+
+/// Writes the status (server-side apply on the status subresource, same
+/// field manager) when it differs from what is there.
+pub(super) async fn update_status(
+    ms: &MicroService,
+    ctx: &Context,
+    deployment: Option<&Deployment>,
+    failure: Option<Failure>,
+) -> Result<(), Error> {
+    let name = ms.name_any();
+    let ns = ms.namespace().unwrap_or_default();
+    let status: MicroServiceStatus = status::compute(&Observed {
+        generation: ms.metadata.generation,
+        deployment,
+        url: render::service_url(&name, &ns, &ctx.settings.render.cluster_domain),
+        failure,
+        previous: ms.status.as_ref(),
+        now: Timestamp::now(),
+    });
+    if ms.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let old_phase = ms.status.as_ref().and_then(|s| s.phase);
+    let api: Api<MicroService> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": MicroService::api_version(&()),
+        "kind": MicroService::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    if old_phase != status.phase {
+        let summary = status.replica_summary.clone().unwrap_or_default();
+        match status.phase {
+            Some(Phase::Ready) => {
+                publish(
+                    ms,
+                    ctx,
+                    EventType::Normal,
+                    "Ready",
+                    "Status",
+                    &format!("{summary} replicas ready"),
+                )
+                .await
+            }
+            Some(Phase::Degraded) => {
+                publish(
+                    ms,
+                    ctx,
+                    EventType::Warning,
+                    "Degraded",
+                    "Status",
+                    &format!("{summary} replicas ready"),
+                )
+                .await
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Publishes an Event about `ms`; a failure to publish is logged, not fatal.
+pub(crate) async fn publish(
+    ms: &MicroService,
+    ctx: &Context,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    let mut note = note.to_owned();
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+    }
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &ms.object_ref(&())).await {
+        warn!(error = %e, reason, "could not publish an event");
+    }
+}

@@ -1,0 +1,272 @@
+//! The watches: the children's caches, the triggers that bring a
+//! MicroService back when one of its children changes, and the backoff of
+//! each watch.
+
+use super::*;
+
+/// The watches' caches of the children (the objects carrying the operator's
+/// label, without their managed fields).
+#[derive(Clone)]
+pub struct Caches {
+    pub(super) config_maps: Store<ConfigMap>,
+    pub(super) service_accounts: Store<ServiceAccount>,
+    pub(super) roles: Store<Role>,
+    pub(super) role_bindings: Store<RoleBinding>,
+    pub(super) deployments: Store<Deployment>,
+    pub(super) services: Store<Service>,
+    pub(super) pdbs: Store<PodDisruptionBudget>,
+    pub(super) hpas: Store<HorizontalPodAutoscaler>,
+}
+
+/// A kind of child with its cache.
+pub(crate) trait Cached:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Serialize
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn store(caches: &Caches) -> &Store<Self>;
+}
+
+macro_rules! cached {
+    ($($kind:ty => $field:ident),* $(,)?) => {
+        $(impl Cached for $kind {
+            fn store(caches: &Caches) -> &Store<Self> {
+                &caches.$field
+            }
+        })*
+    };
+}
+
+cached! {
+    ConfigMap => config_maps,
+    ServiceAccount => service_accounts,
+    Role => roles,
+    RoleBinding => role_bindings,
+    Deployment => deployments,
+    Service => services,
+    PodDisruptionBudget => pdbs,
+    HorizontalPodAutoscaler => hpas,
+}
+
+/// The watch of one kind of child: its cache, and the stream of changed
+/// children that triggers their owners' reconciles. Changes of the status
+/// alone do not trigger, except the Deployment's rollout figures that the
+/// MicroService's status shows; deletions always do.
+pub(super) fn child_watch<K: Cached>(
+    client: &Client,
+    ns: Option<&str>,
+    config: &watcher::Config,
+    applied: &Arc<Mutex<HashMap<String, Applied>>>,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+) {
+    let (store, writer) = reflector::store::<K>();
+    let applied = applied.clone();
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let trigger = watcher(scoped::<K>(client, ns), config.clone())
+        .modify(|k| k.meta_mut().managed_fields = None)
+        .backoff(WatchBackoff::default())
+        .reflect(writer)
+        .filter_map(move |event| {
+            let out = match event {
+                Ok(watcher::Event::Apply(k) | watcher::Event::InitApply(k)) => {
+                    let key = child_key(&k);
+                    let fp = child_fingerprint(&k);
+                    (seen.insert(key, fp) != Some(fp)).then_some(Ok(k))
+                }
+                Ok(watcher::Event::Delete(k)) => {
+                    let key = child_key(&k);
+                    seen.remove(&key);
+                    applied.lock().expect("not poisoned").remove(&key);
+                    Some(Ok(k))
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                Err(e) => Some(Err(e)),
+            };
+            future::ready(out)
+        });
+    (store, trigger)
+}
+
+pub(super) fn child_key<K: Resource<DynamicType = ()>>(k: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        k.meta().namespace.as_deref().unwrap_or_default(),
+        k.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// What of a child's change matters to its owner: everything but the status
+/// and the bookkeeping metadata; of a Deployment, the [`status::Rollout`]
+/// the MicroService's status is computed from.
+pub(super) fn child_fingerprint<K: Resource<DynamicType = ()> + Serialize + 'static>(k: &K) -> u64 {
+    let rollout = (k as &dyn std::any::Any)
+        .downcast_ref::<Deployment>()
+        .map(status::rollout);
+    let mut v = serde_json::to_value(k).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("status");
+        if let Some(m) = o.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            for volatile in ["resourceVersion", "managedFields"] {
+                m.remove(volatile);
+            }
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    rollout.hash(&mut h);
+    h.finish()
+}
+
+/// What of a MicroService's change needs a reconcile: not its status.
+pub(super) fn ms_fingerprint(ms: &MicroService) -> Option<u64> {
+    let m = &ms.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.uid.hash(&mut h);
+    m.generation.hash(&mut h);
+    m.labels.hash(&mut h);
+    m.annotations.hash(&mut h);
+    m.deletion_timestamp.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
+/// The backoff of one watch after an error: 0.5 s doubling to 5 s, ±25%
+/// jitter; reset by the next event. Short, because a watch that waits misses
+/// nothing (it resumes from its resourceVersion or lists again) but delays
+/// everything it would have seen, and a watch is one request per attempt.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    /// The first delay.
+    pub const MIN: Duration = Duration::from_millis(500);
+    /// The longest delay.
+    pub const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(delay.mul_f64(rand::rng().random_range(0.75..=1.25)))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+/// No pause: the controller's trigger stream is never held back.
+pub(super) struct NoPause;
+
+impl Iterator for NoPause {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl Backoff for NoPause {
+    fn reset(&mut self) {}
+}
+
+pub(super) fn scoped<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Writers of the caches, for tests that fill them as the watches would.
+#[cfg(test)]
+pub(super) struct CacheWriters {
+    config_maps: reflector::store::Writer<ConfigMap>,
+    service_accounts: reflector::store::Writer<ServiceAccount>,
+    roles: reflector::store::Writer<Role>,
+    role_bindings: reflector::store::Writer<RoleBinding>,
+    deployments: reflector::store::Writer<Deployment>,
+    services: reflector::store::Writer<Service>,
+    pdbs: reflector::store::Writer<PodDisruptionBudget>,
+    hpas: reflector::store::Writer<HorizontalPodAutoscaler>,
+}
+
+#[cfg(test)]
+impl Caches {
+    /// Empty caches, and their writers.
+    pub(super) fn for_tests() -> (Self, CacheWriters) {
+        let (config_maps, cm) = reflector::store();
+        let (service_accounts, sa) = reflector::store();
+        let (roles, role) = reflector::store();
+        let (role_bindings, rb) = reflector::store();
+        let (deployments, deploy) = reflector::store();
+        let (services, svc) = reflector::store();
+        let (pdbs, pdb) = reflector::store();
+        let (hpas, hpa) = reflector::store();
+        let caches = Self {
+            config_maps,
+            service_accounts,
+            roles,
+            role_bindings,
+            deployments,
+            services,
+            pdbs,
+            hpas,
+        };
+        let writers = CacheWriters {
+            config_maps: cm,
+            service_accounts: sa,
+            roles: role,
+            role_bindings: rb,
+            deployments: deploy,
+            services: svc,
+            pdbs: pdb,
+            hpas: hpa,
+        };
+        (caches, writers)
+    }
+}
+
+#[cfg(test)]
+impl CacheWriters {
+    /// Puts `object`, a child of any kind as JSON, in its cache.
+    pub(super) fn insert(&mut self, object: &serde_json::Value) {
+        fn put<K: Cached>(w: &mut reflector::store::Writer<K>, o: &serde_json::Value) {
+            let k: K = serde_json::from_value(o.clone()).expect("a child object");
+            w.apply_watcher_event(&watcher::Event::Apply(k));
+        }
+        match object["kind"].as_str().unwrap_or_default() {
+            "ConfigMap" => put(&mut self.config_maps, object),
+            "ServiceAccount" => put(&mut self.service_accounts, object),
+            "Role" => put(&mut self.roles, object),
+            "RoleBinding" => put(&mut self.role_bindings, object),
+            "Deployment" => put(&mut self.deployments, object),
+            "Service" => put(&mut self.services, object),
+            "PodDisruptionBudget" => put(&mut self.pdbs, object),
+            "HorizontalPodAutoscaler" => put(&mut self.hpas, object),
+            other => panic!("not a child kind: {other:?}"),
+        }
+    }
+}
