@@ -20,58 +20,14 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 use trellis_sidecar::{Config, Discovery};
-use trellis_tests::{TestNamespace, eventually, relay::Relay};
-
-/// The node's address, on the cluster's bridge (see xtask's cluster::network).
-const NODE_IP: &str = "10.244.0.1";
-
-/// An upstream answering every request with `hello from NAME`.
-async fn upstream(name: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind((NODE_IP, 0))
-        .await
-        .expect("the node's bridge address (is the cluster up?)");
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = format!("hello from {name}");
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
-            });
-        }
-    });
-    addr
-}
-
-/// One GET on a new connection: `http://HOST/PATH` in proxy form.
-async fn get(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request =
-        format!("GET http://{host}{path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
+use trellis_tests::{
+    TestNamespace, eventually,
+    node_peers::{NODE_IP, get, upstream},
+    relay::Relay,
+};
 
 /// A copy of the admin kubeconfig whose server is the relay.
 fn kubeconfig_through(relay: &Relay, server: &str) -> std::path::PathBuf {
@@ -196,10 +152,7 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
         || async { (admin(sc.admin, "/readyz").await == (200, "ready\n".into())).then_some(()) },
     )
     .await;
-    assert_eq!(
-        get(sc.outbound, "user", "/").await,
-        (200, "hello from a".into())
-    );
+    assert_eq!(get(sc.outbound, "user").await, (200, "hello from a".into()));
 
     // The API goes away.
     relay.cut().await;
@@ -238,17 +191,14 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
 
     // The last known endpoints keep serving, for as long as the API is away.
     for _ in 0..20 {
-        assert_eq!(
-            get(sc.outbound, "user", "/").await,
-            (200, "hello from a".into())
-        );
+        assert_eq!(get(sc.outbound, "user").await, (200, "hello from a".into()));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(admin(sc.admin, "/readyz").await.0, 200);
 
     // A name never seen before cannot be looked up: a clear 503 in time.
     let start = Instant::now();
-    let (status, body) = get(sc.outbound, "nosuch", "/").await;
+    let (status, body) = get(sc.outbound, "nosuch").await;
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("nosuch") && body.contains("discovery"),
@@ -283,7 +233,7 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
     eventually(
         "traffic to follow the slice to b",
         Duration::from_secs(10),
-        || async { (get(sc.outbound, "user", "/").await.1 == "hello from b").then_some(()) },
+        || async { (get(sc.outbound, "user").await.1 == "hello from b").then_some(()) },
     )
     .await;
     sc.shutdown().await;
