@@ -37,6 +37,7 @@ const IN_TRAILERS: u8 = 1;
 struct GrpcUpstream {
     addr: SocketAddr,
     calls: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
     code: Arc<AtomicU8>,
     style: Arc<AtomicU8>,
     failures: Arc<AtomicUsize>,
@@ -49,6 +50,7 @@ impl GrpcUpstream {
         let up = Self {
             addr: listener.local_addr().unwrap(),
             calls: Arc::default(),
+            connections: Arc::default(),
             code: Arc::new(AtomicU8::new(code)),
             style: Arc::new(AtomicU8::new(style)),
             failures: Arc::new(AtomicUsize::new(failures)),
@@ -57,6 +59,7 @@ impl GrpcUpstream {
         let state = up.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = state.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| state.clone().answer(req));
@@ -320,5 +323,32 @@ async fn a_grpc_timeout_bounds_the_call() {
     assert!(
         took >= Duration::from_millis(200) && took < Duration::from_secs(4),
         "answered after {took:?}: the 200 ms client deadline, not the upstream's 5 s"
+    );
+}
+
+/// Many unary calls over the sidecar's one pooled connection to the
+/// upstream: h2 servers end a connection (GOAWAY ENHANCE_YOUR_CALM) that
+/// sends more than 100 empty DATA frames without END_STREAM in its life, so
+/// the sidecar must never forward the empty end-of-stream chunk of a
+/// client's body as a frame of its own.
+#[tokio::test]
+async fn many_calls_share_one_upstream_connection_without_empty_frames() {
+    let up = GrpcUpstream::start(0, TRAILERS_ONLY, 0).await;
+    let sidecar = sidecar_for(&up, serde_json::json!({})).await;
+    for i in 0..250 {
+        let a = call(sidecar.outbound, &[]).await;
+        assert_eq!(
+            (a.status, a.grpc_status.as_deref()),
+            (200, Some("0")),
+            "call {i}: {:?} {:?}",
+            a.proxy_error,
+            a.grpc_message
+        );
+    }
+    assert_eq!(up.calls(), 250, "no call was tried twice");
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "the upstream connection lasted"
     );
 }

@@ -142,8 +142,13 @@ impl<F: FnOnce(End)> HttpBody for OnEnd<F> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let frame = loop {
+            let frame = ready!(this.inner.as_mut().poll_frame(cx));
+            if !super::is_empty_data(&frame) {
+                break frame;
+            }
+        };
         let end = match &frame {
             Some(Ok(f)) => f
                 .trailers_ref()
@@ -276,6 +281,24 @@ mod tests {
         let collected = wrapped.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()[GRPC_STATUS], "13");
         assert_eq!(*seen.lock().unwrap(), [End::Status(GrpcCode::Internal)]);
+    }
+
+    #[tokio::test]
+    async fn drops_empty_data_frames() {
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+            Ok(Frame::data(Bytes::new())),
+            Ok(Frame::trailers(HeaderMap::new())),
+        ];
+        let body = boxed(http_body_util::StreamBody::new(futures::stream::iter(
+            frames,
+        )));
+        let mut wrapped = OnEnd::wrap(body, |_| {});
+        let mut seen = Vec::new();
+        while let Some(frame) = wrapped.frame().await {
+            seen.push(frame.unwrap().is_data());
+        }
+        assert_eq!(seen, [true, false], "the data frame, then the trailers");
     }
 
     #[tokio::test]

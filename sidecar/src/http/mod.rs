@@ -21,6 +21,17 @@ pub type BoxError = tower::BoxError;
 /// the tower stacks nameable. `Unsync` because hyper's server needs only `Send`.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
+/// Whether `frame` is a data frame without bytes.
+///
+/// Body wrappers drop these rather than pass them on: hyper's HTTP/2
+/// server yields one for a client's separate END_STREAM frame, and a wrapper
+/// that cannot yet say the body ended would make hyper send it as an empty
+/// DATA frame without END_STREAM, which h2 peers allow only 100 of in a
+/// connection's life before they end it (GOAWAY `ENHANCE_YOUR_CALM`).
+pub fn is_empty_data<E>(frame: &Option<Result<hyper::body::Frame<Bytes>, E>>) -> bool {
+    matches!(frame, Some(Ok(f)) if f.data_ref().is_some_and(Bytes::is_empty))
+}
+
 /// Boxes any body into [`Body`].
 pub fn boxed<B>(body: B) -> Body
 where

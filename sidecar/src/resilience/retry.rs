@@ -53,7 +53,7 @@ use super::{backoff::Backoff, budget::RetryBudget, is_timeout, timeout::Deadline
 use crate::{
     client::ClientError,
     http::{
-        Body, BoxError, boxed, full,
+        Body, BoxError, boxed, full, is_empty_data,
         grpc::{Outcome, is_grpc, status_code},
         response::ProxyError,
     },
@@ -161,6 +161,22 @@ impl hyper::body::Body for Deferred {
         let body = self.body.as_mut().expect("made above");
         std::pin::Pin::new(body).poll_frame(cx)
     }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_some_and(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match &self.body {
+            Some(b) => b.size_hint(),
+            None => {
+                let c = self.capture.lock().expect("capture lock");
+                let mut hint = hyper::body::SizeHint::new();
+                hint.set_lower(c.len);
+                hint
+            }
+        }
+    }
 }
 
 fn replay_body(data: Vec<Bytes>, trailers: &Option<HeaderMap>) -> Body {
@@ -207,29 +223,39 @@ impl hyper::body::Body for Tee {
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        let mut c = this.capture.lock().expect("capture lock");
-        if !c.lost {
-            match &frame {
-                Some(Ok(f)) => {
-                    if let Some(d) = f.data_ref() {
-                        c.len += d.len() as u64;
-                        if c.len > *this.limit {
-                            c.lost = true;
-                            c.data = Vec::new();
-                        } else {
-                            c.data.push(d.clone());
-                        }
-                    } else if let Some(t) = f.trailers_ref() {
-                        c.trailers = Some(t.clone());
-                    }
-                }
-                Some(Err(_)) => c.lost = true,
-                None => c.complete = true,
+        let mut this = self.project();
+        loop {
+            let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+            if is_empty_data(&frame) {
+                continue;
             }
+            let mut c = this.capture.lock().expect("capture lock");
+            if !c.lost {
+                match &frame {
+                    Some(Ok(f)) => {
+                        if let Some(d) = f.data_ref() {
+                            c.len += d.len() as u64;
+                            if c.len > *this.limit {
+                                c.lost = true;
+                                c.data = Vec::new();
+                            } else {
+                                c.data.push(d.clone());
+                            }
+                        } else if let Some(t) = f.trailers_ref() {
+                            c.trailers = Some(t.clone());
+                        }
+                        // The body says no frame follows: the copy is whole
+                        // now, so this frame can go out as the last one.
+                        if !c.lost && this.inner.is_end_stream() {
+                            c.complete = true;
+                        }
+                    }
+                    Some(Err(_)) => c.lost = true,
+                    None => c.complete = true,
+                }
+            }
+            return Poll::Ready(frame);
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
