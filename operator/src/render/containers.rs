@@ -1,0 +1,212 @@
+//! The pod's two containers: the Trellis sidecar (a native sidecar) and the
+//! application, with the pieces they share (the restricted security context,
+//! probes on the sidecar's admin port, env vars, mounts). Separate because
+//! each container is a contract with another program: the sidecar's ports,
+//! env and probes are what the sidecar crate expects, and the app's env
+//! (`PORT`, `HTTP_PROXY`, `TRELLIS_OUTBOUND`) is what every service relies on.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{
+        Capabilities, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
+        EnvVarSource, HTTPGetAction, ObjectFieldSelector, Probe, ResourceRequirements,
+        SeccompProfile, SecurityContext, VolumeMount,
+    },
+    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
+};
+
+use super::{
+    ADMIN_PORT, APP_CONTAINER, CONFIG_MOUNT, DEFAULT_APP_CPU_REQUEST, DEFAULT_APP_MEMORY_LIMIT,
+    DEFAULT_APP_MEMORY_REQUEST, INBOUND_PORT, OUTBOUND_PORT, POLICY_MOUNT, RUN_AS, Renderer,
+    SIDECAR_CONTAINER, config_map_name, image_version, s, sidecar_name, strings,
+};
+
+/// The application container's resources when `spec.resources` is unset:
+/// [`DEFAULT_APP_CPU_REQUEST`], [`DEFAULT_APP_MEMORY_REQUEST`] and
+/// [`DEFAULT_APP_MEMORY_LIMIT`].
+pub fn default_app_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            (s("cpu"), Quantity(s(DEFAULT_APP_CPU_REQUEST))),
+            (s("memory"), Quantity(s(DEFAULT_APP_MEMORY_REQUEST))),
+        ])),
+        limits: Some(BTreeMap::from([(
+            s("memory"),
+            Quantity(s(DEFAULT_APP_MEMORY_LIMIT)),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+impl Renderer<'_> {
+    fn security_context() -> SecurityContext {
+        SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(strings(&["ALL"])),
+                ..Capabilities::default()
+            }),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            seccomp_profile: Some(SeccompProfile {
+                type_: s("RuntimeDefault"),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }
+    }
+
+    fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+        Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(s(path)),
+                port: IntOrString::Int(ADMIN_PORT),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(period),
+            timeout_seconds: Some(1),
+            failure_threshold: Some(failures),
+            ..Probe::default()
+        }
+    }
+
+    fn env(name: &str, value: impl Into<String>) -> EnvVar {
+        EnvVar {
+            name: s(name),
+            value: Some(value.into()),
+            ..EnvVar::default()
+        }
+    }
+
+    fn field_env(name: &str, path: &str) -> EnvVar {
+        EnvVar {
+            name: s(name),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: s(path),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }
+    }
+
+    fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+        VolumeMount {
+            name: s(name),
+            mount_path: s(path),
+            read_only: read_only.then_some(true),
+            ..VolumeMount::default()
+        }
+    }
+
+    /// Who the sidecar serves and where its policy is; the trace endpoint and
+    /// the version its spans carry when tracing is on.
+    fn sidecar_env(&self) -> Vec<EnvVar> {
+        let mut env = vec![
+            Self::env("TRELLIS_SERVICE", self.name.clone()),
+            Self::env("TRELLIS_POLICY_CONFIGMAP", sidecar_name(&self.name)),
+            Self::field_env("POD_NAMESPACE", "metadata.namespace"),
+            Self::field_env("POD_NAME", "metadata.name"),
+        ];
+        if let Some(endpoint) = &self.cfg.otlp_endpoint {
+            env.push(Self::env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
+            if let Some(version) = image_version(&self.ms.spec.image) {
+                env.push(Self::env("TRELLIS_SERVICE_VERSION", version));
+            }
+        }
+        env
+    }
+
+    /// The sidecar, as a native sidecar (init container with `restartPolicy: Always`).
+    ///
+    /// Its startup probe is `/livez`, not `/readyz`: the app container starts
+    /// only once the sidecar's startup probe passes, and `/readyz` includes the
+    /// app's own health, so waiting on it would wait forever.
+    pub(super) fn sidecar(&self) -> Container {
+        Container {
+            name: s(SIDECAR_CONTAINER),
+            image: Some(self.cfg.sidecar_image.clone()),
+            image_pull_policy: Some(s("IfNotPresent")),
+            restart_policy: Some(s("Always")),
+            ports: Some(vec![
+                ContainerPort {
+                    name: Some(s("inbound")),
+                    container_port: INBOUND_PORT,
+                    protocol: Some(s("TCP")),
+                    ..ContainerPort::default()
+                },
+                ContainerPort {
+                    name: Some(s("admin")),
+                    container_port: ADMIN_PORT,
+                    protocol: Some(s("TCP")),
+                    ..ContainerPort::default()
+                },
+            ]),
+            env: Some(self.sidecar_env()),
+            startup_probe: Some(Self::http_probe("/livez", 1, 60)),
+            readiness_probe: Some(Self::http_probe("/readyz", 5, 3)),
+            liveness_probe: Some(Self::http_probe("/livez", 10, 3)),
+            resources: Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([
+                    (s("cpu"), Quantity(s("10m"))),
+                    (s("memory"), Quantity(s("32Mi"))),
+                ])),
+                limits: Some(BTreeMap::from([(s("memory"), Quantity(s("256Mi")))])),
+                ..ResourceRequirements::default()
+            }),
+            security_context: Some(Self::security_context()),
+            volume_mounts: Some(vec![
+                Self::mount("policy", POLICY_MOUNT, true),
+                Self::mount("sidecar-tmp", "/tmp", false),
+                Self::mount(
+                    "sidecar-token",
+                    "/var/run/secrets/kubernetes.io/serviceaccount",
+                    true,
+                ),
+            ]),
+            ..Container::default()
+        }
+    }
+
+    pub(super) fn app(&self) -> Container {
+        let outbound = format!("http://127.0.0.1:{OUTBOUND_PORT}");
+        Container {
+            name: s(APP_CONTAINER),
+            image: Some(self.ms.spec.image.clone()),
+            image_pull_policy: Some(s("IfNotPresent")),
+            env: Some(vec![
+                Self::env("PORT", self.ms.spec.port.to_string()),
+                Self::env("HTTP_PROXY", outbound.clone()),
+                Self::env("TRELLIS_OUTBOUND", outbound),
+                Self::env("NO_PROXY", "localhost,127.0.0.1"),
+            ]),
+            env_from: Some(vec![EnvFromSource {
+                config_map_ref: Some(ConfigMapEnvSource {
+                    name: config_map_name(&self.name),
+                    optional: Some(false),
+                }),
+                ..EnvFromSource::default()
+            }]),
+            readiness_probe: Some(Self::http_probe("/readyz", 5, 3)),
+            resources: Some(
+                self.ms
+                    .spec
+                    .resources
+                    .clone()
+                    .unwrap_or_else(default_app_resources),
+            ),
+            security_context: Some(Self::security_context()),
+            volume_mounts: Some(vec![
+                Self::mount("config", CONFIG_MOUNT, true),
+                Self::mount("app-tmp", "/tmp", false),
+            ]),
+            ..Container::default()
+        }
+    }
+}
