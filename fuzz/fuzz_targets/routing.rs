@@ -12,10 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use trellis_policy::{SidecarPolicy, is_dns_label};
 use trellis_sidecar::{
     http::{framing::check_head, response::ProxyError},
-    outbound::{
-        router::resilience_for,
-        target::{NameRules, ServiceName},
-    },
+    outbound::target::{NameRules, ServiceName, ServiceTarget},
 };
 
 fn rules() -> NameRules {
@@ -80,7 +77,7 @@ fn check(req: &Request<()>, policy: &SidecarPolicy) {
                 .parse_host(&fqdn)
                 .unwrap_or_else(|e| panic!("{fqdn} does not read back: {e}"));
             assert_eq!(again, svc);
-            let _ = resilience_for(Some(policy), &svc);
+            let _ = ServiceTarget::new(svc, Some(policy), 1);
         }
         Err(e) => {
             assert!(

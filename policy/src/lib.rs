@@ -70,9 +70,9 @@ impl SidecarPolicy {
     /// The dependency entry for Service `name` in `namespace`, if it is declared
     /// (a dependency without a namespace is in the policy's own).
     pub fn dependency(&self, name: &str, namespace: &str) -> Option<&Dependency> {
-        self.dependencies.iter().find(|d| {
-            d.name == name && d.namespace.as_deref().unwrap_or(&self.namespace) == namespace
-        })
+        self.dependencies
+            .iter()
+            .find(|d| d.name == name && d.namespace_or(&self.namespace) == namespace)
     }
 
     /// Whether the sidecar may discover Services in `namespace`: its own, and
@@ -82,7 +82,15 @@ impl SidecarPolicy {
             || self
                 .dependencies
                 .iter()
-                .any(|d| d.namespace.as_deref() == Some(namespace))
+                .any(|d| d.namespace_or(&self.namespace) == namespace)
+    }
+
+    /// The resilience settings for calls to Service `name` in `namespace`:
+    /// its dependency entry's overrides over the defaults when it is
+    /// declared, the defaults when it is not.
+    pub fn resilience_for(&self, name: &str, namespace: &str) -> Resilience {
+        self.dependency(name, namespace)
+            .map_or_else(|| self.resilience.clone(), |d| self.effective(d))
     }
 
     /// The effective settings for one dependency: its overrides over the defaults.
@@ -204,6 +212,12 @@ impl Dependency {
             retry: None,
             circuit_breaker: None,
         }
+    }
+
+    /// The namespace of the dependency's Service: the one it names, else
+    /// `own`, the namespace of the service that depends on it.
+    pub fn namespace_or<'a>(&'a self, own: &'a str) -> &'a str {
+        self.namespace.as_deref().unwrap_or(own)
     }
 }
 
@@ -689,6 +703,28 @@ mod defaults {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resilience_for_picks_the_dependency_overrides_then_the_defaults() {
+        let mut p =
+            SidecarPolicy::from_json(r#"{"service":"order","namespace":"shop","appPort":8080}"#)
+                .unwrap();
+        p.dependencies.push(Dependency {
+            timeout: Some(Duration::from_millis(800)),
+            ..Dependency::named("user")
+        });
+        p.dependencies.push(Dependency {
+            namespace: Some("other".into()),
+            timeout: Some(Duration::from_millis(100)),
+            ..Dependency::named("product")
+        });
+        let t = |n, ns| p.resilience_for(n, ns).timeout;
+        assert_eq!(t("user", "shop"), Duration::from_millis(800));
+        assert_eq!(t("product", "other"), Duration::from_millis(100));
+        assert_eq!(t("product", "shop"), Duration::from_secs(2));
+        assert_eq!(t("user", "other"), Duration::from_secs(2));
+        assert!(p.may_read("shop") && p.may_read("other") && !p.may_read("third"));
+    }
 
     #[test]
     fn grpc_codes_have_grpc_numbers_and_names() {

@@ -35,10 +35,8 @@ use tower::{
 use crate::{
     discovery::{Discovered, EndpointsWatch},
     http::{Body, BoxError, boxed},
+    outbound::ServiceStack,
 };
-
-/// The balanced service of one upstream, cloneable and shareable.
-pub type Balanced = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
 
 /// Tuning of the balancer.
 #[derive(Clone, Debug)]
@@ -65,7 +63,7 @@ impl Default for BalanceConfig {
 
 /// Builds the balancer of one upstream over the endpoints in `watch`, with
 /// `make` building the service for each endpoint.
-pub fn balancer<E, F>(watch: EndpointsWatch, make: F, cfg: &BalanceConfig) -> Balanced
+pub fn balancer<E, F>(watch: EndpointsWatch, make: F, cfg: &BalanceConfig) -> ServiceStack
 where
     F: Fn(SocketAddr) -> E + Send + 'static,
     E: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Send + 'static,

@@ -27,12 +27,12 @@ use tower::{
     ServiceBuilder, limit::GlobalConcurrencyLimitLayer, timeout::error::Elapsed,
     util::BoxCloneSyncService,
 };
-use trellis_policy::Resilience;
+use trellis_policy::RateLimit as RateLimitSpec;
 
 use crate::{
-    balance::{BalanceConfig, Balanced, balancer},
+    balance::{BalanceConfig, balancer},
     client::UpstreamClient,
-    discovery::Resolver,
+    discovery::{EndpointsWatch, Resolver},
     http::{
         Body, BoxError,
         grpc_errors::GrpcErrorsLayer,
@@ -47,14 +47,15 @@ use crate::{
     },
     metrics::{Direction, Metrics, MetricsLayer},
     outbound::{
+        ServiceStack,
         egress::EgressForwarder,
         endpoint::Endpoint,
         no_endpoints::FailFast,
-        router::{Router, RouterParts},
-        target::{NameRules, ServiceName},
+        router::{MakeServiceStack, Router, RouterParts},
+        target::{NameRules, ServiceTarget},
     },
     policy_watch::PolicyState,
-    reload::PerPolicy,
+    reload::{Kept, PerPolicy},
     resilience::{
         Registry,
         breaker::{self, BreakerService},
@@ -101,37 +102,13 @@ pub struct StackParts {
 
 /// The outbound listener's stack.
 pub fn outbound(parts: &StackParts) -> ListenerService {
-    let client = parts.client.clone();
-    let balance = parts.balance.clone();
-    let (registry, outlier) = (parts.resilience.clone(), parts.outlier.clone());
-    let (route_registry, metrics) = (parts.resilience.clone(), parts.metrics.clone());
-    let tracing = parts.tracing.clone();
     let router = Router::new(RouterParts {
         rules: parts.rules.clone(),
         resolver: parts.resolver.clone(),
         policy: parts.policy.clone(),
         discovery_timeout: parts.discovery_timeout,
         egress: EgressForwarder::new(parts.client.clone(), parts.policy.clone()),
-        make_balancer: Arc::new(move |svc: &ServiceName, watch| {
-            let (client, label): (_, Arc<str>) = (client.clone(), svc.to_string().into());
-            let group = registry.outliers(&label, &outlier);
-            let endpoint_label = label.clone();
-            let balanced = balancer(
-                watch.clone(),
-                move |addr| {
-                    Outlier::new(
-                        Endpoint::new(addr, client.clone(), endpoint_label.clone()),
-                        addr,
-                        group.clone(),
-                    )
-                },
-                &balance,
-            );
-            BoxCloneSyncService::new(FailFast::new(balanced, watch, label))
-        }),
-        make_stack: Arc::new(move |svc, balanced, res| {
-            outbound_route(svc, balanced, res, &route_registry, &metrics, &tracing)
-        }),
+        make: Arc::new(ServiceStacks(parts.clone())),
     });
     BoxCloneSyncService::new(
         ServiceBuilder::new()
@@ -146,53 +123,72 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
     )
 }
 
-/// The policy layers of one outbound service, over its balancer, outermost first:
-///
-/// - the overall deadline (`timeout`, or a gRPC client's shorter
-///   `grpc-timeout`; retries and backoff included: 504 "overall timeout");
-/// - replay buffering, which decides whether a request may be retried at all
-///   (method or `x-trellis-retryable`, body size);
-/// - a counter of tries, for the spans' `http.request.resend_count`;
-/// - tower's `Retry` with our policy (statuses, gRPC codes, 429 +
-///   Retry-After, connect failures, per-try timeouts; backoff with full
-///   jitter; the budget);
-/// - a peek at a gRPC response's trailers when they come with its first
-///   message, so the retry policy sees a status sent there;
-/// - the client span, one per try, so retries are sibling spans;
-/// - the circuit breaker, under the retry so it counts every try and an
-///   open breaker is never retried;
-/// - the per-try deadline, under the breaker so a try that runs out counts
-///   as a timeout failure there (and 504 "per-try timeout" when final);
-/// - the balancer, so every try picks an endpoint afresh; it refuses at
-///   once when the service has no ready endpoint, a failure the breaker
-///   counts (see [`FailFast`]).
-///
-/// Built per policy generation; the breaker and budget come from the
-/// registry, which keeps them while their settings are unchanged.
-fn outbound_route(
-    svc: &ServiceName,
-    balanced: Balanced,
-    res: &Resilience,
-    registry: &Registry,
-    metrics: &Metrics,
-    tracing: &Tracing,
-) -> Balanced {
-    let service: Arc<str> = svc.to_string().into();
-    let breaker = registry.breaker(&service, breaker::Settings::from(&res.circuit_breaker));
-    let budget = registry.budget(&service, &res.retry.budget);
-    let settings = Arc::new(retry::Settings::from(&res.retry));
-    let policy = RetryPolicy::new(settings.clone(), budget, metrics.clone(), service.clone());
+/// Builds the stack of each upstream service for the [`Router`].
+struct ServiceStacks(StackParts);
 
-    let per_try = TryTimeout::new(
-        balanced,
-        res.per_try_timeout.map(|d| d.get()),
-        service.clone(),
-    );
-    let guarded = BreakerService::new(per_try, breaker);
-    let traced = ClientSpan::new(guarded, tracing.clone(), service.clone());
-    let retrying = CountTries::new(tower::retry::Retry::new(policy, PeekTrailers::new(traced)));
-    let replayable = Replayable::new(retrying, settings);
-    BoxCloneSyncService::new(Overall::new(replayable, res.timeout.get(), service))
+impl MakeServiceStack for ServiceStacks {
+    /// The balancer, over one client per endpoint, each behind its outlier
+    /// detector; it refuses at once when the service has no ready endpoint,
+    /// a failure the breaker counts (see [`FailFast`]).
+    fn balancer(&self, target: &ServiceTarget, endpoints: EndpointsWatch) -> ServiceStack {
+        let parts = &self.0;
+        let group = parts.resilience.outliers(&target.label, &parts.outlier);
+        let (client, label) = (parts.client.clone(), target.label.clone());
+        let balanced = balancer(
+            endpoints.clone(),
+            move |addr| {
+                let endpoint = Endpoint::new(addr, client.clone(), label.clone());
+                Outlier::new(endpoint, addr, group.clone())
+            },
+            &parts.balance,
+        );
+        BoxCloneSyncService::new(FailFast::new(balanced, endpoints, target.label.clone()))
+    }
+
+    /// The policy layers over the balancer, outermost first. The breaker
+    /// and the budget come from the registry, which keeps them while their
+    /// settings are unchanged.
+    fn policy_layers(&self, target: &ServiceTarget, balancer: ServiceStack) -> ServiceStack {
+        let (parts, res, service) = (&self.0, &target.resilience, &target.label);
+        let breaker = parts
+            .resilience
+            .breaker(service, breaker::Settings::from(&res.circuit_breaker));
+        let budget = parts.resilience.budget(service, &res.retry.budget);
+        let settings = Arc::new(retry::Settings::from(&res.retry));
+        let policy = RetryPolicy::new(
+            settings.clone(),
+            budget,
+            parts.metrics.clone(),
+            service.clone(),
+        );
+        let per_try = res.per_try_timeout.map(|d| d.get());
+        let stack = ServiceBuilder::new()
+            // The overall deadline (`timeout`, or a gRPC client's shorter
+            // `grpc-timeout`), retries and backoff included.
+            .layer_fn(|s| Overall::new(s, res.timeout.get(), service.clone()))
+            // Buffers the body of a request that may be retried (method or
+            // `x-trellis-retryable`, and size), so it can be sent again.
+            .layer_fn(|s| Replayable::new(s, settings.clone()))
+            // Counts tries, for the spans' `http.request.resend_count`.
+            .layer_fn(CountTries::new)
+            // Retries (statuses, gRPC codes, 429 + Retry-After, connect
+            // failures, per-try timeouts) with jittered backoff, within the budget.
+            .layer_fn(|s| tower::retry::Retry::new(policy.clone(), s))
+            // Reads a gRPC status sent in trailers with the first message,
+            // so the retry policy sees it.
+            .layer_fn(PeekTrailers::new)
+            // One client span per try, so retries are sibling spans.
+            .layer_fn(|s| ClientSpan::new(s, parts.tracing.clone(), service.clone()))
+            // The breaker counts every try; an open one answers at once and
+            // is never retried.
+            .layer_fn(|s| BreakerService::new(s, breaker.clone()))
+            // The per-try deadline, under the breaker so a try that runs out
+            // counts there as a timeout.
+            .layer_fn(|s| TryTimeout::new(s, per_try, service.clone()))
+            // Every try picks an endpoint afresh.
+            .service(balancer);
+        BoxCloneSyncService::new(stack)
+    }
 }
 
 /// The inbound listener's stack.
@@ -202,7 +198,7 @@ pub fn inbound(parts: &StackParts) -> ListenerService {
     // Kept across reloads while their settings are unchanged: the bucket
     // (a reload must not hand out a fresh burst) and the semaphore
     // (requests in flight keep counting).
-    let buckets: Arc<Mutex<Option<Arc<TokenBucket>>>> = Arc::default();
+    let buckets: Arc<Mutex<Kept<RateLimitSpec, Arc<TokenBucket>>>> = Arc::default();
     let permits = Arc::new(Permits::default());
     let per_policy = PerPolicy::new(parts.policy.clone(), move |state| {
         let bucket = state
@@ -210,15 +206,8 @@ pub fn inbound(parts: &StackParts) -> ListenerService {
             .as_ref()
             .and_then(|p| p.inbound.rate_limit.as_ref())
             .map(|spec| {
-                let mut cur = buckets.lock().expect("bucket lock");
-                match &*cur {
-                    Some(b) if b.spec() == spec => b.clone(),
-                    _ => {
-                        let b = Arc::new(TokenBucket::new(spec));
-                        *cur = Some(b.clone());
-                        b
-                    }
-                }
+                let mut kept = buckets.lock().expect("bucket lock");
+                kept.get_or_make(spec, || Arc::new(TokenBucket::new(spec)))
             });
         inbound_policy(state, to_app.clone(), bucket, &permits, &metrics)
     });

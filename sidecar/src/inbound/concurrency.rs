@@ -18,22 +18,19 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
+use crate::reload::Kept;
+
 /// The semaphore for a limit, reused while the limit is unchanged.
 #[derive(Debug, Default)]
-pub struct Permits(Mutex<Option<(u32, Arc<Semaphore>)>>);
+pub struct Permits(Mutex<Kept<u32, Arc<Semaphore>>>);
 
 impl Permits {
     /// The semaphore for `max` requests at once.
     pub fn for_limit(&self, max: u32) -> Arc<Semaphore> {
-        let mut cur = self.0.lock().expect("permits lock");
-        match &*cur {
-            Some((m, s)) if *m == max => s.clone(),
-            _ => {
-                let s = Arc::new(Semaphore::new(max.max(1) as usize));
-                *cur = Some((max, s.clone()));
-                s
-            }
-        }
+        self.0
+            .lock()
+            .expect("permits lock")
+            .get_or_make(&max, || Arc::new(Semaphore::new(max.max(1) as usize)))
     }
 }
 

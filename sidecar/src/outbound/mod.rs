@@ -7,8 +7,18 @@
 //! [`no_endpoints`] refuses at once when nobody serves. A destination
 //! outside the mesh goes to [`egress`] instead.
 
+use http::{Request, Response};
+use tower::util::BoxCloneSyncService;
+
+use crate::http::{Body, BoxError};
+
 pub mod egress;
 pub mod endpoint;
 pub mod no_endpoints;
 pub mod router;
 pub mod target;
+
+/// The stack of one upstream service, or any part of it from the balancer
+/// up: a request in, a response or an error out; cloned for each request
+/// and shared by all of them.
+pub type ServiceStack = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;

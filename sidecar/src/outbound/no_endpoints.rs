@@ -19,22 +19,22 @@ use http::{Request, Response};
 use tower::Service;
 
 use crate::{
-    balance::Balanced,
     discovery::{Discovered, EndpointsWatch},
     http::{Body, BoxError, response::ProxyError},
+    outbound::ServiceStack,
 };
 
 /// A balancer that refuses at once when its endpoint set is empty.
 #[derive(Clone)]
 pub struct FailFast {
-    inner: Balanced,
+    inner: ServiceStack,
     endpoints: EndpointsWatch,
     service: Arc<str>,
 }
 
 impl FailFast {
     /// Guards `inner`, the balancer of `service` over `endpoints`.
-    pub fn new(inner: Balanced, endpoints: EndpointsWatch, service: Arc<str>) -> Self {
+    pub fn new(inner: ServiceStack, endpoints: EndpointsWatch, service: Arc<str>) -> Self {
         Self {
             inner,
             endpoints,
@@ -82,7 +82,7 @@ mod tests {
 
     use super::*;
 
-    fn ok_service() -> Balanced {
+    fn ok_service() -> ServiceStack {
         BoxCloneSyncService::new(tower::service_fn(|_req: Request<Body>| async {
             Ok::<_, BoxError>(Response::new(crate::http::empty()))
         }))

@@ -1,5 +1,6 @@
-//! Routes: one per upstream service, each a balancer with the policy's
-//! layers on top, created on first use and kept.
+//! The router: which stack a request goes to. Each upstream service has
+//! one, a balancer with the policy's layers on top, created on first use
+//! and kept.
 //!
 //! A request's destination is a service of the mesh when its host names a
 //! Service (`user`, `user.shop`, `user.shop.svc.cluster.local`) in a
@@ -28,14 +29,14 @@ use futures::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
 use tokio::sync::watch;
 use tower::{Service, ServiceExt};
-use trellis_policy::{Resilience, SidecarPolicy};
+use trellis_policy::SidecarPolicy;
 
 use super::{
+    ServiceStack,
     egress::{EgressForwarder, External},
-    target::{NameRules, ServiceName, authority_of, is_host},
+    target::{NameRules, ServiceName, ServiceTarget, authority_of, is_host},
 };
 use crate::{
-    balance::Balanced,
     discovery::{Discovered, EndpointsWatch, Resolver},
     http::{
         Body, BoxError,
@@ -43,33 +44,37 @@ use crate::{
     },
     metrics::ServiceLabel,
     policy_watch::PolicyState,
+    reload::Kept,
 };
 
-/// Builds the balancer of a service over its endpoints.
-pub type MakeBalancer = Arc<dyn Fn(&ServiceName, EndpointsWatch) -> Balanced + Send + Sync>;
+/// Builds the two parts of a service's stack; the router decides when.
+pub trait MakeServiceStack: Send + Sync + 'static {
+    /// The balancer over `target`'s endpoints, made once per service and
+    /// kept for the sidecar's life.
+    fn balancer(&self, target: &ServiceTarget, endpoints: EndpointsWatch) -> ServiceStack;
 
-/// Builds the policy layers of a service over its balancer.
-pub type MakePolicyStack =
-    Arc<dyn Fn(&ServiceName, Balanced, &Resilience) -> Balanced + Send + Sync>;
+    /// The policy layers over `balancer`, made for each policy generation.
+    fn policy_layers(&self, target: &ServiceTarget, balancer: ServiceStack) -> ServiceStack;
+}
 
-struct Route {
-    balancer: Balanced,
-    /// The policy stack and the policy generation it was built for.
-    stack: Option<(u64, Balanced)>,
+/// A service's balancer, and the policy layers over it for the generation
+/// they were built for.
+struct ServiceStacks {
+    balancer: ServiceStack,
+    layered: Kept<u64, ServiceStack>,
 }
 
 struct Inner {
     rules: NameRules,
     resolver: Resolver,
     policy: watch::Receiver<PolicyState>,
-    make_balancer: MakeBalancer,
-    make_stack: MakePolicyStack,
+    make: Arc<dyn MakeServiceStack>,
     discovery_timeout: Duration,
     egress: EgressForwarder,
-    routes: Mutex<HashMap<ServiceName, Route>>,
+    services: Mutex<HashMap<ServiceName, ServiceStacks>>,
 }
 
-/// Sends each request to the route of the service it names; answers itself
+/// Sends each request to the stack of the service it names; answers itself
 /// (503 naming the service) when the service is unknown or discovery has
 /// not answered in time.
 #[derive(Clone)]
@@ -83,10 +88,8 @@ pub struct RouterParts {
     pub resolver: Resolver,
     /// The policy in force.
     pub policy: watch::Receiver<PolicyState>,
-    /// Builds balancers.
-    pub make_balancer: MakeBalancer,
-    /// Builds policy stacks.
-    pub make_stack: MakePolicyStack,
+    /// Builds each service's stack.
+    pub make: Arc<dyn MakeServiceStack>,
     /// How long a request waits for discovery's first answer about a new name.
     pub discovery_timeout: Duration,
     /// Where calls outside the mesh go.
@@ -94,24 +97,23 @@ pub struct RouterParts {
 }
 
 impl Router {
-    /// A router with no routes yet.
+    /// A router with no services yet.
     pub fn new(parts: RouterParts) -> Self {
         Self(Arc::new(Inner {
             rules: parts.rules,
             resolver: parts.resolver,
             policy: parts.policy,
-            make_balancer: parts.make_balancer,
-            make_stack: parts.make_stack,
+            make: parts.make,
             discovery_timeout: parts.discovery_timeout,
             egress: parts.egress,
-            routes: Mutex::default(),
+            services: Mutex::default(),
         }))
     }
 }
 
 /// Where a request goes.
 enum Destination {
-    /// A service of the mesh, through its route.
+    /// A service of the mesh, through its stack.
     Mesh(ServiceName, External),
     /// Outside the mesh.
     External(External),
@@ -127,17 +129,6 @@ fn readable(rules: &NameRules, policy: Option<&SidecarPolicy>, target: &ServiceN
 /// Whether `target` is one of the policy's dependencies.
 pub fn declared(policy: Option<&SidecarPolicy>, target: &ServiceName) -> bool {
     policy.is_some_and(|p| p.dependency(&target.name, &target.namespace).is_some())
-}
-
-/// The resilience settings for `target`: its dependency entry's, the
-/// policy's defaults for an undeclared service, or the built-in defaults
-/// before any policy arrives.
-pub fn resilience_for(policy: Option<&SidecarPolicy>, target: &ServiceName) -> Resilience {
-    let Some(p) = policy else {
-        return Resilience::default();
-    };
-    p.dependency(&target.name, &target.namespace)
-        .map_or_else(|| p.resilience.clone(), |d| p.effective(d))
 }
 
 impl Inner {
@@ -162,46 +153,42 @@ impl Inner {
         Ok(Destination::External(external))
     }
 
-    /// The current stack of `target`, building what is missing or stale.
-    fn stack_for(&self, target: &ServiceName, watch: EndpointsWatch) -> Balanced {
-        let (generation, resilience) = {
-            let state = self.policy.borrow();
-            (
-                state.generation,
-                resilience_for(state.policy.as_deref(), target),
-            )
-        };
-        let mut routes = self.routes.lock().expect("routes lock");
-        let route = routes.entry(target.clone()).or_insert_with(|| Route {
-            balancer: (self.make_balancer)(target, watch),
-            stack: None,
-        });
-        match &route.stack {
-            Some((g, stack)) if *g == generation => stack.clone(),
-            _ => {
-                let stack = (self.make_stack)(target, route.balancer.clone(), &resilience);
-                route.stack = Some((generation, stack.clone()));
-                stack
-            }
-        }
+    /// The stack of `target`, building what is missing or stale.
+    fn stack_for(&self, target: &ServiceTarget, endpoints: EndpointsWatch) -> ServiceStack {
+        let mut services = self.services.lock().expect("services lock");
+        let stacks = services
+            .entry(target.name.clone())
+            .or_insert_with(|| ServiceStacks {
+                balancer: self.make.balancer(target, endpoints),
+                layered: Kept::default(),
+            });
+        let balancer = stacks.balancer.clone();
+        stacks.layered.get_or_make(&target.generation, || {
+            self.make.policy_layers(target, balancer)
+        })
     }
 
-    /// Sends `req` on to `target`'s route; a `target` that is no Service
-    /// and no declared dependency is outside the mesh after all, and goes to
-    /// `external`. Returns the label the request is counted under.
-    async fn route(
+    /// Sends `req` on to the stack of service `name`; a `name` that is no
+    /// Service and no declared dependency is outside the mesh after all,
+    /// and goes to `external`. Returns the label the request is counted
+    /// under.
+    async fn to_service(
         &self,
-        target: &ServiceName,
+        name: ServiceName,
         external: External,
         req: Request<Body>,
-    ) -> (String, Result<Response<Body>, BoxError>) {
-        let label = target.to_string();
-        let mut watch = self.resolver.resolve(target);
+    ) -> (Arc<str>, Result<Response<Body>, BoxError>) {
+        let target = {
+            let state = self.policy.borrow();
+            ServiceTarget::new(name, state.policy.as_deref(), state.generation)
+        };
+        let label = target.label.clone();
+        let mut endpoints = self.resolver.resolve(&target.name);
         // A name seen for the first time may still be loading; wait briefly
         // for discovery's first answer rather than failing at once.
         let state = tokio::time::timeout(
             self.discovery_timeout,
-            watch.wait_for(|d| *d != Discovered::Pending),
+            endpoints.wait_for(|d| *d != Discovered::Pending),
         )
         .await
         .ok()
@@ -209,24 +196,27 @@ impl Inner {
         .map_or(Discovered::Pending, |s| s.clone());
         match state {
             Discovered::Pending => {
-                let e = ProxyError::DiscoveryPending(label.clone());
+                let e = ProxyError::DiscoveryPending(label.to_string());
                 return (label, Err(e.into()));
             }
-            Discovered::NotFound if declared(self.policy.borrow().policy.as_deref(), target) => {
-                let e = ProxyError::UnknownService(label.clone());
+            Discovered::NotFound
+                if declared(self.policy.borrow().policy.as_deref(), &target.name) =>
+            {
+                let e = ProxyError::UnknownService(label.to_string());
                 return (label, Err(e.into()));
             }
             Discovered::NotFound => {
-                return (external.label(), self.egress.forward(&external, req).await);
+                let res = self.egress.forward(&external, req).await;
+                return (external.label().into(), res);
             }
-            // An empty set goes on to the route: its breaker counts
+            // An empty set goes on to the stack: its breaker counts
             // "nobody serving" and answers for it while open.
             Discovered::Ready(_) => {}
         }
         // Boxed and named: spelling out the 'static future here avoids a
         // rustc limitation with boxed-error lifetimes inside async blocks.
         let call: BoxFuture<'static, Result<Response<Body>, BoxError>> =
-            Box::pin(self.stack_for(target, watch).oneshot(req));
+            Box::pin(self.stack_for(&target, endpoints).oneshot(req));
         (label, call.await)
     }
 }
@@ -237,7 +227,7 @@ impl Service<Request<Body>> for Router {
     type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Readiness is per route, checked inside `call`: one slow service
+        // Readiness is per service, checked inside `call`: one slow service
         // must not hold up requests to the others.
         Poll::Ready(Ok(()))
     }
@@ -254,15 +244,15 @@ impl Service<Request<Body>> for Router {
                 return Ok(e.into_response());
             }
             let (label, res) = match inner.destination(&req) {
-                Ok(Destination::Mesh(target, external)) => {
-                    inner.route(&target, external, req).await
+                Ok(Destination::Mesh(name, external)) => {
+                    inner.to_service(name, external, req).await
                 }
-                Ok(Destination::External(external)) => {
-                    (external.label(), inner.egress.forward(&external, req).await)
-                }
+                Ok(Destination::External(external)) => (
+                    external.label().into(),
+                    inner.egress.forward(&external, req).await,
+                ),
                 Err(e) => return Ok(e.into_response()),
             };
-            let label: Arc<str> = label.into();
             let mut rsp = match res {
                 Ok(rsp) => rsp,
                 Err(e) => {
@@ -274,36 +264,5 @@ impl Service<Request<Body>> for Router {
             Ok(rsp)
         }
         .boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use trellis_policy::{Dependency, Duration as PDuration};
-
-    #[test]
-    fn picks_the_dependency_overrides_then_the_defaults() {
-        let mut p =
-            SidecarPolicy::from_json(r#"{"service":"order","namespace":"shop","appPort":8080}"#)
-                .unwrap();
-        p.dependencies.push(Dependency {
-            timeout: Some(PDuration::from_millis(800)),
-            ..Dependency::named("user")
-        });
-        p.dependencies.push(Dependency {
-            namespace: Some("other".into()),
-            timeout: Some(PDuration::from_millis(100)),
-            ..Dependency::named("product")
-        });
-        let t = |n, ns| resilience_for(Some(&p), &ServiceName::new(n, ns)).timeout;
-        assert_eq!(t("user", "shop"), PDuration::from_millis(800));
-        assert_eq!(t("product", "other"), PDuration::from_millis(100));
-        assert_eq!(t("product", "shop"), PDuration::from_secs(2));
-        assert_eq!(t("user", "other"), PDuration::from_secs(2));
-        assert_eq!(
-            resilience_for(None, &ServiceName::new("x", "y")),
-            Resilience::default()
-        );
     }
 }

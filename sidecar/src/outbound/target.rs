@@ -7,10 +7,10 @@
 //! `Host` / `:authority`. The port, if any, is ignored: discovery knows the
 //! port each endpoint serves on.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use http::{Request, Uri, header};
-use trellis_policy::is_dns_label;
+use trellis_policy::{Resilience, SidecarPolicy, is_dns_label};
 
 use crate::http::response::ProxyError;
 
@@ -36,6 +36,38 @@ impl ServiceName {
 impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+/// A service of the mesh as the router hands it to the layers below: all
+/// they need to build its stack, so nothing below the router reads the
+/// policy.
+#[derive(Clone, Debug)]
+pub struct ServiceTarget {
+    /// The Service.
+    pub name: ServiceName,
+    /// How metrics, spans and the proxy's answers name it (`name.namespace`).
+    pub label: Arc<str>,
+    /// The policy's settings for calls to it.
+    pub resilience: Resilience,
+    /// The policy generation `resilience` comes from.
+    pub generation: u64,
+}
+
+impl ServiceTarget {
+    /// The target for `name` under `policy` (generation `generation`): its
+    /// dependency entry's settings, the policy's defaults for an undeclared
+    /// service, or the built-in defaults before any policy arrives.
+    pub fn new(name: ServiceName, policy: Option<&SidecarPolicy>, generation: u64) -> Self {
+        let resilience = policy.map_or_else(Resilience::default, |p| {
+            p.resilience_for(&name.name, &name.namespace)
+        });
+        Self {
+            label: name.to_string().into(),
+            name,
+            resilience,
+            generation,
+        }
     }
 }
 

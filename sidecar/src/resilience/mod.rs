@@ -30,6 +30,7 @@ use crate::{
         response::ProxyError,
     },
     metrics::Metrics,
+    reload::Kept,
 };
 
 /// The first error of type `E` in `e`'s chain of sources.
@@ -103,8 +104,8 @@ where
 
 #[derive(Default)]
 struct Dependency {
-    breaker: Option<Arc<breaker::Breaker>>,
-    budget: Option<(BudgetSpec, Arc<budget::RetryBudget>)>,
+    breaker: Kept<breaker::Settings, Arc<breaker::Breaker>>,
+    budget: Kept<BudgetSpec, Arc<budget::RetryBudget>>,
     outliers: Option<Arc<outlier::Group>>,
 }
 
@@ -129,38 +130,28 @@ impl Registry {
     pub fn breaker(&self, service: &str, settings: breaker::Settings) -> Arc<breaker::Breaker> {
         let mut deps = self.deps.lock().expect("registry lock");
         let dep = deps.entry(service.to_owned()).or_default();
-        match &dep.breaker {
-            Some(b) if *b.settings() == settings => b.clone(),
-            old => {
-                if old.is_some() {
-                    tracing::info!(
-                        service,
-                        "circuit breaker settings changed: breaker reset to closed"
-                    );
-                }
-                let b = Arc::new(breaker::Breaker::new(
-                    service,
-                    settings,
-                    Some(self.metrics.clone()),
-                ));
-                dep.breaker = Some(b.clone());
-                b
-            }
+        if dep.breaker.is_stale(&settings) {
+            tracing::info!(
+                service,
+                "circuit breaker settings changed: breaker reset to closed"
+            );
         }
+        dep.breaker.get_or_make(&settings, || {
+            Arc::new(breaker::Breaker::new(
+                service,
+                settings.clone(),
+                Some(self.metrics.clone()),
+            ))
+        })
     }
 
     /// The retry budget of `service`, kept while its settings are unchanged.
     pub fn budget(&self, service: &str, spec: &BudgetSpec) -> Arc<budget::RetryBudget> {
         let mut deps = self.deps.lock().expect("registry lock");
         let dep = deps.entry(service.to_owned()).or_default();
-        match &dep.budget {
-            Some((s, b)) if s == spec => b.clone(),
-            _ => {
-                let b = Arc::new(budget::RetryBudget::new(spec.ratio, spec.min_per_second));
-                dep.budget = Some((spec.clone(), b.clone()));
-                b
-            }
-        }
+        dep.budget.get_or_make(spec, || {
+            Arc::new(budget::RetryBudget::new(spec.ratio, spec.min_per_second))
+        })
     }
 
     /// The outlier group of `service` (one per balancer, made once).
@@ -188,11 +179,11 @@ impl Registry {
         let map: serde_json::Map<String, serde_json::Value> = deps
             .iter()
             .map(|(name, d)| {
-                let breaker = d.breaker.as_ref().map(|b| {
+                let breaker = d.breaker.value().map(|b| {
                     let (state, counts) = b.snapshot();
                     serde_json::json!({"state": state.as_str(), "counts": counts})
                 });
-                let budget = d.budget.as_ref().map(|(_, b)| {
+                let budget = d.budget.value().map(|b| {
                     let (ratio, floor) = b.balance();
                     serde_json::json!({"ratioBalance": ratio, "floorBalance": floor})
                 });

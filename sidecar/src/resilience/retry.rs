@@ -53,8 +53,9 @@ use super::{backoff::Backoff, budget::RetryBudget, is_timeout, timeout::Deadline
 use crate::{
     client::ClientError,
     http::{
-        Body, BoxError, boxed, full, is_empty_data,
+        Body, BoxError, boxed, full,
         grpc::{Outcome, is_grpc, status_code},
+        is_empty_data,
         response::ProxyError,
     },
     metrics::Metrics,
