@@ -83,7 +83,7 @@ pub fn namespaces(ms: &MicroService) -> BTreeSet<String> {
     ms.spec
         .dependencies
         .iter()
-        .filter_map(|d| d.namespace.as_deref())
+        .map(|d| d.namespace_or(own))
         .filter(|ns| *ns != own)
         .map(str::to_owned)
         .collect()

@@ -313,16 +313,14 @@ async fn follow_declared_dependencies(
             .policy
             .iter()
             .flat_map(|p| {
-                p.dependencies.iter().map(|d| {
-                    ServiceName::new(
-                        &d.name,
-                        d.namespace.as_deref().unwrap_or(if p.namespace.is_empty() {
-                            &namespace
-                        } else {
-                            &p.namespace
-                        }),
-                    )
-                })
+                let own = if p.namespace.is_empty() {
+                    &namespace
+                } else {
+                    &p.namespace
+                };
+                p.dependencies
+                    .iter()
+                    .map(|d| ServiceName::new(&d.name, d.namespace_or(own)))
             })
             .collect();
         for dep in &deps {

@@ -60,7 +60,9 @@ use crate::{
         Registry,
         breaker::{self, BreakerService},
         outlier::{Outlier, OutlierSettings},
-        retry::{self, PeekTrailers, Replayable, RetryPolicy},
+        peek_trailers::PeekTrailers,
+        replay::Replayable,
+        retry::{self, RetryPolicy},
         timeout::{Overall, TryTimeout},
     },
     trace::{

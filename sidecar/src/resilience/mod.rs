@@ -12,6 +12,8 @@ pub mod backoff;
 pub mod breaker;
 pub mod budget;
 pub mod outlier;
+pub mod peek_trailers;
+pub mod replay;
 pub mod retry;
 pub mod timeout;
 

@@ -1,6 +1,6 @@
 //! Retries: tower's [`Retry`](tower::retry::Retry) with a [`Policy`] that
 //! decides what is retried, how long to wait, and whether the budget allows
-//! it; and [`Replayable`], which makes a request retryable in the first
+//! it; and [`Replayable`](super::replay::Replayable), which makes a request retryable in the first
 //! place by buffering its body.
 //!
 //! A request is retried only when all of these hold:
@@ -11,7 +11,7 @@
 //! - its body is empty or has a declared length of at most `maxReplayBytes`
 //!   (it is then read whole before the first try, so it can be sent again);
 //!   or it is a gRPC call, whose body never declares a length: its body is
-//!   forwarded as it comes and copied on the way ([`Replay::Tee`]), and a
+//!   forwarded as it comes and copied on the way ([`Replay::Tee`](super::replay::Replay::Tee)), and a
 //!   retry is possible when the first try read it to its end within
 //!   `maxReplayBytes`. Any other body of unknown length — chunked, a stream
 //!   — is forwarded as it comes and never retried, since waiting to buffer
@@ -21,7 +21,7 @@
 //!   in `statuses`), `429`, or `timeout` (the per-try timeout); or, for a
 //!   gRPC call, its `grpc-status` is one of `grpcCodes` — read from a
 //!   trailers-only response, or from trailers that arrive with the first
-//!   message ([`PeekTrailers`]);
+//!   message ([`PeekTrailers`](super::peek_trailers::PeekTrailers));
 //! - fewer than `attempts` tries were made, the wait fits in what is left
 //!   of the overall deadline, and the budget has a retry to give.
 //!
@@ -30,34 +30,21 @@
 //! retry goes back through the breaker and the balancer, so it may land on
 //! another endpoint.
 
-use std::{
-    collections::VecDeque,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
-use hyper::body::{Body as _, Frame};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, header};
 use tokio::time::Instant;
-use tower::{
-    Service, ServiceExt,
-    retry::{Policy, budget::Budget},
-};
+use tower::retry::{Policy, budget::Budget};
 use trellis_policy::{GrpcCode, Retry as RetryPolicySpec, RetryOn};
 
-use super::{backoff::Backoff, budget::RetryBudget, is_timeout, timeout::Deadline};
+use super::{
+    backoff::Backoff, budget::RetryBudget, is_timeout, peek_trailers::PeekedStatus, replay::Replay,
+    timeout::Deadline,
+};
 use crate::{
     client::ClientError,
-    http::{
-        Body, BoxError, boxed, full,
-        grpc::{Outcome, is_grpc, status_code},
-        is_empty_data,
-        response::ProxyError,
-    },
+    http::{Body, BoxError, grpc::Outcome, response::ProxyError},
     metrics::Metrics,
 };
 
@@ -91,393 +78,6 @@ impl From<&RetryPolicySpec> for Settings {
             max_replay_bytes: u64::from(r.max_replay_bytes),
             grpc_codes: r.grpc_codes.clone(),
         }
-    }
-}
-
-/// A request body kept for replay: a request extension set by [`Replayable`].
-#[derive(Clone, Debug)]
-pub enum Replay {
-    /// The whole body, read before the first try.
-    Whole {
-        /// The body's bytes.
-        data: Bytes,
-        /// Its trailers, if it had any.
-        trailers: Option<HeaderMap>,
-    },
-    /// A copy of the body taken while the first try sends it.
-    Tee(Arc<Mutex<Capture>>),
-}
-
-impl Replay {
-    /// The body again. tower's `Retry` asks for the copy before the first
-    /// try starts, when a [`Replay::Tee`] holds nothing yet, so that body
-    /// reads the capture when it is first polled: by then the try it would
-    /// replace has ended, and [`Replay::is_whole`] allowed the retry.
-    fn body(&self) -> Body {
-        match self {
-            Self::Whole { data, trailers } => replay_body(vec![data.clone()], trailers),
-            Self::Tee(capture) => boxed(Deferred {
-                capture: capture.clone(),
-                body: None,
-            }),
-        }
-    }
-
-    /// Whether the whole body is here to be sent again.
-    fn is_whole(&self) -> bool {
-        match self {
-            Self::Whole { .. } => true,
-            Self::Tee(capture) => {
-                let c = capture.lock().expect("capture lock");
-                c.complete && !c.lost
-            }
-        }
-    }
-}
-
-/// A replay of a [`Capture`], made when first polled.
-struct Deferred {
-    capture: Arc<Mutex<Capture>>,
-    body: Option<Body>,
-}
-
-impl hyper::body::Body for Deferred {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.body.is_none() {
-            let c = self.capture.lock().expect("capture lock");
-            if !c.complete || c.lost {
-                drop(c);
-                return Poll::Ready(Some(Err("the request body was not kept whole".into())));
-            }
-            let body = replay_body(c.data.clone(), &c.trailers);
-            drop(c);
-            self.body = Some(body);
-        }
-        let body = self.body.as_mut().expect("made above");
-        std::pin::Pin::new(body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.as_ref().is_some_and(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        match &self.body {
-            Some(b) => b.size_hint(),
-            None => {
-                let c = self.capture.lock().expect("capture lock");
-                let mut hint = hyper::body::SizeHint::new();
-                hint.set_lower(c.len);
-                hint
-            }
-        }
-    }
-}
-
-fn replay_body(data: Vec<Bytes>, trailers: &Option<HeaderMap>) -> Body {
-    if trailers.is_none() && data.len() <= 1 {
-        return full(data.into_iter().next().unwrap_or_default());
-    }
-    let frames = data
-        .into_iter()
-        .map(|d| Ok::<_, BoxError>(Frame::data(d)))
-        .chain(trailers.clone().map(|t| Ok(Frame::trailers(t))));
-    boxed(http_body_util::StreamBody::new(futures::stream::iter(
-        frames.collect::<Vec<_>>(),
-    )))
-}
-
-/// What a [`Tee`] has copied of a body so far.
-#[derive(Debug, Default)]
-pub struct Capture {
-    data: Vec<Bytes>,
-    len: u64,
-    trailers: Option<HeaderMap>,
-    /// The body ended and every frame of it is here.
-    complete: bool,
-    /// The body outgrew the limit or failed: it cannot be replayed.
-    lost: bool,
-}
-
-pin_project_lite::pin_project! {
-    /// A request body that copies its frames into a [`Capture`] as they are
-    /// sent, up to a limit. The copies share the frames' buffers.
-    pub struct Tee {
-        #[pin]
-        inner: Body,
-        capture: Arc<Mutex<Capture>>,
-        limit: u64,
-    }
-}
-
-impl hyper::body::Body for Tee {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        loop {
-            let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
-            if is_empty_data(&frame) {
-                continue;
-            }
-            let mut c = this.capture.lock().expect("capture lock");
-            if !c.lost {
-                match &frame {
-                    Some(Ok(f)) => {
-                        if let Some(d) = f.data_ref() {
-                            c.len += d.len() as u64;
-                            if c.len > *this.limit {
-                                c.lost = true;
-                                c.data = Vec::new();
-                            } else {
-                                c.data.push(d.clone());
-                            }
-                        } else if let Some(t) = f.trailers_ref() {
-                            c.trailers = Some(t.clone());
-                        }
-                        // The body says no frame follows: the copy is whole
-                        // now, so this frame can go out as the last one.
-                        if !c.lost && this.inner.is_end_stream() {
-                            c.complete = true;
-                        }
-                    }
-                    Some(Err(_)) => c.lost = true,
-                    None => c.complete = true,
-                }
-            }
-            return Poll::Ready(frame);
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        // Not ended before the end has been seen, so the copy knows it is whole.
-        let c = self.capture.lock().expect("capture lock");
-        (c.complete || c.lost) && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-fn idempotent(m: &Method) -> bool {
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PUT,
-        Method::DELETE,
-        Method::TRACE,
-    ]
-    .contains(m)
-}
-
-/// Buffers the body of a retryable request so the retry policy can clone it.
-#[derive(Clone, Debug)]
-pub struct Replayable<S> {
-    inner: S,
-    settings: Arc<Settings>,
-}
-
-impl<S> Replayable<S> {
-    /// Wraps the retrying service `inner`.
-    pub fn new(inner: S, settings: Arc<Settings>) -> Self {
-        Self { inner, settings }
-    }
-}
-
-impl<S> Service<Request<Body>> for Replayable<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = Response<Body>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let marked = req
-            .headers_mut()
-            .remove(X_RETRYABLE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-        let inner = self.inner.clone();
-        let grpc = is_grpc(req.headers());
-        let eligible = self.settings.attempts > 1 && (marked || grpc || idempotent(req.method()));
-        if !eligible {
-            return inner.oneshot(req).boxed();
-        }
-        if req.body().is_end_stream() {
-            req.extensions_mut().insert(Replay::Whole {
-                data: Bytes::new(),
-                trailers: None,
-            });
-            return inner.oneshot(req).boxed();
-        }
-        let limit = self.settings.max_replay_bytes;
-        let exact = req.body().size_hint().exact();
-        if exact.is_none() && grpc {
-            // Copy the body as the first try sends it: waiting for the
-            // whole body first would stall a client-streaming call.
-            let capture = Arc::new(Mutex::new(Capture::default()));
-            req.extensions_mut().insert(Replay::Tee(capture.clone()));
-            let req = req.map(|inner| {
-                boxed(Tee {
-                    inner,
-                    capture,
-                    limit,
-                })
-            });
-            return inner.oneshot(req).boxed();
-        }
-        if exact.is_none_or(|n| n > limit) {
-            return inner.oneshot(req).boxed();
-        }
-        async move {
-            let (mut parts, body) = req.into_parts();
-            let collected = body.collect().await.map_err(|e| {
-                ProxyError::BadRequest(format!("the request body could not be read: {e}"))
-            })?;
-            let replay = Replay::Whole {
-                trailers: collected.trailers().cloned(),
-                data: collected.to_bytes(),
-            };
-            let body = replay.body();
-            parts.extensions.insert(replay);
-            let call: BoxFuture<'static, Result<Response<Body>, BoxError>> =
-                Box::pin(inner.oneshot(Request::from_parts(parts, body)));
-            call.await
-        }
-        .boxed()
-    }
-}
-
-/// The gRPC status a [`PeekTrailers`] found in trailers that came with the
-/// first message: a response extension the retry policy reads.
-#[derive(Clone, Copy, Debug)]
-pub struct PeekedStatus(pub GrpcCode);
-
-/// Lets the retry policy see a gRPC status that comes in trailers rather
-/// than in a trailers-only response, for calls it could retry.
-///
-/// It waits for the response's first frame, then takes the next one only
-/// if it is already there: a unary call's message and trailers arrive
-/// together, while a stream's next message may be long in coming, and
-/// waiting for it would hold the stream up. A status that comes later is
-/// not retried (the breaker and metrics still count it). Peeked frames are
-/// put back in front of the body.
-#[derive(Clone, Debug)]
-pub struct PeekTrailers<S> {
-    inner: S,
-}
-
-impl<S> PeekTrailers<S> {
-    /// Peeks at the responses of `inner`.
-    pub fn new(inner: S) -> Self {
-        Self { inner }
-    }
-}
-
-impl<S> Service<Request<Body>> for PeekTrailers<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let retryable = req.extensions().get::<Replay>().is_some() && is_grpc(req.headers());
-        // Boxed and named: the 'static future spelled out avoids a rustc
-        // limitation with boxed-error lifetimes inside async blocks.
-        let call: BoxFuture<'static, Result<Response<Body>, BoxError>> =
-            Box::pin(self.inner.call(req));
-        if !retryable {
-            return call;
-        }
-        async move {
-            let rsp = call.await?;
-            if Outcome::of(&rsp) != Outcome::InTrailers {
-                return Ok(rsp);
-            }
-            Ok(peek(rsp).await)
-        }
-        .boxed()
-    }
-}
-
-fn peek(rsp: Response<Body>) -> BoxFuture<'static, Response<Body>> {
-    async move { peek_frames(rsp).await }.boxed()
-}
-
-async fn peek_frames(rsp: Response<Body>) -> Response<Body> {
-    let (mut parts, mut body) = rsp.into_parts();
-    let mut frames = VecDeque::new();
-    let mut status = None;
-    let first = body.frame().await;
-    let ended = first.is_none();
-    if let Some(first) = first {
-        let is_data = matches!(&first, Ok(f) if f.is_data());
-        frames.push_back(first);
-        if is_data && let Some(Some(next)) = body.frame().now_or_never() {
-            frames.push_back(next);
-        }
-    }
-    for f in frames.iter().flatten() {
-        if let Some(t) = f.trailers_ref() {
-            status = Some(status_code(t).unwrap_or(GrpcCode::Unknown));
-        }
-    }
-    if let Some(code) = status {
-        parts.extensions.insert(PeekedStatus(code));
-    }
-    let rest = (!ended && status.is_none()).then_some(body);
-    Response::from_parts(parts, boxed(Prefixed { frames, rest }))
-}
-
-/// Frames already read, then the rest of the body.
-struct Prefixed {
-    frames: VecDeque<Result<Frame<Bytes>, BoxError>>,
-    rest: Option<Body>,
-}
-
-impl hyper::body::Body for Prefixed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(f) = self.frames.pop_front() {
-            return Poll::Ready(Some(f));
-        }
-        match &mut self.rest {
-            Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.frames.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
 }
 
@@ -625,6 +225,7 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::full;
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {
