@@ -46,7 +46,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::{
-    controller::{self, Cached, Caches, Context, Error, Plan, Preflight},
+    controller::{self, Caches, ChildKind, Context, Error, Plan, Preflight},
     crd::MicroService,
     render::{FIELD_MANAGER, MANAGED_BY_LABEL, RenderError},
 };
@@ -293,7 +293,7 @@ pub(crate) async fn sync(ms: &MicroService, ctx: &Context) -> Result<(), Error> 
 
 /// Deletes the cached objects of kind `K` for which `matches` holds; returns
 /// their namespaces.
-async fn delete_matching<K: Cached>(
+async fn delete_matching<K: ChildKind>(
     ctx: &Context,
     matches: &(dyn Fn(&ObjectMeta) -> bool + Sync),
 ) -> Result<Vec<String>, Error> {

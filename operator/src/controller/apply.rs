@@ -77,7 +77,7 @@ pub(crate) struct Step<K> {
 /// Decides what to do with the rendered `obj`: from the cache, or from a live
 /// read when the cache has no object of its name. `Err` names it when an
 /// object of that name is not controlled by `ms`.
-pub(crate) async fn plan<K: Cached>(
+pub(crate) async fn plan<K: ChildKind>(
     ms: &MicroService,
     ctx: &Context,
     mut obj: K,
@@ -149,7 +149,10 @@ pub(crate) async fn plan<K: Cached>(
 
 /// Applies a child unless it is kept; returns whether it changed and the
 /// object as it now is (`None` for a kept one: the cache has it).
-pub(crate) async fn execute<K: Cached>(ctx: &Context, step: &Step<K>) -> Result<Option<K>, Error> {
+pub(crate) async fn execute<K: ChildKind>(
+    ctx: &Context,
+    step: &Step<K>,
+) -> Result<Option<K>, Error> {
     if matches!(step.plan, Plan::Keep) {
         return Ok(None);
     }
@@ -368,7 +371,7 @@ pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment
 
 /// Deletes the child of kind `K` named like the MicroService, if this
 /// MicroService controls it (as the cache says). True when something was deleted.
-async fn remove<K: Cached>(ms: &MicroService, ctx: &Context) -> Result<bool, Error> {
+async fn remove<K: ChildKind>(ms: &MicroService, ctx: &Context) -> Result<bool, Error> {
     let ns = ms.namespace().unwrap_or_default();
     let name = ms.name_any();
     let Some(obj) = K::store(&ctx.caches).get(&ObjectRef::new(&name).within(&ns)) else {

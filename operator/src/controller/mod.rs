@@ -92,8 +92,8 @@ pub use error::Error;
 use error::list_failure_hint;
 pub(crate) use report::publish;
 use report::update_status;
-pub(crate) use watch::Cached;
 pub use watch::Caches;
+pub(crate) use watch::ChildKind;
 pub use watch::WatchBackoff;
 use watch::{NoPause, child_key, child_watch, ms_fingerprint, scoped};
 

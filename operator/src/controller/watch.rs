@@ -18,8 +18,9 @@ pub struct Caches {
     pub(super) hpas: Store<HorizontalPodAutoscaler>,
 }
 
-/// A kind of child with its cache.
-pub(crate) trait Cached:
+/// A kind of child the operator renders, applies and watches, with the
+/// cache its watch fills.
+pub(crate) trait ChildKind:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
     + Clone
     + DeserializeOwned
@@ -32,9 +33,9 @@ pub(crate) trait Cached:
     fn store(caches: &Caches) -> &Store<Self>;
 }
 
-macro_rules! cached {
+macro_rules! child_kinds {
     ($($kind:ty => $field:ident),* $(,)?) => {
-        $(impl Cached for $kind {
+        $(impl ChildKind for $kind {
             fn store(caches: &Caches) -> &Store<Self> {
                 &caches.$field
             }
@@ -42,7 +43,7 @@ macro_rules! cached {
     };
 }
 
-cached! {
+child_kinds! {
     ConfigMap => config_maps,
     ServiceAccount => service_accounts,
     Role => roles,
@@ -57,7 +58,7 @@ cached! {
 /// children that triggers their owners' reconciles. Changes of the status
 /// alone do not trigger, except the Deployment's rollout figures that the
 /// MicroService's status shows; deletions always do.
-pub(super) fn child_watch<K: Cached>(
+pub(super) fn child_watch<K: ChildKind>(
     client: &Client,
     ns: Option<&str>,
     config: &watcher::Config,
@@ -253,7 +254,7 @@ impl Caches {
 impl CacheWriters {
     /// Puts `object`, a child of any kind as JSON, in its cache.
     pub(super) fn insert(&mut self, object: &serde_json::Value) {
-        fn put<K: Cached>(w: &mut reflector::store::Writer<K>, o: &serde_json::Value) {
+        fn put<K: ChildKind>(w: &mut reflector::store::Writer<K>, o: &serde_json::Value) {
             let k: K = serde_json::from_value(o.clone()).expect("a child object");
             w.apply_watcher_event(&watcher::Event::Apply(k));
         }
