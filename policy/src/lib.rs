@@ -611,7 +611,7 @@ impl Default for Tracing {
     }
 }
 
-/// The defaults, in one place: the values of the seed's Go platform where it had them.
+/// The defaults, in one place: the values of the design's Go platform where it had them.
 mod defaults {
     use super::{Duration, FailureKind, GrpcCode, RetryOn};
 

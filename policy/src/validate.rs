@@ -246,7 +246,7 @@ mod tests {
     }
 
     #[test]
-    fn a_minimal_policy_gets_the_seed_defaults() {
+    fn a_minimal_policy_gets_the_design_defaults() {
         let p = policy();
         assert_eq!(p.resilience.retry.attempts, 3);
         assert_eq!(p.resilience.circuit_breaker.consecutive_failures, 5);

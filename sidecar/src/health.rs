@@ -4,8 +4,8 @@
 //! aggregates. `/readyz` is ready when the listeners are bound, discovery
 //! has answered for every service followed, and the application's own
 //! health check — a GET of the policy's `health.path`, polled every
-//! `health.interval` — passes. `/healthz` reports each check in the seed
-//! platform's shape, plus the policy: a refused policy makes `/healthz`
+//! `health.interval` — passes. `/healthz` reports each check in the
+//! design's `HealthStatus` shape, plus the policy: a refused policy makes `/healthz`
 //! unhealthy (so it is seen) but not `/readyz` (the last good policy still
 //! serves traffic correctly). Stale discovery — the Kubernetes API
 //! unreachable after it once answered — is the same: `/healthz` is
@@ -63,7 +63,7 @@ impl CheckStatus {
     }
 }
 
-/// The `/healthz` body: the seed's `HealthStatus`.
+/// The `/healthz` body, in the design's `HealthStatus` shape.
 #[derive(Clone, Debug, Serialize)]
 pub struct HealthReport {
     /// `healthy` when every check is.

@@ -7,25 +7,25 @@
 //! and returns the bound addresses, which is how the binary and the
 //! integration tests both run it.
 
-pub mod admin;
-pub mod balance;
-pub mod client;
-pub mod config;
-pub mod discovery;
-pub mod file_watch;
-pub mod health;
-pub mod http;
-pub mod inbound;
-pub mod metrics;
-pub mod outbound;
-pub mod policy_watch;
-pub mod process;
-pub mod reload;
-pub mod resilience;
-pub mod server;
-pub mod shutdown;
-pub mod stack;
-pub mod trace;
+mod admin;
+mod balance;
+mod client;
+mod config;
+mod discovery;
+mod file_watch;
+mod health;
+mod http;
+mod inbound;
+mod metrics;
+mod outbound;
+mod policy_watch;
+mod process;
+mod reload;
+mod resilience;
+mod server;
+mod shutdown;
+mod stack;
+mod trace;
 
 use std::net::SocketAddr;
 
@@ -33,6 +33,19 @@ use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 pub use config::{Args, Config, Discovery};
+pub use policy_watch::PolicyState;
+pub use resilience::outlier::OutlierSettings;
+pub use server::ServerLimits;
+
+/// What the fuzz targets drive: request-head checks and the outbound
+/// router's name parsing. Not a stable interface.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::{
+        http::{framing::check_head, response::ProxyError},
+        outbound::target::{NameRules, ServiceName, ServiceTarget},
+    };
+}
 
 use crate::{
     admin::{Admin, Identity},
@@ -45,7 +58,7 @@ use crate::{
     health::Health,
     metrics::Metrics,
     outbound::target::{NameRules, ServiceName},
-    policy_watch::{PolicyState, PolicyStore},
+    policy_watch::PolicyStore,
     stack::StackParts,
 };
 

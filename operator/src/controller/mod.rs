@@ -23,9 +23,9 @@
 //! Every watch backs off on its own after an error ([`WatchBackoff`]).
 //! kube-runtime's `Controller` would otherwise pause its one merged trigger
 //! stream, all watches at once, with a backoff growing to 30 s (plus jitter)
-//! after any watch error, and an API outage makes every watch fail: after
-//! three apiserver restarts the operator saw no MicroService event for
-//! minutes (tests/tests/faults.rs, tests/tests/operator_watch.rs).
+//! after any watch error, and an API outage makes every watch fail at
+//! once, so events would stop for the length of that backoff after each
+//! restart of the apiserver.
 
 use std::{
     collections::HashMap,
@@ -368,8 +368,8 @@ pub fn error_policy(ms: Arc<MicroService>, error: &Error, ctx: Arc<Context>) -> 
 /// The longest wait before retrying a failed reconcile. Nothing else brings
 /// a MicroService whose reconcile failed for an API error back: when the
 /// apiserver returns, the watches resume from their last resourceVersion
-/// without a re-list, so no event fires. A cap of minutes left MicroServices
-/// unreconciled for minutes after three apiserver restarts (tests/tests/faults.rs).
+/// without a re-list, so no event fires, and a longer cap would leave a
+/// MicroService unreconciled that long after the apiserver is back.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// The delay before retry number `attempt` (from 1), times `jitter`.

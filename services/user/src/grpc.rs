@@ -1,4 +1,4 @@
-//! gRPC: `user.UserService`, the seed's four calls, over the same store as REST.
+//! gRPC: `user.UserService`, the design's four calls, over the same store as REST.
 
 use sqlx::AnyPool;
 use tonic::{Request, Response, Status};

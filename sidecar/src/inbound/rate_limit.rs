@@ -32,7 +32,6 @@ const TOKEN: u64 = 1_000_000;
 /// A token bucket.
 #[derive(Debug)]
 pub struct TokenBucket {
-    spec: Spec,
     /// Millionths of a token added per microsecond (= tokens per second).
     rate: u64,
     capacity: u64,
@@ -44,16 +43,10 @@ impl TokenBucket {
     pub fn new(spec: &Spec) -> Self {
         let capacity = u64::from(spec.burst.max(1)) * TOKEN;
         Self {
-            spec: spec.clone(),
             rate: u64::from(spec.per_second.max(1)),
             capacity,
             state: Mutex::new((capacity, Instant::now())),
         }
-    }
-
-    /// The settings it was made from.
-    pub fn spec(&self) -> &Spec {
-        &self.spec
     }
 
     /// Takes a token, or says how long until one is there.

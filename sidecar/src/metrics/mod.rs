@@ -28,7 +28,7 @@ mod resilience;
 mod spans;
 mod traffic;
 
-pub use http_layer::{MetricsLayer, RecordRequests};
+pub use http_layer::MetricsLayer;
 
 /// Which listener a request came through.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]

@@ -1,8 +1,9 @@
 //! A circuit breaker per dependency, with sony/gobreaker's semantics exactly.
 //!
 //! Written here rather than taken from a crate: tower has no breaker, and
-//! the point is to keep the seed's gobreaker behaviour, which is small
-//! enough to restate precisely (gobreaker v1 `TwoStepCircuitBreaker`):
+//! the point is to keep gobreaker's behaviour, which the design names and
+//! which is small enough to restate precisely (gobreaker v1
+//! `TwoStepCircuitBreaker`):
 //!
 //! - **closed**: every call is let through and counted. The counts belong
 //!   to a *generation*; when `interval` has passed since the generation
@@ -227,6 +228,7 @@ impl Breaker {
     }
 
     /// The settings in force.
+    #[cfg(test)]
     pub fn settings(&self) -> &Settings {
         &self.settings
     }

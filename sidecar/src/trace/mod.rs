@@ -166,6 +166,7 @@ impl Tracing {
     }
 
     /// The tracer, when tracing is on.
+    #[cfg(test)]
     pub fn tracer(&self) -> Option<&SdkTracer> {
         self.tracer.as_ref()
     }

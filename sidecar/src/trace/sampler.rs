@@ -21,7 +21,8 @@ use crate::policy_watch::PolicyState;
 /// A ratio sampler whose ratio is the policy's.
 #[derive(Clone, Debug)]
 pub enum PolicyRatio {
-    /// A fixed ratio.
+    /// A fixed ratio (tests).
+    #[cfg(test)]
     Fixed(f64),
     /// Each applied policy's `tracing.sampleRatio` (the default ratio until
     /// a policy is in force).
@@ -37,6 +38,7 @@ impl PolicyRatio {
     /// The ratio in force, clamped to 0..=1.
     pub fn get(&self) -> f64 {
         let ratio = match self {
+            #[cfg(test)]
             Self::Fixed(r) => *r,
             Self::Following(policy) => policy.borrow().policy.as_ref().map_or_else(
                 || TracingPolicy::default().sample_ratio,
