@@ -10,10 +10,7 @@
 use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
 use libfuzzer_sys::fuzz_target;
 use trellis_policy::{SidecarPolicy, is_dns_label};
-use trellis_sidecar::{
-    http::{framing::check_head, response::ProxyError},
-    outbound::target::{NameRules, ServiceName, ServiceTarget},
-};
+use trellis_sidecar::fuzzing::{NameRules, ProxyError, ServiceName, ServiceTarget, check_head};
 
 fn rules() -> NameRules {
     NameRules {
