@@ -49,7 +49,7 @@ async fn readyz_follows_the_app_health_check() {
 }
 
 #[tokio::test]
-async fn healthz_has_the_seed_shape() {
+async fn healthz_has_the_design_shape() {
     let app = upstream("app").await;
     let (sc, _) = sidecar(
         &policy("order", app.addr.port(), serde_json::json!({})),

@@ -5,67 +5,21 @@
 mod support;
 
 use std::{
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use http::StatusCode;
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_trellis-sidecar");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Sidecar {
-    child: Child,
-    outbound: SocketAddr,
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn spawn_binary(policy_text: &str, endpoints: &str) -> Sidecar {
-    let path = temp_path("policy.json");
-    std::fs::write(&path, policy_text).unwrap();
-    let lo = |p| SocketAddr::from(([127, 0, 0, 1], p));
-    let (inbound, outbound, admin) = (lo(free_port()), lo(free_port()), lo(free_port()));
-    let child = Command::new(BIN)
-        .env_clear()
-        .args(["--inbound-addr", &inbound.to_string()])
-        .args(["--outbound-addr", &outbound.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--policy-file", path.to_str().unwrap()])
-        .args(["--static-endpoints", endpoints])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let sc = Sidecar { child, outbound };
-    let ready = eventually(Duration::from_secs(10), || async move {
-        match tokio::net::TcpStream::connect(admin).await {
-            Ok(_) => get(admin, "/readyz").await.status == StatusCode::OK,
-            Err(_) => false,
-        }
-    })
-    .await;
-    assert!(ready, "the binary never became ready");
-    sc
+/// The binary from its documented flags alone, its JSON logs on a pipe.
+async fn spawn_binary(policy_text: &str, endpoints: &str) -> SidecarProcess {
+    sidecar_process(policy_text, endpoints, &[], Stdio::piped()).await
 }
 
 #[test]
 fn help_documents_every_flag_and_environment_variable() {
-    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let out = Command::new(SIDECAR_BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     for needle in [
@@ -154,13 +108,9 @@ async fn runs_from_flags_alone_and_drains_on_sigterm() {
     assert!(logs.contains("draining"), "{logs}");
 }
 
+/// The process's resident set in KiB, 0 once it is gone.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_status_kib(pid, "VmRSS:").unwrap_or(0)
 }
 
 /// Prints the sidecar's RSS idle and under load, with throughput and
@@ -192,12 +142,7 @@ async fn bench_rss_idle_and_under_load() {
     for _ in 0..concurrency {
         workers.push(tokio::spawn(async move {
             // One keep-alive connection per worker, as a pooled client would.
-            let stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
+            let mut send = h1_connect(outbound).await;
             let mut lat = Vec::with_capacity(total / concurrency);
             for _ in 0..total / concurrency {
                 let req = http::Request::get("http://user/")

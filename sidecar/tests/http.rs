@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Version};
@@ -244,11 +244,11 @@ async fn inbound_forwards_to_the_app_with_forwarded_for() {
 
 #[tokio::test]
 async fn inbound_without_the_app_answers_502() {
-    let dead: SocketAddr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let (sc, _) = sidecar(&policy("order", dead.port(), serde_json::json!({})), &[]).await;
+    let (sc, _) = sidecar(
+        &policy("order", dead_addr().port(), serde_json::json!({})),
+        &[],
+    )
+    .await;
     let a = get(sc.inbound, "/").await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);
     assert!(a.text().contains("\"order\""), "{}", a.text());
@@ -287,12 +287,7 @@ async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
         .header("x-big", "a".repeat(200 * 1024))
         .body(full(""))
         .unwrap();
-    let stream = tokio::net::TcpStream::connect(sc.outbound).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = h1_connect(sc.outbound).await;
     // An error means the connection was closed: also a refusal.
     if let Ok(rsp) = send.send_request(req).await {
         assert_eq!(rsp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);

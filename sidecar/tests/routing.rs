@@ -119,11 +119,7 @@ async fn unknown_names_and_empty_services_get_a_fast_503_naming_them() {
 #[tokio::test]
 async fn an_endpoint_that_refuses_connections_gives_502_naming_the_service() {
     let app = upstream("app").await;
-    // Bind and drop: nothing listens there any more.
-    let dead: SocketAddr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = dead_addr();
     let (sc, _) = sidecar(
         &policy("order", app.addr.port(), serde_json::json!({})),
         &[("user", &[dead])],
@@ -335,18 +331,17 @@ async fn an_endpoints_file_is_followed() {
     let (a, b) = (upstream("a").await, upstream("b").await);
     let file = temp_path("endpoints.json");
     std::fs::write(&file, format!(r#"{{"user": ["{}"]}}"#, a.addr)).unwrap();
-    let ppath = temp_path("policy.json");
-    std::fs::write(
-        &ppath,
-        policy("order", app.addr.port(), serde_json::json!({})),
+    let (sc, _) = sidecar_with_config(
+        &policy("order", app.addr.port(), serde_json::json!({})),
+        &[],
+        |cfg| {
+            cfg.discovery = trellis_sidecar::Discovery::Static {
+                endpoints: Default::default(),
+                file: Some(file.clone()),
+            }
+        },
     )
-    .unwrap();
-    let mut cfg = trellis_sidecar::Config::local(Some(ppath));
-    cfg.discovery = trellis_sidecar::Discovery::Static {
-        endpoints: Default::default(),
-        file: Some(file.clone()),
-    };
-    let sc = trellis_sidecar::start(cfg).await.unwrap();
+    .await;
     assert_eq!(get_via(sc.outbound, "http://user/").await.server(), "a");
     std::fs::write(&file, format!(r#"{{"user": ["{}"]}}"#, b.addr)).unwrap();
     let outbound = sc.outbound;

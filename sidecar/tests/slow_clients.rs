@@ -30,7 +30,7 @@ use tokio::{
     net::TcpStream,
     time::{Instant, timeout},
 };
-use trellis_sidecar::{Config, Running, server::ServerLimits};
+use trellis_sidecar::{Running, ServerLimits};
 
 /// Raises this process's soft limit on open files to at least `need`, up
 /// to the hard limit.
@@ -65,11 +65,11 @@ fn raise_fd_limit(need: u64) {
 /// A sidecar in front of a test application, with `limits` edited by `set`.
 async fn sidecar_with(set: impl FnOnce(&mut ServerLimits)) -> (Running, Upstream) {
     let app = upstream("app").await;
-    let path = temp_path("policy.json");
-    std::fs::write(&path, policy("order", app.addr.port(), json!({}))).unwrap();
-    let mut cfg = Config::local(Some(path));
-    set(&mut cfg.limits);
-    (trellis_sidecar::start(cfg).await.unwrap(), app)
+    let (sc, _) = sidecar_with_config(&policy("order", app.addr.port(), json!({})), &[], |cfg| {
+        set(&mut cfg.limits)
+    })
+    .await;
+    (sc, app)
 }
 
 /// Waits until the peer closes `stream`: a read returns end of file or an

@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::cached_tool;
+use crate::{cached_tool, free_port};
 
 /// A running collector; killed on drop.
 pub struct Collector {
@@ -30,13 +30,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn free_port(host: [u8; 4]) -> u16 {
-    TcpListener::bind(SocketAddr::from((host, 0)))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 impl Collector {

@@ -1,7 +1,8 @@
-//! What a burst of MicroServices should converge to, for the operator's fault
-//! tests (tests/tests/faults.rs, tests/tests/operator_watch.rs): every one
-//! Ready at its generation, each child exactly once with the right controller
-//! and the last config, nothing else labelled as the operator's.
+//! What a burst of MicroServices should converge to, for the operator's
+//! fault tests (tests/tests/control_plane_faults.rs,
+//! tests/tests/operator_watch.rs): every one Ready at its generation, each
+//! child exactly once with the right controller and the last config,
+//! nothing else labelled as the operator's.
 //!
 //! The MicroServices have `replicas: 0` and their namespace a ResourceQuota
 //! of zero pods, so hundreds of them put no pods on the shared node.

@@ -25,6 +25,7 @@ pub mod shop;
 pub mod shop_metrics;
 
 use std::{
+    net::{SocketAddr, TcpListener},
     path::PathBuf,
     process::Command,
     sync::Mutex,
@@ -240,6 +241,14 @@ impl Drop for TestNamespace {
             eprintln!("could not delete test namespace {}", self.name);
         }
     }
+}
+
+/// A free port on `host`: bound by the OS, then released.
+pub fn free_port(host: [u8; 4]) -> u16 {
+    TcpListener::bind(SocketAddr::from((host, 0)))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` saying what it waited for.

@@ -1,10 +1,12 @@
 //! Real peers for tests that run sidecars against the cluster's apiserver:
 //! upstreams on the node's bridge address (the apiserver refuses loopback
-//! addresses in EndpointSlices; nothing leaves the host), and plain GETs
-//! through a sidecar's outbound listener.
+//! addresses in EndpointSlices; nothing leaves the host), the Service and
+//! EndpointSlice that name them, and plain GETs to a sidecar's listeners.
 
 use std::net::SocketAddr;
 
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -42,18 +44,62 @@ pub async fn upstream(name: &'static str) -> SocketAddr {
     addr
 }
 
-/// GET `http://SERVICE/` through the sidecar's outbound listener, in proxy form.
-pub async fn get(outbound: SocketAddr, service: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(outbound).await.unwrap();
-    let request =
-        format!("GET http://{service}/ HTTP/1.1\r\nhost: {service}\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
+/// A Service `name` with one port, `http` 80, and no selector: its
+/// endpoints are the ones [`endpoint_slice`] gives it.
+pub fn service(name: &str) -> Service {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": { "ports": [{ "name": "http", "port": 80 }] },
+    }))
+    .unwrap()
+}
+
+/// The EndpointSlice `SERVICE-manual` of `service`: each address with its
+/// readiness, all on the port of the first (80 when there is none).
+pub fn endpoint_slice(service: &str, endpoints: &[(SocketAddr, bool)]) -> EndpointSlice {
+    let port = endpoints.first().map_or(80, |(a, _)| a.port());
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": format!("{service}-manual"),
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": port, "protocol": "TCP" }],
+        "endpoints": endpoints.iter().map(|(addr, ready)| json!({
+            "addresses": [addr.ip().to_string()],
+            "conditions": { "ready": ready },
+        })).collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
+/// A GET of `target` (origin or proxy form) with Host `host`, on a new
+/// connection to `addr` closed after the answer: the status and the body,
+/// or `None` when the connection fails or the answer is not HTTP.
+pub async fn try_get(addr: SocketAddr, target: &str, host: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {target} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Some((status, body))
+}
+
+/// GET `http://SERVICE/` through the sidecar's outbound listener, in proxy form.
+pub async fn get(outbound: SocketAddr, service: &str) -> (u16, String) {
+    try_get(outbound, &format!("http://{service}/"), service)
+        .await
+        .unwrap_or_else(|| panic!("no HTTP answer from {outbound} for {service}"))
+}
+
+/// GET `path` on a sidecar's admin listener.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    try_get(admin, path, "admin")
+        .await
+        .unwrap_or_else(|| panic!("no HTTP answer from the admin listener {admin} for {path}"))
 }

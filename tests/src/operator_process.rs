@@ -1,6 +1,6 @@
 //! The real `trellis-operator` binary as a child process, for the tests that
 //! kill it, cut its API connection or run two replicas of it
-//! (tests/tests/faults.rs, tests/tests/operator_watch.rs).
+//! (tests/tests/control_plane_faults.rs, tests/tests/operator_watch.rs).
 
 use std::{
     fs,
@@ -15,7 +15,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{binaries::built, eventually};
+use crate::{binaries::built, eventually, free_port};
 
 /// The operator binary, built once per test binary.
 pub fn operator_binary() -> &'static Path {
@@ -35,12 +35,7 @@ impl OperatorProcess {
     /// cluster in `kubeconfig`, with its admin server on a free loopback port
     /// and its log in a temporary file; `extra` arguments are appended.
     pub fn start(ns: &str, identity: &str, kubeconfig: &Path, extra: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let admin = format!("127.0.0.1:{port}");
+        let admin = format!("127.0.0.1:{}", free_port([127, 0, 0, 1]));
         let log = std::env::temp_dir().join(format!("trellis-operator-{ns}-{identity}.log"));
         let file = fs::File::create(&log).unwrap();
         let child = Command::new(operator_binary())

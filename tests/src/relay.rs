@@ -1,8 +1,10 @@
 //! A TCP relay on loopback to the apiserver that tests cut and restore, so
-//! a sidecar or the operator loses the API while the shared cluster stays up.
+//! a sidecar or the operator loses the API while the shared cluster stays up,
+//! and a kubeconfig whose server is the relay.
 
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -11,6 +13,23 @@ use tokio::{
     net::{TcpListener, TcpStream},
     task::JoinHandle,
 };
+
+/// The apiserver of the admin kubeconfig: its server URL as the kubeconfig
+/// writes it, and its address.
+pub fn apiserver() -> (String, SocketAddr) {
+    let kubeconfig = kube::config::Kubeconfig::read_from(crate::kubeconfig_path()).unwrap();
+    let server = kubeconfig.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.server.clone())
+        .expect("the kubeconfig names a server");
+    let target = server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("the server is an ip:port address");
+    (server, target)
+}
 
 /// A TCP relay on loopback to the apiserver that can be cut and restored.
 pub struct Relay {
@@ -50,6 +69,18 @@ impl Relay {
             }
         });
         *self.accept.lock().unwrap() = Some(task);
+    }
+
+    /// A copy of the admin kubeconfig whose server, `server` (as
+    /// [`apiserver`] gives it), is this relay, written to
+    /// `NAME.kubeconfig` in the temporary directory.
+    pub fn kubeconfig(&self, server: &str, name: &str) -> PathBuf {
+        let original = std::fs::read_to_string(crate::kubeconfig_path()).unwrap();
+        let relayed = original.replace(server, &format!("https://{}", self.addr));
+        assert_ne!(original, relayed, "the kubeconfig names {server}");
+        let path = std::env::temp_dir().join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, relayed).unwrap();
+        path
     }
 
     /// Makes the API unreachable: the port closes and every relayed connection is cut.

@@ -21,15 +21,11 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 use trellis_operator::{MicroService, Settings, render::RenderConfig};
 use trellis_sidecar::Discovery;
 use trellis_tests::{
     TestNamespace, eventually, kubeconfig_path,
-    node_peers::{get, upstream},
+    node_peers::{endpoint_slice, get, service, try_get, upstream},
     operator::Operator,
 };
 
@@ -37,20 +33,12 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The label on a grant naming the namespace of its MicroService.
 const OWNER_NAMESPACE_LABEL: &str = "trellis.dev/microservice-namespace";
 
-/// GET `http://SERVICE/` through the sidecar's outbound listener, in proxy form.
 /// Whether the sidecar whose admin listener is `admin` has applied a policy.
 async fn policy_applied(admin: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect(admin).await else {
+    let Some((_, body)) = try_get(admin, "/status", "admin").await else {
         return false;
     };
-    let request = "GET /status HTTP/1.0\r\nhost: admin\r\n\r\n";
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
-    serde_json::from_str::<Value>(body)
+    serde_json::from_str::<Value>(&body)
         .ok()
         .and_then(|v| v["policy"]["generation"].as_u64())
         .is_some_and(|g| g >= 1)
@@ -171,32 +159,13 @@ async fn a_dependency_in_another_namespace_is_granted_used_and_revoked() {
     // The dependency: `payment` in namespace b, one ready endpoint.
     let payment = upstream("payment").await;
     b.api::<Service>()
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": { "name": "payment" },
-                "spec": { "ports": [{ "name": "http", "port": 80 }] },
-            }))
-            .unwrap(),
-        )
+        .create(&PostParams::default(), &service("payment"))
         .await
         .unwrap();
     b.api::<EndpointSlice>()
         .create(
             &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {
-                    "name": "payment-manual",
-                    "labels": { "kubernetes.io/service-name": "payment" },
-                },
-                "addressType": "IPv4",
-                "ports": [{ "name": "http", "port": payment.port(), "protocol": "TCP" }],
-                "endpoints": [{
-                    "addresses": [payment.ip().to_string()],
-                    "conditions": { "ready": true },
-                }],
-            }))
-            .unwrap(),
+            &endpoint_slice("payment", &[(payment, true)]),
         )
         .await
         .unwrap();

@@ -7,19 +7,16 @@
 //! The burst itself goes straight to the apiserver, so changes keep
 //! happening while the operator cannot see them.
 //!
-//! This is the relay version of `tests/tests/faults.rs`'s
-//! `apiserver_restarted_three_times_during_a_burst_converges`. It found why
-//! that one lagged: kube-runtime's `Controller` pauses its one merged trigger
-//! stream (every watch at once) with an exponential backoff after any watch
-//! error, so the errors of nine watches during the outages kept all of them
-//! paused for up to a minute after the API was back; new and changed
-//! MicroServices went unseen that long. Each watch now backs off on its own.
+//! This is the relay version of `tests/tests/control_plane_faults.rs`'s
+//! `apiserver_restarted_three_times_during_a_burst_converges`. It needs each
+//! watch to back off on its own: kube-runtime's `Controller` pauses its one
+//! merged trigger stream (every watch at once) with an exponential backoff
+//! after any watch error, so the errors of nine watches during the outages
+//! would keep all of them paused for up to a minute after the API is back,
+//! and new and changed MicroServices unseen that long.
 
 use std::{
     collections::BTreeMap,
-    fs,
-    net::SocketAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -29,9 +26,8 @@ use serde_json::json;
 use trellis_operator::MicroService;
 use trellis_tests::{
     convergence::{microservice, namespace, wait_converged},
-    kubeconfig_path,
     operator_process::OperatorProcess,
-    relay::Relay,
+    relay::{Relay, apiserver},
 };
 
 /// MicroServices created in the burst; half of them are updated too.
@@ -40,34 +36,6 @@ const COUNT: usize = 120;
 const OUTAGE: Duration = Duration::from_secs(5);
 /// How long convergence may take after the API is back for good.
 const CONVERGE: Duration = Duration::from_secs(90);
-
-// ---------------------------------------------------------------------------
-// The relay (trellis_tests::relay) and the kubeconfig through it
-
-/// The apiserver's address and a copy of the admin kubeconfig whose server is the relay.
-fn apiserver() -> (String, SocketAddr) {
-    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig_path()).unwrap();
-    let server = kubeconfig.clusters[0]
-        .cluster
-        .as_ref()
-        .and_then(|c| c.server.clone())
-        .expect("the kubeconfig names a server");
-    let target = server
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("the server is an ip:port address");
-    (server, target)
-}
-
-fn kubeconfig_through(relay: &Relay, server: &str, ns: &str) -> PathBuf {
-    let original = fs::read_to_string(kubeconfig_path()).unwrap();
-    let relayed = original.replace(server, &format!("https://{}", relay.addr));
-    assert_ne!(original, relayed, "the kubeconfig names {server}");
-    let path = std::env::temp_dir().join(format!("trellis-operator-watch-{ns}.kubeconfig"));
-    fs::write(&path, relayed).unwrap();
-    path
-}
 
 // ---------------------------------------------------------------------------
 // The test
@@ -82,7 +50,7 @@ async fn api_cut_three_times_during_a_burst_converges() {
     let ns = namespace("operator-watch").await;
     let (server, target) = apiserver();
     let relay = Arc::new(Relay::new(target).await);
-    let kubeconfig = kubeconfig_through(&relay, &server, &ns.name);
+    let kubeconfig = relay.kubeconfig(&server, &format!("trellis-operator-watch-{}", ns.name));
     let mut operator = OperatorProcess::start(&ns.name, "watch", &kubeconfig, &[]);
     let api = ns.api::<MicroService>();
 
@@ -137,5 +105,5 @@ async fn api_cut_three_times_during_a_burst_converges() {
         errors <= (COUNT * 5) as f64,
         "{errors} reconcile errors for {COUNT} MicroServices"
     );
-    let _ = fs::remove_file(kubeconfig);
+    let _ = std::fs::remove_file(kubeconfig);
 }

@@ -5,7 +5,7 @@
 //! The apiserver refuses loopback addresses in EndpointSlices, so the upstreams
 //! listen on the node's own bridge address (a local address: nothing leaves the host).
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Service},
@@ -16,25 +16,8 @@ use serde_json::json;
 use trellis_sidecar::{Config, Discovery};
 use trellis_tests::{
     TestNamespace, eventually,
-    node_peers::{get, upstream},
+    node_peers::{endpoint_slice, get, service, upstream},
 };
-
-fn slice(service: &str, endpoints: &[(SocketAddr, bool)]) -> EndpointSlice {
-    let port = endpoints.first().map_or(80, |(a, _)| a.port());
-    serde_json::from_value(json!({
-        "metadata": {
-            "name": format!("{service}-manual"),
-            "labels": { "kubernetes.io/service-name": service },
-        },
-        "addressType": "IPv4",
-        "ports": [{ "name": "http", "port": port, "protocol": "TCP" }],
-        "endpoints": endpoints.iter().map(|(addr, ready)| json!({
-            "addresses": [addr.ip().to_string()],
-            "conditions": { "ready": ready },
-        })).collect::<Vec<_>>(),
-    }))
-    .unwrap()
-}
 
 async fn sidecar(ns: &TestNamespace, policy_configmap: Option<&str>) -> trellis_sidecar::Running {
     // The sidecar finds the API as a real one does outside a pod: through KUBECONFIG.
@@ -64,19 +47,15 @@ async fn follows_endpointslices_live_and_uses_only_ready_endpoints() {
     // generation instead: first a (ready) and b (not ready), then b alone.
     let services: Api<Service> = ns.api();
     services
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": { "name": "user" },
-                "spec": { "ports": [{ "name": "http", "port": 80 }] },
-            }))
-            .unwrap(),
-        )
+        .create(&PostParams::default(), &service("user"))
         .await
         .unwrap();
     let slices: Api<EndpointSlice> = ns.api();
     slices
-        .create(&PostParams::default(), &slice("user", &[(a, true)]))
+        .create(
+            &PostParams::default(),
+            &endpoint_slice("user", &[(a, true)]),
+        )
         .await
         .unwrap();
 
@@ -87,7 +66,7 @@ async fn follows_endpointslices_live_and_uses_only_ready_endpoints() {
     // Move the service to b: the sidecar follows without a restart.
     slices
         .replace("user-manual", &PostParams::default(), &{
-            let mut s = slice("user", &[(b, true)]);
+            let mut s = endpoint_slice("user", &[(b, true)]);
             s.metadata.resource_version = slices
                 .get("user-manual")
                 .await
@@ -164,9 +143,8 @@ async fn takes_its_policy_from_the_configmap_and_keeps_the_last_good_one() {
         .await
         .unwrap();
     let running = sidecar(&ns, Some(name)).await;
-    let attempts = |state: trellis_sidecar::policy_watch::PolicyState| {
-        state.policy.map(|p| p.resilience.retry.attempts)
-    };
+    let attempts =
+        |state: trellis_sidecar::PolicyState| state.policy.map(|p| p.resilience.retry.attempts);
     eventually("the first policy", Duration::from_secs(10), || async {
         (attempts(running.policy.current()) == Some(2)).then_some(())
     })

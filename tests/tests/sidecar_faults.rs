@@ -10,64 +10,17 @@
 //! started again on the same port. Upstreams listen on the node's bridge
 //! address, because EndpointSlices refuse loopback addresses.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::api::{Api, PostParams};
 use serde_json::json;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 use trellis_sidecar::{Config, Discovery};
 use trellis_tests::{
     TestNamespace, eventually,
-    node_peers::{NODE_IP, get, upstream},
-    relay::Relay,
+    node_peers::{NODE_IP, admin_get, endpoint_slice, get, service, upstream},
+    relay::{Relay, apiserver},
 };
-
-/// A copy of the admin kubeconfig whose server is the relay.
-fn kubeconfig_through(relay: &Relay, server: &str) -> std::path::PathBuf {
-    let original = std::fs::read_to_string(trellis_tests::kubeconfig_path()).unwrap();
-    let relayed = original.replace(server, &format!("https://{}", relay.addr));
-    assert_ne!(original, relayed, "the kubeconfig names {server}");
-    let path = std::env::temp_dir().join(format!(
-        "trellis-sidecar-faults-{}.kubeconfig",
-        std::process::id()
-    ));
-    std::fs::write(&path, relayed).unwrap();
-    path
-}
-
-fn slice(service: &str, addr: SocketAddr) -> EndpointSlice {
-    serde_json::from_value(json!({
-        "metadata": {
-            "name": format!("{service}-manual"),
-            "labels": { "kubernetes.io/service-name": service },
-        },
-        "addressType": "IPv4",
-        "ports": [{ "name": "http", "port": addr.port(), "protocol": "TCP" }],
-        "endpoints": [{ "addresses": [addr.ip().to_string()], "conditions": { "ready": true } }],
-    }))
-    .unwrap()
-}
-
-async fn admin(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs a cluster: cargo xtask test"]
@@ -81,36 +34,25 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
     );
     let services: Api<Service> = ns.api();
     services
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": { "name": "user" },
-                "spec": { "ports": [{ "name": "http", "port": 80 }] },
-            }))
-            .unwrap(),
-        )
+        .create(&PostParams::default(), &service("user"))
         .await
         .unwrap();
     let slices: Api<EndpointSlice> = ns.api();
     slices
-        .create(&PostParams::default(), &slice("user", a))
+        .create(
+            &PostParams::default(),
+            &endpoint_slice("user", &[(a, true)]),
+        )
         .await
         .unwrap();
 
     // The sidecar reaches the API only through the relay.
-    let kubeconfig = kube::config::Kubeconfig::read_from(trellis_tests::kubeconfig_path()).unwrap();
-    let server = kubeconfig.clusters[0]
-        .cluster
-        .as_ref()
-        .and_then(|c| c.server.clone())
-        .expect("the kubeconfig names a server");
-    let target: SocketAddr = server
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("the server is an ip:port address");
+    let (server, target) = apiserver();
     let relay = Relay::new(target).await;
-    let relayed = kubeconfig_through(&relay, &server);
+    let relayed = relay.kubeconfig(
+        &server,
+        &format!("trellis-sidecar-faults-{}", std::process::id()),
+    );
     let original = trellis_tests::kubeconfig_path();
     // SAFETY: this binary has one test, and nothing else reads the
     // environment while it is set: the namespace's client was built above,
@@ -149,7 +91,9 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
     eventually(
         "ready with fresh discovery",
         Duration::from_secs(20),
-        || async { (admin(sc.admin, "/readyz").await == (200, "ready\n".into())).then_some(()) },
+        || async {
+            (admin_get(sc.admin, "/readyz").await == (200, "ready\n".into())).then_some(())
+        },
     )
     .await;
     assert_eq!(get(sc.outbound, "user").await, (200, "hello from a".into()));
@@ -161,7 +105,7 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
         "readyz to say discovery is stale",
         Duration::from_secs(15),
         || async {
-            let (status, body) = admin(sc.admin, "/readyz").await;
+            let (status, body) = admin_get(sc.admin, "/readyz").await;
             body.contains("stale").then_some((status, body))
         },
     )
@@ -177,7 +121,7 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
         "{}",
         readyz.1
     );
-    let (status, healthz) = admin(sc.admin, "/healthz").await;
+    let (status, healthz) = admin_get(sc.admin, "/healthz").await;
     assert_eq!(status, 503, "{healthz}");
     let report: serde_json::Value = serde_json::from_str(&healthz).unwrap();
     assert_eq!(
@@ -194,7 +138,7 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
         assert_eq!(get(sc.outbound, "user").await, (200, "hello from a".into()));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(admin(sc.admin, "/readyz").await.0, 200);
+    assert_eq!(admin_get(sc.admin, "/readyz").await.0, 200);
 
     // A name never seen before cannot be looked up: a clear 503 in time.
     let start = Instant::now();
@@ -216,7 +160,9 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
     eventually(
         "readyz to be ready and fresh",
         Duration::from_secs(20),
-        || async { (admin(sc.admin, "/readyz").await == (200, "ready\n".into())).then_some(()) },
+        || async {
+            (admin_get(sc.admin, "/readyz").await == (200, "ready\n".into())).then_some(())
+        },
     )
     .await;
     eprintln!(
@@ -224,8 +170,8 @@ async fn an_unreachable_api_leaves_the_last_endpoints_serving_and_readyz_says_st
         restored_at.elapsed()
     );
     let mut moved = slices.get("user-manual").await.unwrap();
-    moved.endpoints = slice("user", b).endpoints;
-    moved.ports = slice("user", b).ports;
+    moved.endpoints = endpoint_slice("user", &[(b, true)]).endpoints;
+    moved.ports = endpoint_slice("user", &[(b, true)]).ports;
     slices
         .replace("user-manual", &PostParams::default(), &moved)
         .await

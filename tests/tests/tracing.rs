@@ -447,10 +447,10 @@ async fn sample_ratio_zero_exports_nothing_and_one_everything() {
 #[ignore = "needs the OpenTelemetry Collector from cargo xtask tools"]
 async fn a_down_collector_fails_no_request_and_is_counted() {
     // Nothing listens there: a port taken from the OS and released.
-    let down = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    let down = format!(
+        "http://127.0.0.1:{}",
+        trellis_tests::free_port([127, 0, 0, 1])
+    );
     let app = hello_app().await;
     let b = sidecar("backend", policy("backend", app.port(), 1.0), &[], &down).await;
     let http = reqwest::Client::new();

@@ -28,9 +28,10 @@ const CONTROL_PLANE_TESTS: &[&str] = &[
 /// Integration test targets of the full-node tier. `shop` is the end-to-end
 /// suite (also `cargo xtask e2e`), with the short soak.
 const NODE_TESTS: &[&str] = &["node", "chart", "security", "traces_on_node", "shop"];
-/// Integration test targets that disrupt the whole cluster (tests/tests/faults.rs
-/// restarts the apiserver and pauses etcd): run last, with nothing else running.
-const FAULT_TESTS: &[&str] = &["faults"];
+/// Integration test targets that disrupt the whole cluster
+/// (tests/tests/control_plane_faults.rs restarts the apiserver and pauses
+/// etcd): run last, with nothing else running.
+const FAULT_TESTS: &[&str] = &["control_plane_faults"];
 /// Tests known to fail, left out of the tiers until fixed (each is listed in
 /// docs/reliability.md with what fails; run one by name to work on it).
 const KNOWN_FAILING: &[&str] = &[];
@@ -85,7 +86,7 @@ fn faults(long: bool) -> Result<()> {
 }
 
 /// How long the shop's soak runs (tests/tests/shop.rs): a minute in CI,
-/// the 30 minutes with `--long`.
+/// 30 minutes with `--long`.
 fn soak_secs(long: bool) -> &'static str {
     if long { "1800" } else { "60" }
 }

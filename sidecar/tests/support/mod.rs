@@ -1,6 +1,7 @@
 //! Real parts for the integration tests: hyper upstreams on loopback that
-//! answer with what they saw, clients for HTTP/1.1 (proxy form included) and
-//! h2c, and a sidecar started in-process in static mode.
+//! answer with what they saw or do what a test scripts, clients for HTTP/1.1
+//! (proxy form included) and h2c, a sidecar started in-process in static
+//! mode, and the `trellis-sidecar` binary as a child process.
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
@@ -9,6 +10,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
+    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -25,7 +27,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::net::{TcpListener, TcpStream};
-use trellis_sidecar::{Config, Discovery, Running};
+use trellis_sidecar::{Config, Discovery, OutlierSettings, Running};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = BoxBody<Bytes, BoxError>;
@@ -187,6 +189,106 @@ fn describe(up: &Upstream, req: &Request<Incoming>) -> serde_json::Value {
     })
 }
 
+/// What a scripted upstream does with its n-th request (from 0).
+pub enum Act {
+    Status(u16),
+    WithHeader(u16, &'static str, &'static str),
+    /// Accept the request and never answer.
+    Hang,
+    /// Answer 200 after this long.
+    Delay(u64),
+}
+
+/// An upstream started by [`scripted`].
+#[derive(Clone)]
+pub struct Scripted {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl Scripted {
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+type Script = Arc<dyn Fn(usize, &http::request::Parts, &Bytes) -> Act + Send + Sync>;
+
+/// An upstream on an ephemeral loopback port that does what `f` says with
+/// each request, given its number, head and whole body; its answer's body
+/// is `n=<request number> len=<body length>`.
+pub async fn scripted(
+    f: impl Fn(usize, &http::request::Parts, &Bytes) -> Act + Send + Sync + 'static,
+) -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = Scripted {
+        addr: listener.local_addr().unwrap(),
+        hits: Arc::default(),
+    };
+    let script: Script = Arc::new(f);
+    let hits = up.hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (script, hits) = (script.clone(), hits.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (script, hits) = (script.clone(), hits.clone());
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let n = hits.fetch_add(1, Ordering::SeqCst);
+                        let (status, header) = match script(n, &parts, &body) {
+                            Act::Status(s) => (s, None),
+                            Act::WithHeader(s, k, v) => (s, Some((k, v))),
+                            Act::Hang => {
+                                futures::future::pending::<()>().await;
+                                unreachable!()
+                            }
+                            Act::Delay(ms) => {
+                                sleep_ms(ms).await;
+                                (200, None)
+                            }
+                        };
+                        let mut rsp = Response::new(full(format!("n={n} len={}", body.len())));
+                        *rsp.status_mut() = StatusCode::from_u16(status).unwrap();
+                        if let Some((k, v)) = header {
+                            rsp.headers_mut().insert(k, v.parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(rsp)
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    up
+}
+
+/// A free port on loopback: bound by the OS, then released.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An address nothing listens on (bound, then released): an upstream that
+/// was killed, whose connections are refused.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
 /// A collected response.
 #[derive(Debug)]
 pub struct Answer {
@@ -234,12 +336,24 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let mut send = h1_connect(addr).await;
+    collect(send.send_request(req).await.unwrap()).await
+}
+
+/// An HTTP/1.1 connection to `addr`, kept alive for as many requests as
+/// are sent on it.
+pub async fn h1_connect<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
     tokio::spawn(conn);
-    collect(send.send_request(req).await.unwrap()).await
+    send
 }
 
 /// A GET in HTTP proxy form through `proxy`.
@@ -307,6 +421,16 @@ pub fn policy(svc: &str, app_port: u16, extra: serde_json::Value) -> String {
 
 /// Starts a sidecar in static mode with the policy text in a watched file.
 pub async fn sidecar(policy_text: &str, endpoints: &[(&str, &[SocketAddr])]) -> (Running, PathBuf) {
+    sidecar_with_config(policy_text, endpoints, |_| {}).await
+}
+
+/// Starts a sidecar as [`sidecar`] does, with its configuration changed by
+/// `edit` first.
+pub async fn sidecar_with_config(
+    policy_text: &str,
+    endpoints: &[(&str, &[SocketAddr])],
+    edit: impl FnOnce(&mut Config),
+) -> (Running, PathBuf) {
     let path = temp_path("policy.json");
     std::fs::write(&path, policy_text).unwrap();
     let mut cfg = Config::local(Some(path.clone()));
@@ -317,7 +441,151 @@ pub async fn sidecar(policy_text: &str, endpoints: &[(&str, &[SocketAddr])]) -> 
             .collect(),
         file: None,
     };
+    edit(&mut cfg);
     (trellis_sidecar::start(cfg).await.unwrap(), path)
+}
+
+/// A sidecar for service `order` (its app `app`) whose one dependency,
+/// `dep`, is at `dep`, with `resilience` as the policy's defaults, `extra`
+/// merged into the policy, and `outlier` as its ejection settings.
+pub async fn sidecar_for(
+    app: &Upstream,
+    dep: &[SocketAddr],
+    resilience: serde_json::Value,
+    extra: serde_json::Value,
+    outlier: OutlierSettings,
+) -> (Running, PathBuf) {
+    let mut p = serde_json::json!({"resilience": resilience});
+    if let (Some(p), serde_json::Value::Object(extra)) = (p.as_object_mut(), extra) {
+        p.extend(extra);
+    }
+    let text = policy("order", app.addr.port(), p);
+    sidecar_with_config(&text, &[("dep", dep)], |cfg| cfg.outlier = outlier).await
+}
+
+/// Outlier ejection off, so that every request reaches the endpoint it
+/// would have gone to whatever it did before.
+pub fn no_ejection() -> OutlierSettings {
+    OutlierSettings {
+        consecutive_failures: 0,
+        ..OutlierSettings::default()
+    }
+}
+
+/// A breaker that never trips, so that a test is about something else and
+/// every request reaches the upstream.
+pub fn no_breaker() -> serde_json::Value {
+    serde_json::json!({"consecutiveFailures": 100000, "failureRatio": 1.0, "minRequests": 1000000})
+}
+
+/// The sum of the samples in the Prometheus text `text` whose line starts
+/// with `prefix` (a name, or a name and its labels).
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The sidecar's metrics, as its admin listener serves them.
+pub async fn metrics(sc: &Running) -> String {
+    get(sc.admin, "/metrics").await.text()
+}
+
+/// Sends `total` GETs for `dep` through the outbound listener from
+/// `concurrency` callers; returns the answers' statuses.
+pub async fn load(sc: &Running, total: usize, concurrency: usize) -> Vec<StatusCode> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, outbound) = (next.clone(), sc.outbound);
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while next.fetch_add(1, Ordering::SeqCst) < total {
+                got.push(get_via(outbound, "http://dep/x").await.status);
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// The share of `statuses` that are 200.
+pub fn ok_share(statuses: &[StatusCode]) -> f64 {
+    statuses.iter().filter(|s| **s == StatusCode::OK).count() as f64 / statuses.len() as f64
+}
+
+/// The `trellis-sidecar` binary cargo built for these tests.
+pub const SIDECAR_BIN: &str = env!("CARGO_BIN_EXE_trellis-sidecar");
+
+/// The sidecar binary as a child process, killed on drop.
+pub struct SidecarProcess {
+    pub child: Child,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary from its flags, in static mode on free loopback ports,
+/// with the policy text in a file and `--static-endpoints endpoints`, then
+/// `extra` flags; its stdout goes to `stdout`, its stderr to the test's.
+/// Returns once `/readyz` answers 200.
+pub async fn sidecar_process(
+    policy_text: &str,
+    endpoints: &str,
+    extra: &[&str],
+    stdout: Stdio,
+) -> SidecarProcess {
+    let path = temp_path("policy.json");
+    std::fs::write(&path, policy_text).unwrap();
+    let lo = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    let (inbound, outbound, admin) = (lo(free_port()), lo(free_port()), lo(free_port()));
+    let child = Command::new(SIDECAR_BIN)
+        .env_clear()
+        .args(["--inbound-addr", &inbound.to_string()])
+        .args(["--outbound-addr", &outbound.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--policy-file", path.to_str().unwrap()])
+        .args(["--static-endpoints", endpoints])
+        .args(extra)
+        .stdout(stdout)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let sc = SidecarProcess {
+        child,
+        outbound,
+        admin,
+    };
+    let ready = eventually(Duration::from_secs(10), || async move {
+        match TcpStream::connect(admin).await {
+            Ok(_) => get(admin, "/readyz").await.status == StatusCode::OK,
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(ready, "the binary never became ready");
+    sc
+}
+
+/// A field of `/proc/<pid>/status` given in kB (`field` with its colon, as
+/// `VmRSS:`), or `None` when the process or the field is not there.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Polls `f` every 20 ms until it is true or `within` passes.

@@ -362,8 +362,8 @@ fn write_if_changed(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> Resul
 
 /// Restarts one component of a running cluster: stops it (SIGTERM, then SIGKILL)
 /// and starts it again through [`up`], with the same flags, waiting until it is
-/// ready again. Fault-injection tests (tests/tests/faults.rs) use it to restart
-/// the apiserver under the operator.
+/// ready again. Fault-injection tests (tests/tests/control_plane_faults.rs) use
+/// it to restart the apiserver under the operator.
 pub fn restart(name: &str) -> Result<()> {
     let Some(mode) = running_mode() else {
         bail!("the local cluster is not running: cargo xtask cluster up");

@@ -1,7 +1,7 @@
-//! Operator faults on the real local cluster, with the real operator binary as
-//! a child process: the apiserver restarted three times under a burst of
-//! writes, the operator SIGKILLed mid-burst, two replicas electing a leader and
-//! one of them killed, etcd paused.
+//! Faults of the control plane on the real local cluster, with the real
+//! operator binary as a child process: the apiserver restarted three times
+//! under a burst of writes, the operator SIGKILLed mid-burst, two replicas
+//! electing a leader and one of them killed, etcd paused.
 //!
 //! Every test here disrupts the whole cluster (everyone's requests fail or
 //! hang for seconds), so the tests take turns ([`SERIAL`]) and `cargo xtask

@@ -14,7 +14,7 @@ mod support;
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -24,14 +24,13 @@ use std::{
 
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use support::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use trellis_sidecar::{Config, Discovery, Running, resilience::outlier::OutlierSettings};
+use trellis_sidecar::Running;
 
 /// What a faulty upstream does with every connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,19 +169,8 @@ async fn faulty(fault: Fault) -> Faulty {
     up
 }
 
-/// An address nothing listens on: an upstream that was killed.
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// The overall timeout every test policy sets.
 const TIMEOUT: Duration = Duration::from_millis(500);
-
-/// A breaker that never trips, so every request reaches the fault.
-fn no_breaker() -> serde_json::Value {
-    json!({"consecutiveFailures": 100000, "failureRatio": 1.0, "minRequests": 1000000})
-}
 
 /// The policy of service `order` whose app listens on `app_port`: two
 /// attempts with a short backoff, `timeout` overall, the breaker off.
@@ -201,24 +189,22 @@ fn faults_policy(app_port: u16, timeout: &str, inbound_timeout: &str) -> String 
     )
 }
 
+/// A sidecar for `order` (its app on `app_port`) with the 500 ms timeouts of
+/// [`faults_policy`], each dependency at one address.
 async fn sidecar_with(app_port: u16, deps: &[(&str, SocketAddr)]) -> Running {
-    let path = temp_path("policy.json");
-    std::fs::write(&path, faults_policy(app_port, "500ms", "500ms")).unwrap();
-    let mut cfg = Config::local(Some(path));
-    cfg.discovery = Discovery::Static {
-        endpoints: deps
-            .iter()
-            .map(|(n, a)| ((*n).to_owned(), vec![*a]))
-            .collect(),
-        file: None,
-    };
+    let endpoints: Vec<(&str, &[SocketAddr])> = deps
+        .iter()
+        .map(|(n, a)| (*n, std::slice::from_ref(a)))
+        .collect();
     // Ejection would turn later requests into "no endpoints" answers; the
     // point here is what each fault itself produces.
-    cfg.outlier = OutlierSettings {
-        consecutive_failures: 0,
-        ..OutlierSettings::default()
-    };
-    trellis_sidecar::start(cfg).await.unwrap()
+    let (sc, _) = sidecar_with_config(
+        &faults_policy(app_port, "500ms", "500ms"),
+        &endpoints,
+        |cfg| cfg.outlier = no_ejection(),
+    )
+    .await;
+    sc
 }
 
 /// What a caller got, and how long it took.
@@ -236,11 +222,7 @@ struct Outcome {
 async fn call(addr: SocketAddr, host: &str) -> Outcome {
     let start = Instant::now();
     let exchange = async {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut send = h1_connect(addr).await;
         let req = Request::get(format!("http://{host}/fault"))
             .header("host", host)
             .body(full(""))
@@ -496,36 +478,8 @@ async fn inbound_faults_of_the_application_are_clear_errors() {
 
 // --- Memory and file descriptors of the real binary under faults ---
 
-const BIN: &str = env!("CARGO_BIN_EXE_trellis-sidecar");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The sidecar binary as a child process, killed on drop.
-struct Child_ {
-    child: Child,
-    outbound: SocketAddr,
-}
-
-impl Drop for Child_ {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+fn proc_status(pid: u32, field: &str) -> u64 {
+    proc_status_kib(pid, field).unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -558,12 +512,7 @@ async fn fault_load(
                 }
                 let service = services[i % services.len()];
                 if conn.is_none() {
-                    let stream = TcpStream::connect(outbound).await.unwrap();
-                    let (send, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                    tokio::spawn(c);
-                    conn = Some(send);
+                    conn = Some(h1_connect(outbound).await);
                 }
                 let send = conn.as_mut().unwrap();
                 let req = Request::get(format!("http://{service}/load"))
@@ -633,40 +582,21 @@ async fn memory_and_file_descriptors_stay_flat_under_faults() {
         "endless",
         "dead",
     ];
-    let path = temp_path("policy.json");
-    std::fs::write(&path, faults_policy(app.addr.port(), "100ms", "100ms")).unwrap();
-    let lo = |p| SocketAddr::from(([127, 0, 0, 1], p));
-    let (inbound, outbound, admin) = (lo(free_port()), lo(free_port()), lo(free_port()));
     let endpoints: Vec<String> = ups.iter().map(|(n, a)| format!("{n}={a}")).collect();
-    let child = Command::new(BIN)
-        .env_clear()
-        .args(["--inbound-addr", &inbound.to_string()])
-        .args(["--outbound-addr", &outbound.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--policy-file", path.to_str().unwrap()])
-        .args(["--static-endpoints", &endpoints.join(";")])
-        .args(["--outlier-consecutive-failures", "0"])
-        .args(["--log", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let sc = Child_ { child, outbound };
-    let pid = sc.child.id();
-    let ready = eventually(Duration::from_secs(10), || async move {
-        match TcpStream::connect(admin).await {
-            Ok(_) => get(admin, "/readyz").await.status == StatusCode::OK,
-            Err(_) => false,
-        }
-    })
+    let sc = sidecar_process(
+        &faults_policy(app.addr.port(), "100ms", "100ms"),
+        &endpoints.join(";"),
+        &["--outlier-consecutive-failures", "0", "--log", "error"],
+        Stdio::null(),
+    )
     .await;
-    assert!(ready, "the binary never became ready");
+    let pid = sc.child.id();
 
     let concurrency = 32;
     // Warm-up: pools, buffers and the allocator's arenas reach their working size.
     let (warm_errors, warm_cut) = fault_load(sc.outbound, SERVICES, 2_000, concurrency).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (rss_before, fds_before) = (proc_status_kib(pid, "VmRSS:"), open_fds(pid));
+    let (rss_before, fds_before) = (proc_status(pid, "VmRSS:"), open_fds(pid));
 
     let n = 10_000;
     let start = Instant::now();
@@ -674,8 +604,8 @@ async fn memory_and_file_descriptors_stay_flat_under_faults() {
     let took = start.elapsed();
     // Let the last hung upstream connections be dropped and idle ones expire.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (rss_after, fds_after) = (proc_status_kib(pid, "VmRSS:"), open_fds(pid));
-    let hwm = proc_status_kib(pid, "VmHWM:");
+    let (rss_after, fds_after) = (proc_status(pid, "VmRSS:"), open_fds(pid));
+    let hwm = proc_status(pid, "VmHWM:");
     eprintln!(
         "faulty requests: warm-up 2000 ({warm_errors} proxy errors, {warm_cut} cut bodies); \
          then {n} in {took:.2?} ({errors} proxy errors, {cut} cut bodies) at concurrency {concurrency}; \
