@@ -183,10 +183,8 @@ async fn crd(client: &Client) -> anyhow::Result<Line> {
             .versions
             .iter()
             .map(|v| {
-                (
-                    v.name.clone(),
-                    serde_json::to_value(&v.schema).unwrap_or_default(),
-                )
+                let schema = serde_json::to_value(&v.schema).unwrap_or_default();
+                (v.name.clone(), numbers_as_floats(schema))
             })
             .collect::<BTreeMap<_, _>>()
     };
@@ -203,6 +201,25 @@ async fn crd(client: &Client) -> anyhow::Result<Line> {
     }
     let versions: Vec<_> = have.spec.versions.iter().map(|v| v.name.as_str()).collect();
     Ok(Line::ok(what, format!("{name} {}", versions.join(", "))))
+}
+
+/// `v` with every number a float: the apiserver gives back `2.0` as `2`
+/// (in defaults and bounds), which is the same schema.
+fn numbers_as_floats(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(serde_json::Number::from_f64)
+            .map_or(Value::Number(n), Value::Number),
+        Value::Array(a) => Value::Array(a.into_iter().map(numbers_as_floats).collect()),
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| (k, numbers_as_floats(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 /// The value of `--flag=value` in the operator container's arguments.
@@ -495,20 +512,27 @@ fn ready(ms: &MicroService, ns: &str, name: &str, what: &str) -> Line {
     }
 }
 
-/// The policy in the sidecar ConfigMap, parsed (`None` when unreadable).
+/// The policy in the sidecar ConfigMap: `None` when there is none,
+/// `Some(Err)` when it is not a valid policy (no sidecar can be running it).
 async fn given_policy(
     client: &Client,
     ns: &str,
     name: &str,
-) -> anyhow::Result<Option<serde_json::Value>> {
+) -> anyhow::Result<Option<Result<serde_json::Value, String>>> {
     let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get_opt(&sidecar_name(name))
         .await?;
-    Ok(cm
+    let Some(json) = cm
         .and_then(|c| c.data)
         .and_then(|d| d.get(POLICY_KEY).cloned())
-        .and_then(|json| SidecarPolicy::from_json(&json).ok())
-        .and_then(|p| serde_json::to_value(p).ok()))
+    else {
+        return Ok(None);
+    };
+    Ok(Some(
+        SidecarPolicy::from_json(&json)
+            .map(|p| serde_json::to_value(p).unwrap_or_default())
+            .map_err(|e| e.to_string()),
+    ))
 }
 
 async fn sidecars_of(
@@ -535,10 +559,17 @@ async fn sidecars_of(
         let running = SidecarPolicy::from_json(&current.to_string())
             .ok()
             .and_then(|p| serde_json::to_value(p).ok());
-        if given.is_some() && running != given {
-            let why = status["policy"]["rejected"]["error"]
-                .as_str()
-                .map_or(String::new(), |e| format!(", it rejected the new one: {e}"));
+        let differs = match &given {
+            Some(Ok(want)) => running.as_ref() != Some(want),
+            Some(Err(_)) => true,
+            None => false,
+        };
+        if differs {
+            let why = match (status["policy"]["rejected"]["error"].as_str(), &given) {
+                (Some(e), _) => format!(", it rejected the new one: {e}"),
+                (None, Some(Err(e))) => format!(", and the ConfigMap's policy is invalid: {e}"),
+                (None, _) => String::new(),
+            };
             stale.push(format!("{pod_name}{why}"));
         }
         let image = pod
@@ -637,6 +668,14 @@ mod tests {
             .iter()
             .any(|r| path.ends_with(r));
         collection.then(|| json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": []}))
+    }
+
+    #[test]
+    fn a_schema_given_back_with_integral_numbers_is_the_same() {
+        let a = json!({"default": 2.0, "maximum": 100.0, "items": [{"minimum": 1.5}]});
+        let b = json!({"default": 2, "maximum": 100, "items": [{"minimum": 1.5}]});
+        assert_ne!(a, b);
+        assert_eq!(numbers_as_floats(a), numbers_as_floats(b));
     }
 
     #[tokio::test]

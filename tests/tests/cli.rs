@@ -33,6 +33,29 @@ fn trellis(args: &[&str]) -> Output {
         .expect("running trellis")
 }
 
+/// Runs `trellis check` with `args` until `done` holds for its exit code
+/// and output, for at most `timeout`; the output then. On time-out, panics
+/// with the last output.
+async fn check_until(
+    args: &[&str],
+    timeout: Duration,
+    done: impl Fn(Option<i32>, &str) -> bool,
+) -> String {
+    let started = Instant::now();
+    loop {
+        let out = trellis(&[&["check"], args].concat());
+        let t = text(&out);
+        if done(out.status.code(), &t) {
+            return t;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "trellis check after {timeout:?}:\n{t}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -114,11 +137,7 @@ async fn check_passes_then_names_each_fault_and_stat_agrees_with_the_load() {
     let scope = ["-n", &apps.name, "--operator-namespace", &system.name];
 
     // A healthy install passes every check.
-    let passed = eventually("trellis check to pass", Duration::from_secs(60), || async {
-        let out = trellis(&[&["check"], &scope[..]].concat());
-        out.status.success().then(|| text(&out))
-    })
-    .await;
+    let passed = check_until(&scope, Duration::from_secs(60), |code, _| code == Some(0)).await;
     assert!(
         passed.contains("all ") && passed.contains("checks passed"),
         "{passed}"
@@ -201,14 +220,9 @@ async fn check_passes_then_names_each_fault_and_stat_agrees_with_the_load() {
         )
         .await
         .unwrap();
-    let failed = eventually(
-        "trellis check to fail on the operator",
-        Duration::from_secs(60),
-        || async {
-            let out = trellis(&[&["check"], &scope[..]].concat());
-            (out.status.code() == Some(1) && text(&out).contains("scaled to 0")).then(|| text(&out))
-        },
-    )
+    let failed = check_until(&scope, Duration::from_secs(60), |code, t| {
+        code == Some(1) && t.contains("scaled to 0")
+    })
     .await;
     assert!(
         failed.contains(&format!(
@@ -230,17 +244,9 @@ async fn check_passes_then_names_each_fault_and_stat_agrees_with_the_load() {
         )
         .await
         .unwrap();
-    let stale = eventually(
-        "trellis check to name the stale sidecar",
-        Duration::from_secs(150),
-        || async {
-            let out = trellis(&[&["check"], &scope[..]].concat());
-            let t = text(&out);
-            (out.status.code() == Some(1)
-                && t.contains("not running the policy in ConfigMap hello-sidecar"))
-            .then_some(t)
-        },
-    )
+    let stale = check_until(&scope, Duration::from_secs(150), |code, t| {
+        code == Some(1) && t.contains("not running the policy in ConfigMap hello-sidecar")
+    })
     .await;
     assert!(stale.contains("it rejected the new one"), "{stale}");
     assert!(
