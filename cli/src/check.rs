@@ -41,7 +41,8 @@ pub struct Options {
 const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=trellis-operator";
 
 /// What the chart grants the operator in the namespaces it watches, as
-/// (API group, resource, verbs); `charts/trellis/templates/rbac.yaml`.
+/// (API group, resource, verbs); `charts/trellis/templates/rbac.yaml`
+/// (`tests/tests/chart.rs` checks that the two agree).
 pub const OPERATOR_PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("trellis.dev", "microservices", &["list", "watch"]),
     ("trellis.dev", "microservices/status", &["patch"]),
@@ -87,6 +88,13 @@ pub const OPERATOR_PERMISSIONS: &[(&str, &str, &[&str])] = &[
         &["get", "list", "watch"],
     ),
     ("events.k8s.io", "events", &["create", "patch"]),
+];
+
+/// What the chart grants besides when the operator watches every namespace:
+/// removing the grants in other namespaces that no dependency names any more.
+pub const CLUSTER_WIDE_PERMISSIONS: &[(&str, &str, &[&str])] = &[
+    ("rbac.authorization.k8s.io", "roles", &["delete"]),
+    ("rbac.authorization.k8s.io", "rolebindings", &["delete"]),
 ];
 
 /// The outcome of one check.
@@ -374,7 +382,12 @@ async fn permissions(
     let watched = arg(d, "--watch-namespace");
     let reviews = Api::<SubjectAccessReview>::all(client.clone());
     let mut missing = Vec::new();
-    for (group, resource, verbs) in OPERATOR_PERMISSIONS {
+    let extra = if watched.is_none() {
+        CLUSTER_WIDE_PERMISSIONS
+    } else {
+        &[]
+    };
+    for (group, resource, verbs) in OPERATOR_PERMISSIONS.iter().chain(extra) {
         let (resource, subresource) = match resource.split_once('/') {
             Some((r, s)) => (r, Some(s.to_owned())),
             None => (*resource, None),

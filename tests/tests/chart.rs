@@ -495,6 +495,53 @@ fn the_operator_runs_restricted_with_exactly_the_rbac_it_needs() {
     );
 }
 
+/// The (group, resource, verb) triples of a rendered Role or ClusterRole.
+fn grants_of(role: &Value) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                for verb in rule["verbs"].as_array().unwrap() {
+                    out.insert((
+                        group.as_str().unwrap().to_owned(),
+                        resource.as_str().unwrap().to_owned(),
+                        verb.as_str().unwrap().to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn triples(list: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)> {
+    list.iter()
+        .flat_map(|(g, r, verbs)| {
+            verbs
+                .iter()
+                .map(move |v| ((*g).to_owned(), (*r).to_owned(), (*v).to_owned()))
+        })
+        .collect()
+}
+
+/// `trellis check` asks the apiserver about exactly what the chart grants
+/// the operator, for a cluster-wide and for a namespaced install.
+#[test]
+#[ignore = "needs the tools cache (helm): cargo xtask test"]
+fn trellis_check_asks_for_exactly_what_the_chart_grants() {
+    use trellis_cli::check::{CLUSTER_WIDE_PERMISSIONS, OPERATOR_PERMISSIONS};
+    let cluster_wide = template(&[]).unwrap();
+    let mut want = triples(OPERATOR_PERMISSIONS);
+    want.extend(triples(CLUSTER_WIDE_PERMISSIONS));
+    assert_eq!(grants_of(find(&cluster_wide, "ClusterRole")), want);
+    let namespaced = template(&["watchNamespace=apps"]).unwrap();
+    let role = namespaced
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["rules"].to_string().contains("microservices"))
+        .expect("the namespaced install's Role");
+    assert_eq!(grants_of(role), triples(OPERATOR_PERMISSIONS));
+}
+
 #[test]
 #[ignore = "needs the tools cache (helm): cargo xtask test"]
 fn values_choose_leader_election_scope_and_monitoring() {

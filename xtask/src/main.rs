@@ -19,6 +19,7 @@ mod fuzz;
 mod images;
 mod paths;
 mod postgres;
+mod prerequisites;
 mod run;
 mod test;
 mod tools;
@@ -125,8 +126,19 @@ enum ClusterCommand {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// Runs the command; an error is one line (the cause chain, no backtrace)
+/// and exit status 1.
+fn main() -> std::process::ExitCode {
+    match run_command(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Cluster { command } => match command {
             ClusterCommand::Up { control_plane_only } => {
@@ -147,9 +159,11 @@ fn main() -> Result<()> {
         },
         Command::Tools => tools::Tools::ensure().map(|t| t.print()),
         Command::Images { no_import, names } => images::build_named(&names, !no_import),
-        Command::Demo => demo::run(),
+        Command::Demo => prerequisites::ensure().and_then(|()| demo::run()),
         Command::E2e(opts) => e2e::run(&opts),
-        Command::Test { no_node, long } => test::run(!no_node, long),
+        Command::Test { no_node, long } => {
+            prerequisites::ensure().and_then(|()| test::run(!no_node, long))
+        }
         Command::Postgres { command } => match command {
             PostgresCommand::Up => postgres::up(),
             PostgresCommand::Down => postgres::down(),
