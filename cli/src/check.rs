@@ -131,7 +131,7 @@ impl Line {
     }
 }
 
-/// Runs every check, printing each line as it is known; `true` when all passed.
+/// Runs every check, then prints a line for each; `true` when all passed.
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let client = crate::client().await?;
     let lines = checks(&client, &opts).await?;
