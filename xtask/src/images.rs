@@ -167,9 +167,7 @@ fn compile(images: &[&Image]) -> Result<Vec<PathBuf>> {
     }
     eprintln!("==> compiling {} binaries for images", images.len());
     run::status(&mut cmd)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| paths::workspace().join("target"));
+    let target = paths::target_dir();
     Ok(images
         .iter()
         .map(|i| target.join("image").join(i.binary))

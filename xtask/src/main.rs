@@ -2,7 +2,7 @@
 //!
 //! - `cluster up|down|restart|kubeconfig|status`: a real single-node Kubernetes built from
 //!   source (see [`cluster`]);
-//! - `tools`: build the pinned Go tools (Kubernetes, etcd, CoreDNS, Helm) into the cache;
+//! - `tools`: build the pinned Go tools (Kubernetes, etcd, CoreDNS, Helm, the Collector) into the cache;
 //! - `images`: OCI images of the workspace's binaries, imported into the cluster;
 //! - `demo`: the README's first command: everything up, the shop, a narrated scenario;
 //! - `e2e [--kind]`: the end-to-end suite alone, on the local node or on kind;
@@ -17,15 +17,14 @@ mod demo;
 mod e2e;
 mod fuzz;
 mod images;
-mod paths;
 mod postgres;
 mod prerequisites;
-mod run;
 mod test;
 mod tools;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use xtask::{paths, run};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Trellis development tasks")]
@@ -78,10 +77,14 @@ enum Command {
         #[arg(long)]
         long: bool,
     },
-    /// Benchmarks: print numbers, assert nothing about speed.
+    /// Benchmarks (`bench sidecar`, `bench operator`; `bench --help` for their
+    /// options): print numbers, assert nothing about speed. They run from a
+    /// release build of bench/, made first.
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        command: BenchCommand,
+        /// What `trellis-bench` takes: `sidecar [...]` or `operator [...]`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -93,16 +96,6 @@ enum PostgresCommand {
     Down,
     /// Say whether it runs.
     Status,
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// The two-hop path on loopback (load → A → B → upstream): Trellis sidecars against
-    /// HAProxy, nginx and no proxy; latency at fixed rates, throughput, CPU, RSS.
-    Sidecar(bench::SidecarBench),
-    /// 1,000 MicroServices on the cluster: convergence time against the same children
-    /// written straight to the API, RSS, API requests, edit latency, idle writes.
-    Operator(bench::OperatorBench),
 }
 
 #[derive(Subcommand)]
@@ -157,7 +150,11 @@ fn run_command(cli: Cli) -> Result<()> {
             ClusterCommand::Status => cluster::status(),
             ClusterCommand::Restart { component } => cluster::restart(&component),
         },
-        Command::Tools => tools::Tools::ensure().map(|t| t.print()),
+        Command::Tools => tools::Tools::ensure().and_then(|t| {
+            t.print();
+            println!("otelcol:    {}", tools::collector()?.display());
+            Ok(())
+        }),
         Command::Images { no_import, names } => images::build_named(&names, !no_import),
         Command::Demo => prerequisites::ensure().and_then(|()| demo::run()),
         Command::E2e(opts) => e2e::run(&opts),
@@ -170,9 +167,6 @@ fn run_command(cli: Cli) -> Result<()> {
             PostgresCommand::Status => postgres::status(),
         },
         Command::Fuzz { long } => fuzz::run(if long { fuzz::LONG } else { fuzz::SHORT }),
-        Command::Bench { command } => match command {
-            BenchCommand::Sidecar(opts) => bench::sidecar(&opts),
-            BenchCommand::Operator(opts) => bench::operator(&opts),
-        },
+        Command::Bench { args } => bench::run(&args),
     }
 }

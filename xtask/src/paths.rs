@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-/// The workspace root (the parent of `xtask/`).
+/// The workspace root (the parent of `xtask/` and of `bench/`).
 ///
 /// `cargo run` says where xtask's manifest is at run time; that is preferred
 /// to the path compiled in, which names the clone that built the binary
@@ -20,6 +20,13 @@ pub fn workspace() -> PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, else `target/` in the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
 }
 
 /// The cache of built tools: `$TRELLIS_CACHE`, else `$XDG_CACHE_HOME/trellis`, else `~/.cache/trellis`.

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::{Procs, free_addr, h1, loadgen, process_tree};
-use crate::run;
+use xtask::run;
 
 /// The application protocol of a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -55,7 +55,7 @@ use super::{
     Procs, RssSampler, commit, free_addr, loadavg, machine, mib, ms, now_utc, release_binary,
     results_dir, status_kib, version_of,
 };
-use crate::paths;
+use xtask::paths;
 
 /// Settings of one run.
 #[derive(Clone, Debug, clap::Args)]
@@ -92,9 +92,6 @@ const MANAGER: &str = "trellis-bench";
 const CHILDREN: usize = 7;
 
 pub fn operator(opts: &OperatorBench) -> Result<()> {
-    if super::rerun_in_release()? {
-        return Ok(());
-    }
     if opts.count == 0 || opts.concurrency == 0 || opts.apply_concurrency == 0 {
         bail!("--count, --concurrency and --apply-concurrency must be positive");
     }

@@ -97,9 +97,6 @@ const GRPC_CHANNELS: usize = 4;
 const GRPC_CONCURRENCY: usize = 64;
 
 pub fn sidecar(opts: &SidecarBench) -> Result<()> {
-    if super::rerun_in_release()? {
-        return Ok(());
-    }
     if opts.duration == 0 || opts.connections == 0 || opts.rates.contains(&0) {
         bail!("--duration, --connections and every --rates value must be positive");
     }

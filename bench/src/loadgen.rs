@@ -30,7 +30,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use super::h1::{read_body, read_head, status_of};
-use crate::run;
+use xtask::run;
 
 /// The `Host`/`:authority` every request carries: the service name the
 /// Trellis outbound routes on (HAProxy and nginx ignore it).
