@@ -123,6 +123,8 @@ pub fn run(node: bool, long: bool) -> Result<()> {
         ]))?;
     }
 
+    // The tracing tests run a real Collector: built once into the cache.
+    crate::tools::collector()?;
     let was_running = cluster::running_mode();
     let t = step("control-plane tier (etcd, kube-apiserver, kube-controller-manager)");
     cluster::up(cluster::Mode::ControlPlane)?;

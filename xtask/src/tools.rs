@@ -1,5 +1,7 @@
 //! The pinned Go tools: Kubernetes, etcd, CoreDNS, Helm and the OpenTelemetry
-//! Collector, built from the Go module proxy.
+//! Collector, built from the Go module proxy. The cluster needs the first
+//! four ([`Tools::ensure`]); only the tracing tests need the Collector
+//! ([`collector`]), so the demo does not build it.
 //!
 //! Each tool has a Go module under `tools/` whose go.mod and go.sum pin it.
 //! Binaries go to `~/.cache/trellis/bin/<tool>-<version>-<key>/`, where the key
@@ -81,13 +83,13 @@ pub struct Tools {
     etcd: PathBuf,
     coredns: PathBuf,
     helm: PathBuf,
-    otelcol: PathBuf,
     /// The Kubernetes release the cluster runs, e.g. `v1.34.4`.
     pub kubernetes_version: String,
 }
 
 impl Tools {
-    /// Builds whatever is missing from the cache, showing progress, and returns the paths.
+    /// Builds whatever the cluster needs and is missing from the cache,
+    /// showing progress, and returns the paths.
     pub fn ensure() -> Result<Self> {
         let kubernetes_version = pinned_version(&KUBERNETES)?;
         let tools = Self {
@@ -95,7 +97,6 @@ impl Tools {
             etcd: ensure_tool(&ETCD)?,
             coredns: ensure_tool(&COREDNS)?,
             helm: ensure_tool(&HELM)?,
-            otelcol: ensure_tool(&OTELCOL)?,
             kubernetes_version,
         };
         Ok(tools)
@@ -121,11 +122,6 @@ impl Tools {
         self.helm.join("helm")
     }
 
-    /// The OpenTelemetry Collector (OTLP receiver, file exporter).
-    pub fn otelcol(&self) -> PathBuf {
-        self.otelcol.join("otelcol")
-    }
-
     /// Prints where each tool is, for people who want them on their PATH.
     pub fn print(&self) {
         println!(
@@ -136,7 +132,6 @@ impl Tools {
         println!("etcd:       {}", self.etcd().display());
         println!("coredns:    {}", self.coredns().display());
         println!("helm:       {}", self.helm().display());
-        println!("otelcol:    {}", self.otelcol().display());
     }
 
     /// A `kubectl` command against the local cluster.
@@ -145,6 +140,12 @@ impl Tools {
         cmd.arg("--kubeconfig").arg(paths::admin_kubeconfig());
         cmd
     }
+}
+
+/// The OpenTelemetry Collector (OTLP receiver, file exporter) the tracing
+/// tests run, built into the cache if missing; returns the binary's path.
+pub fn collector() -> Result<PathBuf> {
+    Ok(ensure_tool(&OTELCOL)?.join("otelcol"))
 }
 
 /// The version of the pinned module, read from the tool's go.mod.
