@@ -1,9 +1,12 @@
 //! Reading the sidecars' Prometheus text (admin `/metrics`, see
-//! `sidecar/src/metrics.rs`): a small parser, sums over label subsets, deltas
-//! between two scrapes, latency quantiles from histogram buckets, and the
-//! per-service table the demo prints and the end-to-end suite checks.
+//! `sidecar/src/metrics.rs`) in the suites: sums over label subsets, deltas
+//! between two scrapes, and latency quantiles as bucket bounds (an upper
+//! bound a test can assert against). The text is parsed by the CLI's parser
+//! (`trellis_cli::scrape`), the one `trellis stat` uses.
 
-use std::{collections::BTreeMap, fmt::Write, time::Duration};
+use std::time::Duration;
+
+pub use trellis_cli::scrape::Sample;
 
 /// Requests proxied, by `direction`, `service` and `status_class`.
 pub const REQUESTS: &str = "trellis_requests_total";
@@ -22,17 +25,6 @@ pub const POLICY_GENERATION: &str = "trellis_policy_generation";
 /// Inbound requests refused with 429, by `service`.
 pub const RATE_LIMITED: &str = "trellis_inbound_rate_limited_total";
 
-/// One sample: a metric name, its labels and its value.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sample {
-    /// The series name as exposed (`trellis_requests_total`).
-    pub name: String,
-    /// Its labels.
-    pub labels: BTreeMap<String, String>,
-    /// Its value.
-    pub value: f64,
-}
-
 /// Every sample of one scrape.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Scrape {
@@ -41,15 +33,12 @@ pub struct Scrape {
 }
 
 impl Scrape {
-    /// Parses the Prometheus / OpenMetrics text format. Comments and lines it
-    /// cannot read are skipped; a test then fails on the missing series, naming it.
+    /// Parses the Prometheus text format. Comments and lines it cannot read
+    /// are skipped; a test then fails on the missing series, naming it.
     pub fn parse(text: &str) -> Self {
-        let samples = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .filter_map(parse_line)
-            .collect();
-        Self { samples }
+        Self {
+            samples: trellis_cli::scrape::parse(text),
+        }
     }
 
     /// The sum of every sample of `name` whose labels include `labels`.
@@ -155,141 +144,6 @@ impl Scrape {
     }
 }
 
-/// `name{k="v",...} value [timestamp]` or `name value`.
-fn parse_line(line: &str) -> Option<Sample> {
-    let (name, labels, rest) = match line.find('{') {
-        Some(open) => {
-            let close = line.rfind('}')?;
-            (
-                &line[..open],
-                parse_labels(&line[open + 1..close])?,
-                &line[close + 1..],
-            )
-        }
-        None => {
-            let (name, rest) = line.split_once(' ')?;
-            (name, BTreeMap::new(), rest)
-        }
-    };
-    let value = rest.split_whitespace().next()?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
-    };
-    Some(Sample {
-        name: name.trim().to_owned(),
-        labels,
-        value,
-    })
-}
-
-/// `k="v",k2="v2"` with `\"`, `\\` and `\n` escapes in values.
-fn parse_labels(text: &str) -> Option<BTreeMap<String, String>> {
-    let mut labels = BTreeMap::new();
-    let mut chars = text.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.peek().is_none() {
-            return Some(labels);
-        }
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        if chars.next() != Some('"') {
-            return None;
-        }
-        let mut value = String::new();
-        loop {
-            match chars.next()? {
-                '\\' => match chars.next()? {
-                    'n' => value.push('\n'),
-                    c => value.push(c),
-                },
-                '"' => break,
-                c => value.push(c),
-            }
-        }
-        labels.insert(key.trim().to_owned(), value);
-    }
-}
-
-/// One row of the per-service table: what a service's sidecars saw over a window.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Row {
-    /// `order`, or `order → product` for a dependency seen from the caller's sidecars.
-    pub what: String,
-    /// Requests in the window.
-    pub requests: f64,
-    /// Requests per second over the window.
-    pub rate: f64,
-    /// Share of requests not answered 5xx (0 to 1); `None` without requests.
-    pub success: Option<f64>,
-    /// Median latency (bucket bound).
-    pub p50: Option<Duration>,
-    /// 99th percentile latency (bucket bound).
-    pub p99: Option<Duration>,
-}
-
-impl Row {
-    /// The row of `direction`/`service` in the merged delta of a service's pods.
-    pub fn of(
-        what: impl Into<String>,
-        delta: &Scrape,
-        direction: &str,
-        service: &str,
-        window: Duration,
-    ) -> Self {
-        let labels = [("direction", direction), ("service", service)];
-        let requests = delta.sum(REQUESTS, &labels);
-        let failed = delta.sum(
-            REQUESTS,
-            &[
-                ("direction", direction),
-                ("service", service),
-                ("status_class", "5xx"),
-            ],
-        );
-        Self {
-            what: what.into(),
-            requests,
-            rate: requests / window.as_secs_f64().max(0.001),
-            success: (requests > 0.0).then(|| (requests - failed) / requests),
-            p50: delta.quantile(0.5, &labels),
-            p99: delta.quantile(0.99, &labels),
-        }
-    }
-}
-
-/// The rows as an aligned text table.
-pub fn table(rows: &[Row]) -> String {
-    let ms = |d: Option<Duration>| {
-        d.map_or("-".to_owned(), |d| {
-            format!("≤{:.1} ms", d.as_secs_f64() * 1000.0)
-        })
-    };
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<20} {:>9} {:>9} {:>9} {:>11} {:>11}",
-        "service", "requests", "req/s", "success", "p50", "p99"
-    );
-    for r in rows {
-        let _ = writeln!(
-            out,
-            "{:<20} {:>9} {:>9.1} {:>9} {:>11} {:>11}",
-            r.what,
-            r.requests,
-            r.rate,
-            r.success
-                .map_or("-".to_owned(), |s| format!("{:.1}%", s * 100.0)),
-            ms(r.p50),
-            ms(r.p99),
-        );
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,18 +191,12 @@ weird{a="x\"y,z"} 1
     }
 
     #[test]
-    fn deltas_merges_and_rows() {
+    fn deltas_and_merges() {
         let before = Scrape::parse(TEXT);
         let after = Scrape::parse(&TEXT.replace("} 8", "} 18").replace("} 2\n", "} 4\n"));
         let d = Scrape::delta(&before, &after);
         assert_eq!(d.sum(REQUESTS, &[("service", "order")]), 12.0);
         let two = Scrape::merge([&d, &d]);
         assert_eq!(two.sum(REQUESTS, &[("service", "order")]), 24.0);
-        let row = Row::of("order", &d, "inbound", "order", Duration::from_secs(4));
-        assert_eq!(row.requests, 12.0);
-        assert_eq!(row.rate, 3.0);
-        assert_eq!(row.success, Some(10.0 / 12.0));
-        let text = table(&[row]);
-        assert!(text.contains("83.3%"), "{text}");
     }
 }

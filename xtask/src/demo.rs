@@ -9,7 +9,8 @@
 //! 5. the scenario: `trellis-shop` from the tests crate, the same steps as the
 //!    end-to-end suite (tests/tests/shop.rs) from the same module
 //!    (tests/src/shop.rs): chart, shop, orders, an outage, a live policy change,
-//!    and what the MicroServices and the sidecars say.
+//!    and what the MicroServices and the sidecars say, ending with `trellis stat`;
+//!    then the `trellis` CLI is built for the reader to explore with.
 //!
 //! Running it again reuses everything and runs the scenario again.
 
@@ -53,12 +54,18 @@ pub fn run() -> Result<()> {
     step(5, "the shop scenario", || {
         // The `image` profile: the images just built most of what it needs.
         run::status(
-            crate::run::cargo()
+            run::cargo()
                 .current_dir(paths::workspace())
                 .args(["run", "--quiet", "--profile", "image"])
                 .args(["-p", "trellis-tests", "--bin", "trellis-shop"])
                 .env("KUBECONFIG", paths::admin_kubeconfig())
                 .env_remove("TRELLIS_E2E_KIND"),
+        )?;
+        run::status(
+            run::cargo()
+                .current_dir(paths::workspace())
+                .args(["build", "--quiet", "--profile", "image"])
+                .args(["-p", "trellis-cli", "--bin", "trellis"]),
         )
     })?;
 
@@ -70,7 +77,9 @@ The demo took {elapsed:.0?}. The cluster, the operator and the shop keep running
 
 Explore:
   export KUBECONFIG={kubeconfig}
-  alias kubectl={kubectl} helm={helm}
+  alias kubectl={kubectl} helm={helm} trellis={trellis}
+  trellis check -n shop                             # is the mesh healthy? each check ✓ or ✗ with the fix
+  trellis stat -n shop --watch                      # rates, success, latency per service and dependency
   kubectl get microservices -n shop                 # or: kubectl get ms -A
   kubectl describe microservice order -n shop
   kubectl get pods -n shop -o wide
@@ -87,6 +96,7 @@ Stop:   cargo xtask cluster down  (stops the cluster and PostgreSQL, removes wha
         kubeconfig = paths::admin_kubeconfig().display(),
         kubectl = kubectl.display(),
         helm = helm.display(),
+        trellis = paths::target_dir().join("image/trellis").display(),
     );
     Ok(())
 }

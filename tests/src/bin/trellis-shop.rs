@@ -20,7 +20,7 @@ use trellis_tests::{
         self, SERVICES, Shop, Target, burst, by_status, latency_quantile, service_delta,
         wait_policy_applied,
     },
-    shop_metrics::{REQUESTS, Row, table},
+    shop_metrics::REQUESTS,
 };
 
 /// The namespace of examples/shop.
@@ -28,6 +28,8 @@ const NAMESPACE: &str = "shop";
 /// The chart's release and namespace, as the README installs it.
 const RELEASE: &str = "trellis";
 const SYSTEM: &str = "trellis-system";
+/// The window of the closing `trellis stat`, in seconds.
+const STAT_SECONDS: u64 = 10;
 
 fn say(text: &str) {
     println!("\n▶ {text}");
@@ -86,8 +88,6 @@ async fn demo() -> Result<()> {
 
     let client = trellis_tests::client().await;
     let mut shop = Shop::new(client, NAMESPACE, &target).await;
-    let scenario = Instant::now();
-    let first = shop.scrape(&SERVICES).await?;
 
     say(
         "Placing orders: order checks the user over gRPC and reserves stock over REST, through its sidecar",
@@ -207,9 +207,6 @@ async fn demo() -> Result<()> {
     wait_policy_applied(&shop, "product", &generations, Duration::from_secs(60)).await?;
     detail("the limit removed again, live as well");
 
-    let last = shop.scrape(&SERVICES).await?;
-    let window = scenario.elapsed();
-
     say("kubectl get microservices -n shop");
     print!(
         "{}",
@@ -222,31 +219,35 @@ async fn demo() -> Result<()> {
     );
 
     say(&format!(
-        "What the sidecars measured over the scenario ({:.0?}, pods alive at the end)",
-        window
+        "trellis stat -n shop: what the sidecars measure, over {STAT_SECONDS} s of orders at 20/s"
     ));
-    let (user, product) = (shop.qualified("user"), shop.qualified("product"));
-    let order = service_delta(&first, &last, "order");
-    let rows = vec![
-        Row::of(
-            "user",
-            &service_delta(&first, &last, "user"),
-            "inbound",
-            "user",
-            window,
-        ),
-        Row::of(
-            "product",
-            &service_delta(&first, &last, "product"),
-            "inbound",
-            "product",
-            window,
-        ),
-        Row::of("order", &order, "inbound", "order", window),
-        Row::of("order → user", &order, "outbound", &user, window),
-        Row::of("order → product", &order, "outbound", &product, window),
-    ];
-    print!("{}", table(&rows));
+    let load = shop.load(20.0, 4);
+    // The first orders of a burst open connections: stat starts after them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stat = trellis_cli::stat::Options {
+        microservice: None,
+        namespace: Some(NAMESPACE.to_owned()),
+        all_namespaces: false,
+        interval: STAT_SECONDS,
+        watch: false,
+        output: "table".to_owned(),
+    };
+    let rows = trellis_cli::stat::rows(&trellis_tests::client().await, &stat).await;
+    let outcomes = load.stop().await;
+    print!("{}", trellis_cli::stat::table(&rows?));
+    let answered: Vec<_> = outcomes.iter().collect();
+    detail(&format!(
+        "the load generator, for comparison: {} orders in {:.0?} ({}), p50 {:.1?}, p99 {:.1?}",
+        outcomes.len(),
+        outcomes
+            .last()
+            .map(|o| o.at + o.elapsed)
+            .unwrap_or_default(),
+        statuses(&by_status(&outcomes)),
+        latency_quantile(&answered, 0.5).unwrap_or_default(),
+        latency_quantile(&answered, 0.99).unwrap_or_default(),
+    ));
+    detail("again, on a shop you use: trellis stat -n shop --watch");
     Ok(())
 }
 
