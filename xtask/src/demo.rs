@@ -23,7 +23,11 @@ use crate::{cluster, images, paths, postgres, run, tools::Tools};
 fn step<T>(n: usize, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     eprintln!("\n======== [{n}/5] {what} ========");
     let started = Instant::now();
-    let value = f().with_context(|| format!("step {n} ({what}) failed"))?;
+    let short = what.split([':', '(']).next().unwrap_or(what).trim();
+    let ticker = run::Ticker::start(format!("[{n}/5] {short}"));
+    let value = f().with_context(|| format!("step {n} ({what}) failed"));
+    drop(ticker);
+    let value = value?;
     eprintln!("    [{n}/5] done in {:.0?}", started.elapsed());
     Ok(value)
 }

@@ -1,6 +1,12 @@
 //! Running commands: echo what runs, fail with the command and its output.
 
-use std::process::{Command, Stdio};
+use std::{
+    io::IsTerminal,
+    process::{Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -86,9 +92,95 @@ fn is_per_package_variable(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
+/// A line on stderr every [`Ticker::EVERY`] while a long command runs:
+/// what is running and for how long. Some steps print nothing for minutes
+/// (a Go link, one big crate, pods starting); this says they are alive.
+/// Stops when dropped.
+pub struct Ticker {
+    state: Arc<(Mutex<Option<String>>, Condvar)>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    /// How often the line is printed.
+    pub const EVERY: Duration = Duration::from_secs(30);
+
+    /// Starts printing `what` and the time since now.
+    pub fn start(what: impl Into<String>) -> Self {
+        let state = Arc::new((Mutex::new(Some(what.into())), Condvar::new()));
+        let thread = thread::spawn({
+            let state = state.clone();
+            move || {
+                let started = Instant::now();
+                // On a terminal, clear the line first: cargo may be drawing its progress bar there.
+                let clear = if std::io::stderr().is_terminal() {
+                    "\r\x1b[K"
+                } else {
+                    ""
+                };
+                let (what, wake) = &*state;
+                let mut what = what.lock().unwrap();
+                while what.is_some() {
+                    what = wake.wait_timeout(what, Self::EVERY).unwrap().0;
+                    match what.as_deref() {
+                        Some(label) => eprintln!(
+                            "{clear}    … {label}: {} so far",
+                            minutes(started.elapsed())
+                        ),
+                        None => return,
+                    }
+                }
+            }
+        });
+        Self {
+            state,
+            thread: Some(thread),
+        }
+    }
+
+    /// Changes what the line names.
+    pub fn set(&self, what: impl Into<String>) {
+        *self.state.0.lock().unwrap() = Some(what.into());
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        *self.state.0.lock().unwrap() = None;
+        self.state.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `12m30s`, or `45s` under a minute.
+pub fn minutes(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s}s")
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_per_package_variable;
+    use super::{Ticker, is_per_package_variable, minutes};
+    use std::time::Duration;
+
+    #[test]
+    fn minutes_read_as_people_write_them() {
+        assert_eq!(minutes(Duration::from_secs(45)), "45s");
+        assert_eq!(minutes(Duration::from_secs(750)), "12m30s");
+    }
+
+    #[test]
+    fn a_ticker_stops_when_dropped() {
+        let started = std::time::Instant::now();
+        drop(Ticker::start("nothing"));
+        assert!(started.elapsed() < Ticker::EVERY);
+    }
 
     #[test]
     fn drops_what_cargo_sets_per_package_and_keeps_the_users_settings() {

@@ -44,8 +44,15 @@ fn cargo() -> Command {
 
 fn step(name: &str) -> Instant {
     eprintln!("\n======== {name} ========");
+    if let Some(ticker) = TICKER.lock().unwrap().as_ref() {
+        ticker.set(name.split([',', '(']).next().unwrap_or(name).trim());
+    }
     Instant::now()
 }
+
+/// The line every half minute that says which step is running (a test
+/// binary prints nothing while its tests run).
+static TICKER: std::sync::Mutex<Option<run::Ticker>> = std::sync::Mutex::new(None);
 
 /// Runs the integration test targets of one tier (their `#[ignore]`d tests included).
 fn tier(targets: &[&str], long: bool) -> Result<()> {
@@ -94,6 +101,13 @@ fn soak_secs(long: bool) -> &'static str {
 /// Runs every tier; `node` includes the full-node tier; `long` runs the
 /// 30-minute soak and fuzzes each target for 30 minutes.
 pub fn run(node: bool, long: bool) -> Result<()> {
+    *TICKER.lock().unwrap() = Some(run::Ticker::start("cargo xtask test"));
+    let result = tiers(node, long);
+    TICKER.lock().unwrap().take();
+    result
+}
+
+fn tiers(node: bool, long: bool) -> Result<()> {
     let t = step("unit tests (no cluster)");
     run::status(cargo().args(["test", "--workspace"]))?;
     eprintln!("    unit tier took {:.0?}", t.elapsed());
