@@ -96,9 +96,7 @@ fn release_binary(package: &str, bin: &str, no_build: bool) -> Result<PathBuf> {
             bin,
         ]))?;
     }
-    let path = paths::target_dir()
-        .join("release")
-        .join(bin);
+    let path = paths::target_dir().join("release").join(bin);
     if !path.exists() {
         bail!("{} is not built", path.display());
     }
