@@ -122,18 +122,22 @@ pub async fn rows(client: &Client, opts: &Options) -> anyhow::Result<Vec<Row>> {
     let scrape_all = |targets: &Vec<(String, String, Vec<_>)>| {
         let client = client.clone();
         let targets = targets.clone();
+        // Every pod at once, so the scrapes of one round are close in time
+        // and a round takes one round trip, not one per pod.
         async move {
-            let mut out = Vec::new();
-            for (_, _, pods) in &targets {
-                let mut samples = Vec::new();
-                for pod in pods {
-                    if let Ok(text) = sidecars::admin_get(&client, pod, "/metrics").await {
-                        samples.extend(scrape::parse(&text));
-                    }
-                }
-                out.push(samples);
-            }
-            out
+            futures::future::join_all(targets.iter().map(|(_, _, pods)| async {
+                let texts = futures::future::join_all(
+                    pods.iter()
+                        .map(|pod| sidecars::admin_get(&client, pod, "/metrics")),
+                )
+                .await;
+                texts
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|text| scrape::parse(&text))
+                    .collect::<Vec<_>>()
+            }))
+            .await
         }
     };
     let first = scrape_all(&targets).await;
