@@ -66,7 +66,11 @@ impl Deps {
     /// service `user` and the product service `product`.
     pub fn new(outbound: SocketAddr, user: &str, product: &str) -> anyhow::Result<Self> {
         let connector = tower::service_fn(move |_: http::Uri| async move {
-            TcpStream::connect(outbound).await.map(TokioIo::new)
+            // Nagle off, as tonic's own connector does: an HTTP/2 request is
+            // HEADERS then DATA, and the second must not wait for an ACK.
+            let tcp = TcpStream::connect(outbound).await?;
+            tcp.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(TokioIo::new(tcp))
         });
         let channel = Endpoint::from_shared(format!("http://{user}"))?
             .connect_timeout(Duration::from_secs(2))
