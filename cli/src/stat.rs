@@ -223,12 +223,8 @@ pub fn compute(
                     .collect::<Vec<_>>()
             };
             let by_class = of(&requests);
-            let total: f64 = by_class.iter().map(|(_, v)| v).sum();
-            let failed: f64 = by_class
-                .iter()
-                .filter(|(c, _)| c == "5xx")
-                .map(|(_, v)| v)
-                .sum();
+            let total = add_up(by_class.iter().map(|(_, v)| *v));
+            let failed = add_up(by_class.iter().filter(|(c, _)| c == "5xx").map(|(_, v)| *v));
             let hist: Vec<(f64, f64)> = of(&buckets)
                 .into_iter()
                 .filter_map(|(le, v)| {
@@ -241,7 +237,7 @@ pub fn compute(
                 })
                 .collect();
             let q = |q| scrape::quantile(q, &hist).map(|s| s * 1000.0);
-            let retried: f64 = of(&retries).iter().map(|(_, v)| v).sum();
+            let retried = add_up(of(&retries).iter().map(|(_, v)| *v));
             let states: Vec<String> = breakers
                 .iter()
                 .filter(|((s, _), _)| *s == peer && direction == "outbound")
@@ -266,6 +262,12 @@ pub fn compute(
             }
         })
         .collect()
+}
+
+/// The sum of `values`, 0 for none. (`Iterator::sum` of no `f64` is −0.0,
+/// which a table prints as `-0.00`.)
+fn add_up(values: impl Iterator<Item = f64>) -> f64 {
+    values.fold(0.0, |sum, v| sum + v)
 }
 
 /// The rows as a table, one line each.
@@ -358,5 +360,15 @@ trellis_circuit_breaker_state{service="user.shop",state="half-open"} 0
         assert_eq!(user.breaker, "closed 1, open 1");
         assert_eq!(user.p50_ms, None);
         assert!(table(&rows).contains("95.00%"));
+    }
+
+    #[test]
+    fn no_retries_read_zero_not_minus_zero() {
+        let text = r#"trellis_requests_total{direction="outbound",service="user.shop",status_class="2xx"} 5
+"#;
+        let rows = compute("shop", "order", &scrape(text), &scrape(text), 10.0);
+        let line = table(&rows);
+        assert!(!line.contains("-0.0"), "{line}");
+        assert!(line.contains(" 0.00 "), "{line}");
     }
 }
