@@ -9,12 +9,12 @@
 //! 5. the scenario: `trellis-shop` from the tests crate, the same steps as the
 //!    end-to-end suite (tests/tests/shop.rs) from the same module
 //!    (tests/src/shop.rs): chart, shop, orders, an outage, a live policy change,
-//!    and what the MicroServices and the sidecars say, ending with `trellis stat`;
-//!    then the `trellis` CLI is built for the reader to explore with.
+//!    and what the MicroServices and the sidecars say, ending with `trellis stat`
+//!    (the `trellis` CLI is built beside it, for the reader to explore with).
 //!
 //! Running it again reuses everything and runs the scenario again.
 
-use std::time::Instant;
+use std::{process::Command, time::Instant};
 
 use anyhow::{Context, Result};
 
@@ -56,20 +56,23 @@ pub fn run() -> Result<()> {
         postgres::up,
     )?;
     step(5, "the shop scenario", || {
-        // The `image` profile: the images just built most of what it needs.
-        run::status(
-            run::cargo()
-                .current_dir(paths::workspace())
-                .args(["run", "--quiet", "--profile", "image"])
-                .args(["-p", "trellis-tests", "--bin", "trellis-shop"])
-                .env("KUBECONFIG", paths::admin_kubeconfig())
-                .env_remove("TRELLIS_E2E_KIND"),
-        )?;
+        // The `image` profile: the images just built most of what these
+        // need. One cargo run builds the scenario and the CLI the reader
+        // explores with, side by side.
         run::status(
             run::cargo()
                 .current_dir(paths::workspace())
                 .args(["build", "--quiet", "--profile", "image"])
+                .args(["-p", "trellis-tests", "--bin", "trellis-shop"])
                 .args(["-p", "trellis-cli", "--bin", "trellis"]),
+        )?;
+        run::status(
+            Command::new(paths::target_dir().join("image/trellis-shop"))
+                .current_dir(paths::workspace())
+                // Where it finds the chart and examples/ (`shop::workspace`).
+                .env("CARGO_MANIFEST_DIR", paths::workspace().join("tests"))
+                .env("KUBECONFIG", paths::admin_kubeconfig())
+                .env_remove("TRELLIS_E2E_KIND"),
         )
     })?;
 
