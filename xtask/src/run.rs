@@ -103,7 +103,7 @@ pub struct Ticker {
 
 impl Ticker {
     /// How often the line is printed.
-    pub const EVERY: Duration = Duration::from_secs(30);
+    pub const EVERY: Duration = Duration::from_secs(25);
 
     /// Starts printing `what` and the time since now.
     pub fn start(what: impl Into<String>) -> Self {

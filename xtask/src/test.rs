@@ -50,7 +50,7 @@ fn step(name: &str) -> Instant {
     Instant::now()
 }
 
-/// The line every half minute that says which step is running (a test
+/// The line every [`run::Ticker::EVERY`] that says which step is running (a test
 /// binary prints nothing while its tests run).
 static TICKER: std::sync::Mutex<Option<run::Ticker>> = std::sync::Mutex::new(None);
 
