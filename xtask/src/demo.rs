@@ -24,10 +24,10 @@ fn step<T>(n: usize, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     eprintln!("\n======== [{n}/5] {what} ========");
     let started = Instant::now();
     let short = what.split([':', '(']).next().unwrap_or(what).trim();
-    let ticker = run::Ticker::start(format!("[{n}/5] {short}"));
-    let value = f().with_context(|| format!("step {n} ({what}) failed"));
-    drop(ticker);
-    let value = value?;
+    let value = {
+        let _ticker = run::Ticker::start(format!("[{n}/5] {short}"));
+        f().with_context(|| format!("step {n} ({what}) failed"))
+    }?;
     eprintln!("    [{n}/5] done in {:.0?}", started.elapsed());
     Ok(value)
 }

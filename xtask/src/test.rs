@@ -42,17 +42,13 @@ fn cargo() -> Command {
     cmd
 }
 
-fn step(name: &str) -> Instant {
+/// Prints the step's banner and names it on `ticker`, whose line says which
+/// step is running (a test binary prints nothing while its tests run).
+fn step(ticker: &run::Ticker, name: &str) -> Instant {
     eprintln!("\n======== {name} ========");
-    if let Some(ticker) = TICKER.lock().unwrap().as_ref() {
-        ticker.set(name.split([',', '(']).next().unwrap_or(name).trim());
-    }
+    ticker.set(name.split([',', '(']).next().unwrap_or(name).trim());
     Instant::now()
 }
-
-/// The line every [`run::Ticker::EVERY`] that says which step is running (a test
-/// binary prints nothing while its tests run).
-static TICKER: std::sync::Mutex<Option<run::Ticker>> = std::sync::Mutex::new(None);
 
 /// Runs the integration test targets of one tier (their `#[ignore]`d tests included).
 fn tier(targets: &[&str], long: bool) -> Result<()> {
@@ -84,9 +80,11 @@ fn tier(targets: &[&str], long: bool) -> Result<()> {
 }
 
 /// The fault tier: after every other, so that its disruptions fail no one else's test.
-fn faults(long: bool) -> Result<()> {
-    let t =
-        step("faults, alone (apiserver restarts, operator SIGKILL, leader election, etcd paused)");
+fn faults(ticker: &run::Ticker, long: bool) -> Result<()> {
+    let t = step(
+        ticker,
+        "faults, alone (apiserver restarts, operator SIGKILL, leader election, etcd paused)",
+    );
     tier(FAULT_TESTS, long)?;
     eprintln!("    fault tier took {:.0?}", t.elapsed());
     Ok(())
@@ -101,18 +99,13 @@ fn soak_secs(long: bool) -> &'static str {
 /// Runs every tier; `node` includes the full-node tier; `long` runs the
 /// 30-minute soak and fuzzes each target for 30 minutes.
 pub fn run(node: bool, long: bool) -> Result<()> {
-    *TICKER.lock().unwrap() = Some(run::Ticker::start("cargo xtask test"));
-    let result = tiers(node, long);
-    TICKER.lock().unwrap().take();
-    result
-}
-
-fn tiers(node: bool, long: bool) -> Result<()> {
-    let t = step("unit tests (no cluster)");
+    let ticker = run::Ticker::start("cargo xtask test");
+    let ticker = &ticker;
+    let t = step(ticker, "unit tests (no cluster)");
     run::status(cargo().args(["test", "--workspace"]))?;
     eprintln!("    unit tier took {:.0?}", t.elapsed());
 
-    let t = step("fuzzing (cargo fuzz, bounded)");
+    let t = step(ticker, "fuzzing (cargo fuzz, bounded)");
     crate::fuzz::run(if long {
         crate::fuzz::LONG
     } else {
@@ -124,7 +117,7 @@ fn tiers(node: bool, long: bool) -> Result<()> {
         .join("operator/src/bin/crdgen.rs")
         .exists()
     {
-        step("generated CRD YAML matches the Rust types");
+        step(ticker, "generated CRD YAML matches the Rust types");
         run::status(cargo().args([
             "run",
             "--quiet",
@@ -140,19 +133,25 @@ fn tiers(node: bool, long: bool) -> Result<()> {
     // The tracing tests run a real Collector: built once into the cache.
     crate::tools::collector()?;
     let was_running = cluster::running_mode();
-    let t = step("control-plane tier (etcd, kube-apiserver, kube-controller-manager)");
+    let t = step(
+        ticker,
+        "control-plane tier (etcd, kube-apiserver, kube-controller-manager)",
+    );
     cluster::up(cluster::Mode::ControlPlane)?;
     let result = tier(CONTROL_PLANE_TESTS, long).and_then(|()| {
         eprintln!("    control-plane tier took {:.0?}", t.elapsed());
         if !node {
-            return faults(long);
+            return faults(ticker, long);
         }
-        let t = step("full-node tier (containerd, kubelet, kube-proxy, CoreDNS, pods)");
+        let t = step(
+            ticker,
+            "full-node tier (containerd, kubelet, kube-proxy, CoreDNS, pods)",
+        );
         cluster::up(cluster::Mode::Node)?;
         images::build(true)?;
         tier(NODE_TESTS, long)?;
         eprintln!("    full-node tier took {:.0?}", t.elapsed());
-        faults(long)
+        faults(ticker, long)
     });
 
     if was_running.is_some() {
@@ -161,7 +160,7 @@ fn tiers(node: bool, long: bool) -> Result<()> {
         );
         return result;
     }
-    step("teardown: cluster down leaves nothing behind");
+    step(ticker, "teardown: cluster down leaves nothing behind");
     let down = cluster::down();
     result?;
     down?;
