@@ -52,6 +52,9 @@ pub struct SidecarPolicy {
     /// What becomes of calls to destinations outside the mesh.
     #[serde(default)]
     pub egress: Egress,
+    /// The mesh identity: present when the mesh runs mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<MeshIdentity>,
 }
 
 impl SidecarPolicy {
@@ -568,6 +571,17 @@ pub struct Inbound {
     /// How long the application may take to answer; past it the caller gets 504.
     #[serde(default = "defaults::inbound_timeout")]
     pub timeout: Duration,
+    /// Whether callers must come over mutual TLS from a meshed sidecar
+    /// (`Strict`, the default) or may also call in plaintext (`Permissive`:
+    /// for callers outside the mesh, such as the apiserver's service proxy,
+    /// or while a namespace is being meshed). Applies once the mesh has
+    /// identity (the chart's default); health probes and the admin port are
+    /// always plaintext.
+    #[serde(default)]
+    pub mtls: MtlsMode,
+    /// Which callers may reach the application, by identity. Unset: any caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<Authorization>,
 }
 
 impl Default for Inbound {
@@ -576,8 +590,145 @@ impl Default for Inbound {
             rate_limit: None,
             max_concurrent: defaults::max_concurrent(),
             timeout: defaults::inbound_timeout(),
+            mtls: MtlsMode::default(),
+            authorization: None,
         }
     }
+}
+
+/// Whether plaintext callers are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MtlsMode {
+    /// Only callers that present a mesh certificate; plaintext gets 403.
+    #[default]
+    Strict,
+    /// Mesh callers over mutual TLS, and plaintext callers too (as a caller
+    /// without identity, which `authorization` does not allow).
+    Permissive,
+}
+
+/// Who may call the application.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Authorization {
+    /// `Enforce` answers a caller that no rule allows with 403 naming its
+    /// identity; `Audit` lets it through, and logs and counts it, so a
+    /// policy can be tried on live traffic first.
+    #[serde(default)]
+    pub mode: AuthorizationMode,
+    /// The callers allowed; a request allowed by any rule goes through.
+    /// Empty: nobody (in `Enforce`).
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub allow: Vec<AllowRule>,
+}
+
+/// What happens to a caller no rule allows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AuthorizationMode {
+    /// Refused with 403.
+    #[default]
+    Enforce,
+    /// Served, logged and counted as refused-in-audit.
+    Audit,
+}
+
+/// One allowed caller, optionally narrowed to methods and a path prefix.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.microService) != has(self.serviceAccount)",
+    "message": "name exactly one of microService and serviceAccount",
+}]))]
+pub struct AllowRule {
+    /// A MicroService (its pods' ServiceAccount has its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    pub micro_service: Option<String>,
+    /// A ServiceAccount, for callers that are not MicroServices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 253)
+    )]
+    pub service_account: Option<String>,
+    /// The caller's namespace; the application's own when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    pub namespace: Option<String>,
+    /// HTTP methods allowed (`GET`, `POST`, ...); empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub methods: Vec<HttpMethod>,
+    /// Only paths that start with this (`/api/v1/users`; for gRPC,
+    /// `/<package>.<Service>/`); unset: any path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/[^\s]*$"), length(max = 256))]
+    pub path_prefix: Option<String>,
+}
+
+/// An HTTP method an [`AllowRule`] may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+#[allow(missing_docs)]
+pub enum HttpMethod {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+}
+
+impl HttpMethod {
+    /// The method as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Head => "HEAD",
+            Self::Post => "POST",
+            Self::Put => "PUT",
+            Self::Patch => "PATCH",
+            Self::Delete => "DELETE",
+            Self::Options => "OPTIONS",
+        }
+    }
+}
+
+impl AllowRule {
+    /// The ServiceAccount this rule allows, as (namespace, name), the
+    /// namespace defaulting to `own`.
+    pub fn caller<'a>(&'a self, own: &'a str) -> (&'a str, &'a str) {
+        let name = self
+            .micro_service
+            .as_deref()
+            .or(self.service_account.as_deref())
+            .unwrap_or_default();
+        (self.namespace.as_deref().unwrap_or(own), name)
+    }
+}
+
+/// The mesh identity a sidecar needs: its trust domain, the roots it trusts
+/// and where it gets its certificate. Rendered by the operator from the
+/// chart's settings; absent when the mesh runs without identity, and then
+/// the sidecar speaks plaintext.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshIdentity {
+    /// The trust domain of SPIFFE IDs, `cluster.local` by default.
+    pub trust_domain: String,
+    /// The trust anchors, PEM (one or more CA certificates: two while a
+    /// root is being rotated).
+    pub trust_bundle: String,
+    /// The identity service's address, `host:port`; its certificate names `host`.
+    pub issuer_address: String,
 }
 
 /// A token bucket: `perSecond` tokens added each second, at most `burst` saved.

@@ -130,6 +130,56 @@ impl SidecarPolicy {
                 "must be at least 1",
             );
         }
+        if let Some(authz) = &self.inbound.authorization {
+            for (i, rule) in authz.allow.iter().enumerate() {
+                let at = format!("inbound.authorization.allow[{i}]");
+                e.check(
+                    rule.micro_service.is_some() != rule.service_account.is_some(),
+                    &at,
+                    "name exactly one of microService and serviceAccount",
+                );
+                let (ns, name) = rule.caller(&self.namespace);
+                e.check(
+                    is_dns_label(ns),
+                    format!("{at}.namespace"),
+                    "must be a DNS label",
+                );
+                e.check(
+                    !name.is_empty() && name.len() <= 253 && !name.contains(['/', ':', ' ']),
+                    &at,
+                    "the caller's name must be a Kubernetes name",
+                );
+                if let Some(prefix) = &rule.path_prefix {
+                    e.check(
+                        prefix.starts_with('/') && !prefix.contains(char::is_whitespace),
+                        format!("{at}.pathPrefix"),
+                        "must be an absolute path without spaces",
+                    );
+                }
+            }
+        }
+        if let Some(id) = &self.identity {
+            e.check(
+                !id.trust_domain.is_empty()
+                    && id.trust_domain.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b)
+                    }),
+                "identity.trustDomain",
+                "must be lowercase letters, digits, '-', '.' or '_'",
+            );
+            e.check(
+                id.trust_bundle.contains("-----BEGIN CERTIFICATE-----"),
+                "identity.trustBundle",
+                "must hold at least one PEM certificate",
+            );
+            e.check(
+                id.issuer_address
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0)),
+                "identity.issuerAddress",
+                "must be host:port",
+            );
+        }
         e.check(
             (0.0..=1.0).contains(&self.tracing.sample_ratio),
             "tracing.sampleRatio",
@@ -243,6 +293,40 @@ mod tests {
             .into_iter()
             .map(|e| e.field)
             .collect()
+    }
+
+    #[test]
+    fn an_allow_rule_names_exactly_one_caller() {
+        let mut p = policy();
+        p.inbound.authorization = Some(crate::Authorization {
+            mode: crate::AuthorizationMode::Enforce,
+            allow: vec![
+                crate::AllowRule {
+                    micro_service: Some("order".into()),
+                    service_account: Some("order".into()),
+                    namespace: None,
+                    methods: vec![],
+                    path_prefix: None,
+                },
+                crate::AllowRule {
+                    micro_service: None,
+                    service_account: None,
+                    namespace: Some("Shop".into()),
+                    methods: vec![],
+                    path_prefix: Some("api".into()),
+                },
+            ],
+        });
+        assert_eq!(
+            fields(&p),
+            [
+                "inbound.authorization.allow[0]",
+                "inbound.authorization.allow[1]",
+                "inbound.authorization.allow[1].namespace",
+                "inbound.authorization.allow[1]",
+                "inbound.authorization.allow[1].pathPrefix",
+            ]
+        );
     }
 
     #[test]
