@@ -28,6 +28,7 @@ pub fn sidecar_policy(ms: &MicroService) -> Result<SidecarPolicy, RenderError> {
         inbound: s.inbound.clone().unwrap_or_default(),
         tracing: s.tracing.clone().unwrap_or_default(),
         egress: s.egress.unwrap_or_default(),
+        identity: None,
     };
     let errors = crate::validate::all(&ms.name_any(), s, &policy);
     if !errors.is_empty() {
