@@ -559,7 +559,8 @@ async fn write_directly(client: &Client, opts: &OperatorBench) -> Result<u64> {
 }
 
 async fn write_children(client: &Client, ms: MicroService, cfg: &RenderConfig) -> Result<u64> {
-    let c = render::render(&ms, cfg)?;
+    // The bench's MicroServices list no Secrets.
+    let c = render::render(&ms, cfg, &render::SecretVersions::new())?;
     let mut n = 0;
     n += apply(client, &c.config).await?;
     n += apply(client, &c.policy).await?;

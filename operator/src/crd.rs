@@ -125,6 +125,24 @@ pub struct MicroServiceSpec {
     }]))]
     pub config: BTreeMap<String, String>,
 
+    /// Secrets in the MicroService's own namespace whose keys the application
+    /// reads, by name only: their values never appear in the MicroService, its
+    /// status or the `<name>-config` ConfigMap. Each is given to the app
+    /// container as environment variables (`env`, the default) and/or as
+    /// read-only files under `/etc/trellis/secrets/<name>` (`files`); the
+    /// sidecar gets none of them. A change of a listed Secret rolls the pods
+    /// unless `hotReload` is true. A key in both `config` and a Secret takes
+    /// the Secret's value (the later Secret's, when in two). The operator
+    /// applies nothing until every listed Secret exists, and says which one
+    /// is missing in the ReconcileFailed condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"]
+    ))]
+    pub secrets: Vec<SecretRef>,
+
     /// The application's own health check, polled by the sidecar; the pod is
     /// ready only while it passes. Defaults to GET `/health` every 5s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,8 +202,9 @@ pub struct MicroServiceSpec {
     }]))]
     pub resources: Option<ResourceRequirements>,
 
-    /// When true, a change of `config` does not roll the pods: the mounted files
-    /// under `/etc/trellis/config` update in place (environment variables do not).
+    /// When true, a change of `config` or of a Secret in `secrets` does not
+    /// roll the pods: the mounted files under `/etc/trellis/config` and
+    /// `/etc/trellis/secrets` update in place (environment variables do not).
     #[serde(default)]
     pub hot_reload: bool,
 }
@@ -255,6 +274,57 @@ pub const RESOURCE_REQUESTS_MESSAGE: &str = "each request must not exceed its li
 
 fn default_replicas() -> i32 {
     1
+}
+
+/// The most Secrets a MicroService may list.
+pub const MAX_SECRETS: usize = 32;
+/// A Secret's name is a DNS subdomain: lowercase letters, digits, '-' and
+/// '.', each dot-separated part starting and ending with a letter or digit.
+pub const SECRET_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A listed Secret reaches the app one way at least.
+pub const SECRET_USE_RULE: &str = "self.env || self.files";
+/// What [`SECRET_USE_RULE`] says when it refuses an entry.
+pub const SECRET_USE_MESSAGE: &str =
+    "at least one of env and files must be true, or the Secret reaches the app neither way";
+
+/// A Secret the application reads, named, never copied: the kubelet hands
+/// its keys to the app container, so its values stay in the Secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": SECRET_USE_RULE,
+    "message": SECRET_USE_MESSAGE,
+}]))]
+pub struct SecretRef {
+    /// The Secret's name, in the MicroService's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_NAME_PATTERN))]
+    pub name: String,
+    /// Every key of the Secret becomes an environment variable of the app
+    /// container (keys that are not valid variable names are skipped by the
+    /// kubelet, which records an event). Default true.
+    #[serde(default = "default_true")]
+    pub env: bool,
+    /// Every key of the Secret becomes a read-only file under
+    /// `/etc/trellis/secrets/<name>`, readable by the app's user and no other.
+    /// Default false.
+    #[serde(default)]
+    pub files: bool,
+}
+
+impl SecretRef {
+    /// A Secret given as environment variables only, the default.
+    pub fn env(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            env: true,
+            files: false,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Horizontal pod autoscaling on CPU utilisation.
@@ -625,6 +695,7 @@ mod tests {
             rules(&spec["resilience"]["properties"]["retry"]["properties"]["backoff"]),
             ["duration(self.base) <= duration(self.max)"]
         );
+        assert_eq!(rules(&spec["secrets"]["items"]), [SECRET_USE_RULE]);
         assert_eq!(rules(&spec["config"]), [CONFIG_KEY_RULE, CONFIG_SIZE_RULE]);
         assert!(CONFIG_SIZE_RULE.contains(&CONFIG_MAX_BYTES.to_string()));
     }
@@ -662,6 +733,20 @@ mod tests {
         assert_eq!(cb["failureRatio"]["exclusiveMinimum"], true);
         assert_eq!(cb["failureRatio"]["maximum"].as_f64(), Some(1.0));
         assert!(p["resources"]["properties"].get("claims").is_none());
+        let secrets = &p["secrets"];
+        assert_eq!(secrets["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            secrets["x-kubernetes-list-map-keys"],
+            serde_json::json!(["name"])
+        );
+        assert_eq!(secrets["maxItems"], MAX_SECRETS);
+        let secret = &secrets["items"];
+        assert_eq!(secret["required"], serde_json::json!(["name"]));
+        let secret = &secret["properties"];
+        assert_eq!(secret["name"]["pattern"], SECRET_NAME_PATTERN);
+        assert_eq!(secret["name"]["maxLength"], 253);
+        assert_eq!(secret["env"]["default"], true);
+        assert_eq!(secret["files"]["default"], false);
         assert_eq!(
             s["properties"]["status"]["properties"]["conditions"]["x-kubernetes-list-map-keys"],
             serde_json::json!(["type"])
@@ -676,6 +761,25 @@ mod tests {
         assert_eq!(spec.protocol, Protocol::Http);
         assert!(!spec.hot_reload);
         assert!(spec.config.is_empty() && spec.dependencies.is_empty());
+        assert!(spec.secrets.is_empty());
+    }
+
+    #[test]
+    fn a_secret_named_alone_is_given_as_environment_variables() {
+        let spec: MicroServiceSpec = serde_json::from_value(serde_json::json!({
+            "image": "order:1", "port": 8080, "secrets": [{"name": "order-db"}],
+        }))
+        .unwrap();
+        assert_eq!(spec.secrets, [SecretRef::env("order-db")]);
+        // A MicroService without secrets serialises without the field.
+        let none: MicroServiceSpec =
+            serde_json::from_value(serde_json::json!({"image": "order:1", "port": 8080})).unwrap();
+        assert!(
+            serde_json::to_value(&none)
+                .unwrap()
+                .get("secrets")
+                .is_none()
+        );
     }
 
     #[test]

@@ -93,7 +93,12 @@ fn one_grant_per_other_namespace_a_dependency_names() {
         );
     }
     // The subject is the ServiceAccount the Deployment runs as.
-    let children = render::render(&order, &render::RenderConfig::default()).unwrap();
+    let children = render::render(
+        &order,
+        &render::RenderConfig::default(),
+        &render::SecretVersions::new(),
+    )
+    .unwrap();
     assert_eq!(
         children.service_account.metadata.name.as_deref(),
         Some("order")
@@ -145,7 +150,12 @@ fn role_events_reconcile_the_child_owner_or_the_grant_owner() {
         Some(ObjectRef::new("order").within("shop"))
     );
     // The sidecar's own Role: its controller owner reference does.
-    let children = render::render(&order, &render::RenderConfig::default()).unwrap();
+    let children = render::render(
+        &order,
+        &render::RenderConfig::default(),
+        &render::SecretVersions::new(),
+    )
+    .unwrap();
     assert_eq!(
         owners(children.role),
         Some(ObjectRef::new("order").within("shop"))

@@ -11,7 +11,10 @@ use std::cmp::Ordering;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use trellis_policy::{FieldError, SidecarPolicy};
 
-use crate::crd::{CONFIG_MAX_BYTES, MicroServiceSpec, RESERVED_PORTS, RESOURCE_NAMES};
+use crate::crd::{
+    CONFIG_MAX_BYTES, MAX_SECRETS, MicroServiceSpec, RESERVED_PORTS, RESOURCE_NAMES,
+    SECRET_USE_MESSAGE,
+};
 
 fn error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
@@ -29,6 +32,21 @@ pub fn is_dns_1035_label(s: &str) -> bool {
         && !s.ends_with('-')
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Whether `s` is a DNS subdomain, as a Secret's name must be: at most 253
+/// characters, dot-separated parts of lowercase letters, digits and '-',
+/// each starting and ending with a letter or digit
+/// ([`crate::crd::SECRET_NAME_PATTERN`]).
+pub fn is_dns_1123_subdomain(s: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    s.len() <= 253 && s.split('.').all(part)
 }
 
 /// Checks the name and every spec field the CRD constrains that the sidecar
@@ -64,6 +82,7 @@ pub fn microservice(name: &str, spec: &MicroServiceSpec) -> Result<(), Vec<Field
         ));
     }
     config(&mut e, spec);
+    secrets(&mut e, spec);
     if let Some(r) = &spec.resources {
         resources(&mut e, r);
     }
@@ -97,6 +116,40 @@ fn config(e: &mut Vec<FieldError>, spec: &MicroServiceSpec) {
                  holds; they have {bytes} bytes"
             ),
         ));
+    }
+}
+
+/// The rules for `spec.secrets`: how many, Secret names, each listed once,
+/// each used one way at least.
+fn secrets(e: &mut Vec<FieldError>, spec: &MicroServiceSpec) {
+    if spec.secrets.len() > MAX_SECRETS {
+        e.push(error(
+            "spec.secrets",
+            format!(
+                "must have at most {MAX_SECRETS} items; it has {}",
+                spec.secrets.len()
+            ),
+        ));
+    }
+    for (i, r) in spec.secrets.iter().enumerate() {
+        if !is_dns_1123_subdomain(&r.name) {
+            e.push(error(
+                format!("spec.secrets[{i}].name"),
+                format!(
+                    "{:?} is not a Secret name: at most 253 characters, lowercase letters, \
+                     digits, '-' and '.', starting and ending with a letter or digit",
+                    r.name
+                ),
+            ));
+        } else if spec.secrets[..i].iter().any(|o| o.name == r.name) {
+            e.push(error(
+                format!("spec.secrets[{i}].name"),
+                format!("lists the Secret {} again; list each Secret once", r.name),
+            ));
+        }
+        if !r.env && !r.files {
+            e.push(error(format!("spec.secrets[{i}]"), SECRET_USE_MESSAGE));
+        }
     }
 }
 
@@ -258,6 +311,35 @@ mod tests {
             &"a".repeat(64),
         ] {
             assert!(!is_dns_1035_label(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dns_1123_subdomains() {
+        for ok in [
+            "a",
+            "order-db",
+            "db.order",
+            "0db",
+            "a.b-c.d1",
+            &"a".repeat(253),
+        ] {
+            assert!(is_dns_1123_subdomain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Order",
+            "order_db",
+            "-a",
+            "a-",
+            ".a",
+            "a.",
+            "a..b",
+            "a.-b",
+            "a/b",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_dns_1123_subdomain(bad), "{bad}");
         }
     }
 

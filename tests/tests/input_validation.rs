@@ -84,6 +84,11 @@ fn cases() -> Vec<Case> {
                     "limits": {"cpu": 1, "memory": "0.5Gi", "ephemeral-storage": "1G"},
                 },
                 "autoscaling": {"minReplicas": 2, "maxReplicas": 2},
+                "secrets": [
+                    {"name": "order-db"},
+                    {"name": "order.tls", "env": false, "files": true},
+                    {"name": "shared", "env": true, "files": true},
+                ],
             })),
         ),
         // Durations that must be more than zero.
@@ -190,6 +195,54 @@ fn cases() -> Vec<Case> {
             "order",
             spec(json!({"config": {"big": "x".repeat(1024 * 1024)}})),
         ),
+        // Secrets: names, uses and how many.
+        bad(
+            "a Secret name with an underscore",
+            "spec.secrets[0].name",
+            "order",
+            spec(json!({"secrets": [{"name": "order_db"}]})),
+        ),
+        bad(
+            "a Secret name with a capital",
+            "spec.secrets[1].name",
+            "order",
+            spec(json!({"secrets": [{"name": "order-db"}, {"name": "Order-tls"}]})),
+        ),
+        bad(
+            "a Secret name over 253 characters",
+            "spec.secrets[0].name",
+            "order",
+            spec(json!({"secrets": [{"name": "s".repeat(254)}]})),
+        ),
+        bad(
+            "a Secret given neither as env nor as files",
+            "spec.secrets[0]",
+            "order",
+            spec(json!({"secrets": [{"name": "order-db", "env": false, "files": false}]})),
+        ),
+        bad(
+            "a second Secret with env false and files left false",
+            "spec.secrets[1]",
+            "order",
+            spec(json!({"secrets": [
+                {"name": "order-tls", "env": false, "files": true},
+                {"name": "order-db", "env": false},
+            ]})),
+        ),
+        bad(
+            "a Secret listed twice",
+            "spec.secrets[1]",
+            "order",
+            spec(json!({"secrets": [{"name": "order-db"}, {"name": "order-db", "files": true}]})),
+        ),
+        bad(
+            "33 Secrets",
+            "spec.secrets",
+            "order",
+            spec(
+                json!({"secrets": (0..33).map(|i| json!({"name": format!("s{i}")})).collect::<Vec<_>>()}),
+            ),
+        ),
         // Container resources.
         bad(
             "a request over its limit",
@@ -259,9 +312,14 @@ fn microservice(c: &Case, namespace: &str) -> MicroService {
 
 /// The operator's verdict: `Ok` or the error's text.
 fn operator_verdict(c: &Case) -> Result<(), String> {
-    render::render(&microservice(c, NAMESPACE), &RenderConfig::default())
-        .map(drop)
-        .map_err(|e| e.to_string())
+    // The Secrets' versions matter to the checksum only, not to the verdict.
+    render::render(
+        &microservice(c, NAMESPACE),
+        &RenderConfig::default(),
+        &render::SecretVersions::new(),
+    )
+    .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 /// Checks one verdict against the case; returns what is wrong, if anything.

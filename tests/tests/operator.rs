@@ -240,6 +240,7 @@ async fn create_makes_every_child_with_the_exact_fields() {
             cluster_domain: "cluster.local".into(),
             otlp_endpoint: None,
         },
+        &render::SecretVersions::new(),
     )
     .expect("renders");
 
@@ -728,6 +729,111 @@ async fn a_dependency_namespace_created_later_is_reported_then_granted() {
         .delete(&later, &DeleteParams::default())
         .await
         .expect("deleting the dependency's namespace");
+}
+
+/// The pod template's checksum of the listed Secrets.
+fn secrets_checksum_of(d: &Deployment) -> Option<String> {
+    d.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(render::SECRETS_CHECKSUM_ANNOTATION)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: cargo xtask test"]
+async fn a_listed_secret_is_awaited_then_named_and_its_change_rolls_the_pods() {
+    let ns = TestNamespace::new("operator").await;
+    let _op = Operator::start(&ns, SIDECAR_IMAGE).await;
+    let mut spec = order_spec();
+    spec["secrets"] =
+        json!([{ "name": "order-db" }, { "name": "order-tls", "env": false, "files": true }]);
+    apply_ms(&ns, "order", spec).await;
+
+    // Missing: said in the status and an event, naming the Secrets; nothing applied.
+    let ms = wait_status(&ns, "order", "the missing Secrets reported", |m| {
+        condition(m, "ReconcileFailed").is_some_and(|c| c.reason == "SecretMissing")
+    })
+    .await;
+    let failed = condition(&ms, "ReconcileFailed").unwrap();
+    assert!(
+        failed.message.starts_with(&format!(
+            "Secrets order-db, order-tls, listed in spec.secrets, do not exist in namespace {}",
+            ns.name
+        )),
+        "{}",
+        failed.message
+    );
+    assert!(get::<Deployment>(&ns, "order").await.is_none());
+    let events = events(&ns, "order").await;
+    assert!(
+        events.iter().any(|(t, reason, note)| t == "Warning"
+            && reason == "SecretMissing"
+            && note.contains("order-db")),
+        "{events:?}"
+    );
+
+    // Created: the watch brings the MicroService back at once.
+    let secrets = ns.api::<k8s_openapi::api::core::v1::Secret>();
+    for name in ["order-db", "order-tls"] {
+        let secret = serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "stringData": { "VALUE": "s3cr3t-1" },
+        }))
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    let d = wait_for::<Deployment>(&ns, "order", "the Deployment once the Secrets exist", |d| {
+        secrets_checksum_of(d).is_some()
+    })
+    .await;
+    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let app = &pod.containers[0];
+    let env_from: Vec<_> = app
+        .env_from
+        .iter()
+        .flatten()
+        .filter_map(|e| e.secret_ref.as_ref().map(|s| s.name.clone()))
+        .collect();
+    assert_eq!(env_from, ["order-db"]);
+    assert!(
+        app.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == "/etc/trellis/secrets/order-tls" && m.read_only == Some(true))
+    );
+    assert!(pod.init_containers.as_ref().unwrap()[0].env_from.is_none());
+    let config_sum = checksum_of(&d);
+    let first = secrets_checksum_of(&d);
+    wait_status(&ns, "order", "the failure to clear", |m| {
+        condition(m, "ReconcileFailed").is_some_and(|c| c.status == "False")
+    })
+    .await;
+
+    // Changed: a new checksum, so the pods roll; the config's is the same.
+    secrets
+        .patch(
+            "order-db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "stringData": { "VALUE": "s3cr3t-2" } })),
+        )
+        .await
+        .unwrap();
+    let d = wait_for::<Deployment>(&ns, "order", "a new Secrets checksum", |d| {
+        secrets_checksum_of(d) != first
+    })
+    .await;
+    assert_eq!(checksum_of(&d), config_sum);
+    // No value anywhere the operator writes.
+    let config: ConfigMap = get(&ns, "order-config").await.unwrap();
+    assert!(!serde_json::to_string(&config).unwrap().contains("s3cr3t"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,7 +2,7 @@
 //! (create, update or keep, from the caches), and applying them in the
 //! order a pod needs them.
 
-use super::*;
+use super::{secrets, *};
 
 /// The annotation on every child holding the sha256 of what the operator
 /// last applied (the rendered object without this annotation): a rendered
@@ -319,7 +319,18 @@ fn ordered(c: Children) -> Vec<Child> {
 /// longer wanted, and says what changed in Events; returns the Deployment
 /// as the apiserver (or the cache) has it.
 pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment, Error> {
-    let c: Children = render::render(ms, &ctx.settings.render)?;
+    let versions = secrets::versions(ms, ctx).await?;
+    let c: Children = render::render(ms, &ctx.settings.render, &versions)?;
+    // A Deployment naming a Secret that does not exist makes pods that never
+    // start (CreateContainerConfigError); nothing is applied instead, and
+    // the status names the Secret. Pods already running keep running.
+    let missing = versions.missing(&ms.spec.secrets);
+    if !missing.is_empty() {
+        return Err(Error::SecretMissing {
+            namespace: ms.namespace().unwrap_or_default(),
+            names: missing.into_iter().map(str::to_owned).collect(),
+        });
+    }
     let (wants_pdb, wants_hpa) = (c.pdb.is_some(), c.hpa.is_some());
     let deployment_name = c.deployment.name_any();
 

@@ -22,6 +22,23 @@ pub enum Error {
     /// The MicroService cannot be rendered (e.g. it depends on itself).
     #[error(transparent)]
     Render(#[from] RenderError),
+    /// Secrets that `spec.secrets` lists do not exist (in the MicroService's
+    /// namespace); nothing is applied until they do, and the watch of
+    /// Secrets brings the MicroService back when one is created.
+    #[error(
+        "Secret{} {}, listed in spec.secrets, do{} not exist in namespace {namespace}; create {} (kubectl create secret generic -n {namespace} ...) or remove {} from spec.secrets. Nothing is applied until then; running pods keep running",
+        if .names.len() == 1 { "" } else { "s" },
+        .names.join(", "),
+        if .names.len() == 1 { "es" } else { "" },
+        if .names.len() == 1 { "it" } else { "them" },
+        if .names.len() == 1 { "it" } else { "them" },
+    )]
+    SecretMissing {
+        /// The MicroService's namespace, where the Secrets must be.
+        namespace: String,
+        /// The missing Secrets' names.
+        names: Vec<String>,
+    },
     /// Namespaces that dependencies name do not exist (yet); retried with backoff.
     #[error(
         "dependency namespace{} {} do{} not exist yet, so the sidecar cannot read the EndpointSlices there; the operator grants that read once {} created",
@@ -55,6 +72,7 @@ impl Error {
             Error::Render(_) => "InvalidSpec",
             Error::DependencyNamespaceMissing(_) => "DependencyNamespaceMissing",
             Error::DependencyOutOfScope { .. } => "DependencyOutOfScope",
+            Error::SecretMissing { .. } => "SecretMissing",
         }
     }
 
@@ -66,6 +84,7 @@ impl Error {
         let (reason, message) = match self {
             Error::Kube(e) => api_failure(e),
             Error::NameCollision(_)
+            | Error::SecretMissing { .. }
             | Error::DependencyNamespaceMissing(_)
             | Error::DependencyOutOfScope { .. } => {
                 (self.reason(), status::fit("", &self.to_string(), "."))

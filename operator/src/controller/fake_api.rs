@@ -28,6 +28,8 @@ pub(super) struct Seen {
     pub query: String,
     /// The body, when it was JSON.
     pub body: Option<Value>,
+    /// The `Accept` header: what representation was asked for.
+    pub accept: String,
 }
 
 impl Seen {
@@ -104,11 +106,18 @@ impl FakeApi {
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().unwrap_or_default().to_owned();
         let mut state = self.0.lock().unwrap();
+        let accept = parts
+            .headers
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         state.seen.push(Seen {
             method: parts.method.clone(),
             path: path.clone(),
             query,
             body: body.clone(),
+            accept,
         });
         match parts.method {
             Method::GET => match state.objects.get(&path) {

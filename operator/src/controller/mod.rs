@@ -81,6 +81,7 @@ mod fake_api;
 #[cfg(test)]
 mod reconcile_tests;
 mod report;
+mod secrets;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -206,6 +207,9 @@ pub async fn run(
     let (services, svc_trigger) = child_watch(&client, ns, &children, &applied);
     let (pdbs, pdb_trigger) = child_watch(&client, ns, &children, &applied);
     let (hpas, hpa_trigger) = child_watch(&client, ns, &children, &applied);
+    // Secrets are not children: metadata only, every one in scope, since a
+    // MicroService may list any Secret of its namespace.
+    let (secrets, secret_trigger) = secrets::secret_watch(&client, ns);
     let caches = Caches {
         config_maps,
         service_accounts,
@@ -215,6 +219,7 @@ pub async fn run(
         services,
         pdbs,
         hpas,
+        secrets,
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -254,6 +259,7 @@ pub async fn run(
         namespace = ns.unwrap_or("<all>"),
         "starting the MicroService controller"
     );
+    let listing = ms_store.clone();
     Controller::for_stream(ms_trigger, ms_store)
         .owns_stream(cm_trigger)
         .owns_stream(sa_trigger)
@@ -265,6 +271,11 @@ pub async fn run(
         .owns_stream(svc_trigger)
         .owns_stream(pdb_trigger)
         .owns_stream(hpa_trigger)
+        // A listed Secret created, changed or deleted: the MicroServices
+        // listing it roll their pods or report it missing.
+        .watches_stream(secret_trigger, move |secret| {
+            secrets::referencing(&listing, &secret)
+        })
         // Each watch backs off on its own (above); a backoff here would
         // pause every watch after an error of any one.
         .trigger_backoff(NoPause)
@@ -309,6 +320,8 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
                 Ok(()) => Ok(deployment),
                 Err(e) => Err((Some(deployment), e)),
             },
+            // The pods keep running as they are: the status counts them.
+            Err(e @ Error::SecretMissing { .. }) => Err((own_deployment(&ms, &ctx), e)),
             Err(e) => Err((None, e)),
         };
         match applied {
@@ -348,6 +361,15 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
     }
     .instrument(span)
     .await
+}
+
+/// The Deployment of `ms` as the cache has it, if `ms` controls it.
+fn own_deployment(ms: &MicroService, ctx: &Context) -> Option<Deployment> {
+    let key = ObjectRef::new(&ms.name_any()).within(&ms.namespace().unwrap_or_default());
+    Deployment::store(&ctx.caches)
+        .get(&key)
+        .filter(|d| render::is_controlled_by(d.metadata.owner_references.as_deref(), ms))
+        .map(|d| d.as_ref().clone())
 }
 
 /// Requeues a failed reconcile with exponential backoff and jitter: 1s, 2s,

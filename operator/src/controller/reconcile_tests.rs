@@ -83,16 +83,29 @@ struct Converged {
 
 impl Converged {
     async fn new() -> Self {
-        let (fake, client) = fake();
+        Self::of(order(), &[]).await
+    }
+
+    /// `ms`, with `secrets` (path, object) held by the apiserver and, after
+    /// the first reconcile, in the cache.
+    async fn of(ms: MicroService, secrets: &[(&str, Value)]) -> Self {
+        let (fake, client) = FakeApi::new();
+        fake.hold(MICROSERVICE, serde_json::to_value(&ms).unwrap());
+        for (path, secret) in secrets {
+            fake.hold(path, secret.clone());
+        }
         let (caches, _writers) = Caches::for_tests();
-        reconcile(Arc::new(order()), context(client.clone(), caches))
+        reconcile(Arc::new(ms.clone()), context(client.clone(), caches))
             .await
             .unwrap();
         let (caches, mut writers) = Caches::for_tests();
         for path in CHILDREN {
             writers.insert(&fake.object(path).expect("applied"));
         }
-        let mut ms = order();
+        for (_, secret) in secrets {
+            writers.insert(secret);
+        }
+        let mut ms = ms;
         let written = fake.object(MICROSERVICE).expect("the status was written");
         ms.status = Some(serde_json::from_value(written["status"].clone()).unwrap());
         fake.clear();
@@ -260,4 +273,149 @@ async fn a_rollout_that_finishes_updates_only_the_status() {
     assert_eq!(events(&converged.fake), ["Ready"]);
     let status: Value = converged.fake.object(MICROSERVICE).unwrap()["status"].clone();
     assert_eq!(status["phase"], "Ready", "{status}");
+}
+
+const SECRET: &str = "/api/v1/namespaces/shop/secrets/order-db";
+
+/// `order` listing the Secret `order-db` (as environment variables).
+fn order_with_secret() -> MicroService {
+    let mut ms = order();
+    ms.spec.secrets = vec![crate::crd::SecretRef::env("order-db")];
+    ms
+}
+
+/// The Secret `order-db` at `resource_version`, as a client-side
+/// `kubectl apply` leaves it: its value in the data and in an annotation.
+fn secret(resource_version: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "order-db",
+            "namespace": "shop",
+            "uid": "5ec7e700-0000-4000-8000-000000000001",
+            "resourceVersion": resource_version,
+            "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration":
+                    "{\"stringData\":{\"DATABASE_URL\":\"postgres://shop:hunter2@postgres/shop\"}}",
+            },
+        },
+        "stringData": { "DATABASE_URL": "postgres://shop:hunter2@postgres/shop" },
+    })
+}
+
+fn pod_template(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]
+}
+
+#[tokio::test]
+async fn a_listed_secret_is_read_as_metadata_and_only_named_in_the_deployment() {
+    let (fake, client) = FakeApi::new();
+    fake.hold(
+        MICROSERVICE,
+        serde_json::to_value(order_with_secret()).unwrap(),
+    );
+    fake.hold(SECRET, secret("41"));
+    let (caches, _writers) = Caches::for_tests();
+    reconcile(Arc::new(order_with_secret()), context(client, caches))
+        .await
+        .unwrap();
+
+    // Not in the cache yet: read once, asking for its metadata only.
+    let reads: Vec<_> = fake
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == SECRET)
+        .collect();
+    assert_eq!(reads.len(), 1, "{reads:?}");
+    assert_eq!(reads[0].method, Method::GET);
+    assert!(
+        reads[0].accept.contains("as=PartialObjectMetadata"),
+        "{}",
+        reads[0].accept
+    );
+    // The children are applied as usual, the Secret never written.
+    let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
+    expected.push(STATUS.into());
+    assert_eq!(paths(&fake, Method::PATCH), expected);
+
+    let deployment = fake.object(DEPLOYMENT).unwrap();
+    let template = pod_template(&deployment);
+    assert_eq!(
+        template["spec"]["containers"][0]["envFrom"][1],
+        json!({ "secretRef": { "name": "order-db", "optional": false } })
+    );
+    let sum = &template["metadata"]["annotations"][render::SECRETS_CHECKSUM_ANNOTATION];
+    assert_eq!(sum.as_str().map(str::len), Some(64), "{template}");
+    // No value, in any request the operator made.
+    for s in fake.seen() {
+        let body = s.body.as_ref().map(Value::to_string).unwrap_or_default();
+        assert!(!body.contains("hunter2"), "{}: {body}", s.line());
+    }
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_by_name_and_nothing_is_applied() {
+    let (fake, client) = FakeApi::new();
+    fake.hold(
+        MICROSERVICE,
+        serde_json::to_value(order_with_secret()).unwrap(),
+    );
+    let (caches, _writers) = Caches::for_tests();
+    reconcile(Arc::new(order_with_secret()), context(client, caches))
+        .await
+        .expect("a missing Secret is reported, then awaited");
+    assert_eq!(paths(&fake, Method::PATCH), [STATUS]);
+    assert_eq!(events(&fake), ["SecretMissing"]);
+    let status = &fake.object(MICROSERVICE).unwrap()["status"];
+    let failed = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "ReconcileFailed")
+        .expect("a ReconcileFailed condition");
+    assert_eq!(failed["reason"], "SecretMissing", "{failed}");
+    let message = failed["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Secret order-db, listed in spec.secrets, does not exist in namespace shop; create it"
+        ),
+        "{message}"
+    );
+    assert!(message.chars().count() <= status::MAX_MESSAGE, "{message}");
+    assert_eq!(status["phase"], "Failed", "{status}");
+}
+
+#[tokio::test]
+async fn a_changed_secret_rolls_the_pods_and_changes_nothing_else() {
+    let mut converged = Converged::of(order_with_secret(), &[(SECRET, secret("41"))]).await;
+    // Converged: the Secret comes from the cache, no request at all.
+    converged.reconcile().await;
+    assert!(
+        converged.fake.seen().is_empty(),
+        "{:?}",
+        converged.fake.writes()
+    );
+    let before = converged.fake.object(DEPLOYMENT).unwrap();
+
+    // The Secret changes (the watch fills the cache with its new version).
+    converged.writers.insert(&secret("42"));
+    converged.reconcile().await;
+    assert_eq!(
+        converged.fake.writes(),
+        [
+            format!("PATCH {DEPLOYMENT}"),
+            "POST /apis/events.k8s.io/v1/namespaces/shop/events".to_owned(),
+        ]
+    );
+    let after = converged.fake.object(DEPLOYMENT).unwrap();
+    let annotation = |d: &Value| {
+        pod_template(d)["metadata"]["annotations"][render::SECRETS_CHECKSUM_ANNOTATION].clone()
+    };
+    assert_ne!(annotation(&before), annotation(&after));
+    assert_eq!(
+        pod_template(&before)["spec"],
+        pod_template(&after)["spec"],
+        "only the checksum changes"
+    );
 }

@@ -1,8 +1,9 @@
 //! The watches: the children's caches, the triggers that bring a
 //! MicroService back when one of its children changes, and the backoff of
-//! each watch.
+//! each watch. (The watch of the Secrets MicroServices list is in
+//! `secrets.rs`.)
 
-use super::*;
+use super::{secrets::SecretMeta, *};
 
 /// The watches' caches of the children (the objects carrying the operator's
 /// label, without their managed fields).
@@ -16,6 +17,9 @@ pub struct Caches {
     pub(super) services: Store<Service>,
     pub(super) pdbs: Store<PodDisruptionBudget>,
     pub(super) hpas: Store<HorizontalPodAutoscaler>,
+    /// Not children: the metadata of the Secrets MicroServices list
+    /// (`controller/secrets.rs`).
+    pub(super) secrets: Store<SecretMeta>,
 }
 
 /// A kind of child the operator renders, applies and watches, with the
@@ -212,6 +216,7 @@ pub(super) struct CacheWriters {
     services: reflector::store::Writer<Service>,
     pdbs: reflector::store::Writer<PodDisruptionBudget>,
     hpas: reflector::store::Writer<HorizontalPodAutoscaler>,
+    secrets: reflector::store::Writer<SecretMeta>,
 }
 
 #[cfg(test)]
@@ -226,6 +231,7 @@ impl Caches {
         let (services, svc) = reflector::store();
         let (pdbs, pdb) = reflector::store();
         let (hpas, hpa) = reflector::store();
+        let (secrets, secret) = reflector::store();
         let caches = Self {
             config_maps,
             service_accounts,
@@ -235,6 +241,7 @@ impl Caches {
             services,
             pdbs,
             hpas,
+            secrets,
         };
         let writers = CacheWriters {
             config_maps: cm,
@@ -245,6 +252,7 @@ impl Caches {
             services: svc,
             pdbs: pdb,
             hpas: hpa,
+            secrets: secret,
         };
         (caches, writers)
     }
@@ -267,6 +275,14 @@ impl CacheWriters {
             "Service" => put(&mut self.services, object),
             "PodDisruptionBudget" => put(&mut self.pdbs, object),
             "HorizontalPodAutoscaler" => put(&mut self.hpas, object),
+            // As the Secrets' watch has them: metadata, stripped.
+            "Secret" => {
+                let mut meta: SecretMeta =
+                    serde_json::from_value(object.clone()).expect("a Secret");
+                super::secrets::strip(&mut meta);
+                self.secrets
+                    .apply_watcher_event(&watcher::Event::Apply(meta));
+            }
             other => panic!("not a child kind: {other:?}"),
         }
     }

@@ -1,6 +1,7 @@
 //! The pod's two containers: the Trellis sidecar (a native sidecar) and the
 //! application, with the pieces they share (the restricted security context,
-//! probes on the sidecar's admin port, env vars, mounts). Separate because
+//! probes on the sidecar's admin port, env vars, mounts). Only the app gets
+//! the Secrets of `spec.secrets`; the sidecar never does. Separate because
 //! each container is a contract with another program: the sidecar's ports,
 //! env and probes are what the sidecar crate expects, and the app's env
 //! (`PORT`, `HTTP_PROXY`, `TRELLIS_OUTBOUND`) is what every service relies on.
@@ -186,13 +187,19 @@ impl Renderer<'_> {
                 Self::env("TRELLIS_OUTBOUND", outbound),
                 Self::env("NO_PROXY", "localhost,127.0.0.1"),
             ]),
-            env_from: Some(vec![EnvFromSource {
-                config_map_ref: Some(ConfigMapEnvSource {
-                    name: config_map_name(&self.name),
-                    optional: Some(false),
-                }),
-                ..EnvFromSource::default()
-            }]),
+            // The config first, then the Secrets: a later source wins a
+            // key both have, and `env` above wins over all of them.
+            env_from: Some(
+                std::iter::once(EnvFromSource {
+                    config_map_ref: Some(ConfigMapEnvSource {
+                        name: config_map_name(&self.name),
+                        optional: Some(false),
+                    }),
+                    ..EnvFromSource::default()
+                })
+                .chain(self.secret_env_sources())
+                .collect(),
+            ),
             readiness_probe: Some(Self::http_probe("/readyz", 5, 3)),
             resources: Some(
                 self.ms
@@ -202,10 +209,12 @@ impl Renderer<'_> {
                     .unwrap_or_else(default_app_resources),
             ),
             security_context: Some(Self::security_context()),
-            volume_mounts: Some(vec![
-                Self::mount("config", CONFIG_MOUNT, true),
-                Self::mount("app-tmp", "/tmp", false),
-            ]),
+            volume_mounts: Some(
+                std::iter::once(Self::mount("config", CONFIG_MOUNT, true))
+                    .chain(self.secret_mounts())
+                    .chain([Self::mount("app-tmp", "/tmp", false)])
+                    .collect(),
+            ),
             ..Container::default()
         }
     }

@@ -1,7 +1,7 @@
 //! The `<name>` Deployment: the replica count, the pod selector and the pod
 //! template's labels and annotations around the pod spec. Separate because
 //! what is on the template decides when pods roll (the image, and the config
-//! checksum unless `spec.hotReload` is set), and the replica count is left
+//! and Secrets checksums unless `spec.hotReload` is set), and the replica count is left
 //! to the HorizontalPodAutoscaler when one exists.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    APP_CONTAINER, CONFIG_CHECKSUM_ANNOTATION, Renderer, config_checksum, s, selector_labels,
+    APP_CONTAINER, CONFIG_CHECKSUM_ANNOTATION, Renderer, SECRETS_CHECKSUM_ANNOTATION,
+    config_checksum, s, selector_labels,
 };
 
 impl Renderer<'_> {
@@ -27,6 +28,9 @@ impl Renderer<'_> {
         )]);
         if !spec.hot_reload {
             annotations.insert(s(CONFIG_CHECKSUM_ANNOTATION), config_checksum(&spec.config));
+        }
+        if let Some(sum) = self.secrets_checksum() {
+            annotations.insert(s(SECRETS_CHECKSUM_ANNOTATION), sum);
         }
         Deployment {
             metadata: ObjectMeta {

@@ -16,6 +16,7 @@
 //! - `deployment`: the Deployment and its pod template's metadata.
 //! - `pod`: the pod spec: pod security, volumes, topology spread.
 //! - `containers`: the sidecar and application containers.
+//! - `secrets`: the Secrets the app reads, by name, and their checksum.
 //! - `service`: the Service.
 //! - `disruption_budget`: the PodDisruptionBudget.
 //! - `autoscaler`: the HorizontalPodAutoscaler.
@@ -43,12 +44,14 @@ mod labels;
 mod pod;
 mod policy;
 mod rbac;
+mod secrets;
 mod service;
 
 pub use app_config::config_checksum;
 pub use containers::default_app_resources;
 pub use labels::{image_version, selector_labels};
 pub use policy::sidecar_policy;
+pub use secrets::{SECRET_FILE_MODE, SecretVersions, secrets_checksum};
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "trellis-operator";
@@ -63,6 +66,9 @@ pub fn managed_by_selector() -> String {
 }
 /// The pod template annotation holding the sha256 of the app config.
 pub const CONFIG_CHECKSUM_ANNOTATION: &str = "trellis.dev/config-checksum";
+/// The pod template annotation holding the sha256 of the names, uids and
+/// resourceVersions of the Secrets in `spec.secrets` (never their values).
+pub const SECRETS_CHECKSUM_ANNOTATION: &str = "trellis.dev/secrets-checksum";
 /// The name of the sidecar container (a native sidecar: an init container that keeps running).
 pub const SIDECAR_CONTAINER: &str = "trellis-sidecar";
 /// The name of the application container.
@@ -75,6 +81,8 @@ pub const OUTBOUND_PORT: i32 = 15001;
 pub const ADMIN_PORT: i32 = 15020;
 /// Where the application's config files are mounted.
 pub const CONFIG_MOUNT: &str = "/etc/trellis/config";
+/// Where each Secret given as files is mounted, in a folder named after it.
+pub const SECRETS_MOUNT: &str = "/etc/trellis/secrets";
 /// Where the sidecar policy is mounted, for the sidecar's first start.
 pub const POLICY_MOUNT: &str = "/etc/trellis/policy";
 /// The user and group both containers run as.
@@ -166,8 +174,14 @@ pub fn sidecar_name(name: &str) -> String {
     format!("{name}-sidecar")
 }
 
-/// Renders every child of a MicroService.
-pub fn render(ms: &MicroService, cfg: &RenderConfig) -> Result<Children, RenderError> {
+/// Renders every child of a MicroService. `secrets` holds the versions of
+/// the Secrets it lists (`spec.secrets`), read by the caller; a MicroService
+/// that lists none renders the same with [`SecretVersions::new`].
+pub fn render(
+    ms: &MicroService,
+    cfg: &RenderConfig,
+    secrets: &SecretVersions,
+) -> Result<Children, RenderError> {
     let name = ms
         .metadata
         .name
@@ -185,6 +199,7 @@ pub fn render(ms: &MicroService, cfg: &RenderConfig) -> Result<Children, RenderE
     let r = Renderer {
         ms,
         cfg,
+        secrets,
         name,
         ns,
         owner,
@@ -222,6 +237,7 @@ pub fn is_controlled_by(owners: Option<&[OwnerReference]>, ms: &MicroService) ->
 struct Renderer<'a> {
     ms: &'a MicroService,
     cfg: &'a RenderConfig,
+    secrets: &'a SecretVersions,
     name: String,
     ns: String,
     owner: OwnerReference,

@@ -81,13 +81,15 @@ impl Renderer<'_> {
             }),
             ..Volume::default()
         };
-        vec![
+        let mut volumes = vec![
             config_map("config", config_map_name(&self.name)),
             config_map("policy", sidecar_name(&self.name)),
             empty_dir("app-tmp"),
             empty_dir("sidecar-tmp"),
             token,
-        ]
+        ];
+        volumes.extend(self.secret_volumes());
+        volumes
     }
 
     pub(super) fn pod_spec(&self) -> PodSpec {
@@ -100,6 +102,8 @@ impl Renderer<'_> {
                 run_as_non_root: Some(true),
                 run_as_user: Some(RUN_AS),
                 run_as_group: Some(RUN_AS),
+                // The group of the mounted Secrets' files, which are 0440:
+                // the app's own group, so the app reads them.
                 fs_group: Some(RUN_AS),
                 seccomp_profile: Some(SeccompProfile {
                     type_: s("RuntimeDefault"),

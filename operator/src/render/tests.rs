@@ -13,7 +13,7 @@ use k8s_openapi::{
 use trellis_policy::{Dependency, Duration, Protocol, Resilience, SidecarPolicy};
 
 use super::*;
-use crate::crd::{Autoscaling, MicroService, MicroServiceSpec};
+use crate::crd::{Autoscaling, MicroService, MicroServiceSpec, SecretRef};
 
 const UID: &str = "0b5a1c9e-1111-2222-3333-444455556666";
 
@@ -46,7 +46,7 @@ fn cfg() -> RenderConfig {
 }
 
 fn children(spec: MicroServiceSpec) -> Children {
-    render(&ms(spec), &cfg()).unwrap()
+    render(&ms(spec), &cfg(), &SecretVersions::new()).unwrap()
 }
 
 fn pod(c: &Children) -> &PodSpec {
@@ -311,7 +311,7 @@ fn a_self_dependency_in_the_own_namespace_is_refused() {
         namespace: Some("shop".into()),
         ..Dependency::named("order")
     }];
-    let err = render(&ms(s), &cfg()).unwrap_err();
+    let err = render(&ms(s), &cfg(), &SecretVersions::new()).unwrap_err();
     assert!(
         err.to_string().contains("may not depend on itself"),
         "{err}"
@@ -322,7 +322,7 @@ fn a_self_dependency_in_the_own_namespace_is_refused() {
         namespace: Some("other".into()),
         ..Dependency::named("order")
     }];
-    assert!(render(&ms(s), &cfg()).is_ok());
+    assert!(render(&ms(s), &cfg(), &SecretVersions::new()).is_ok());
 }
 
 #[test]
@@ -330,7 +330,7 @@ fn render_needs_a_uid() {
     let mut m = ms(spec());
     m.metadata.uid = None;
     assert!(matches!(
-        render(&m, &cfg()),
+        render(&m, &cfg(), &SecretVersions::new()),
         Err(RenderError::MissingMetadata("uid"))
     ));
 }
@@ -385,7 +385,7 @@ fn an_otlp_endpoint_reaches_the_sidecar_with_the_version() {
     config.otlp_endpoint = Some("http://otel.observability:4317".into());
     let mut s = spec();
     s.image = "trellis/order-service:1.4.2".into();
-    let c = render(&ms(s), &config).unwrap();
+    let c = render(&ms(s), &config, &SecretVersions::new()).unwrap();
     let e = env(sidecar(&c));
     assert_eq!(
         e["OTEL_EXPORTER_OTLP_ENDPOINT"],
@@ -803,4 +803,247 @@ fn status_url() {
         service_url("order", "shop", "cluster.local"),
         "http://order.shop.svc.cluster.local"
     );
+}
+
+/// `order` listing `order-db` as environment variables and `order-tls` as files.
+fn with_secrets() -> MicroServiceSpec {
+    let mut s = spec();
+    s.secrets = vec![
+        SecretRef::env("order-db"),
+        SecretRef {
+            name: "order-tls".into(),
+            env: false,
+            files: true,
+        },
+    ];
+    s
+}
+
+/// Both Secrets of [`with_secrets`], as the operator would have read them.
+fn versions() -> SecretVersions {
+    let mut v = SecretVersions::new();
+    v.insert("order-db", "uid-db", "100");
+    v.insert("order-tls", "uid-tls", "200");
+    v
+}
+
+fn children_with(spec: MicroServiceSpec, versions: &SecretVersions) -> Children {
+    render(&ms(spec), &cfg(), versions).unwrap()
+}
+
+fn secrets_checksum_of(c: &Children) -> Option<String> {
+    c.deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(SECRETS_CHECKSUM_ANNOTATION)
+        .cloned()
+}
+
+#[test]
+fn secrets_reach_the_app_as_env_from_and_read_only_files() {
+    let c = children_with(with_secrets(), &versions());
+    let a = app(&c);
+    let env_from = a.env_from.as_ref().unwrap();
+    assert_eq!(env_from.len(), 2, "{env_from:?}");
+    // The config first, then the env Secret: a later source wins a key.
+    assert_eq!(
+        env_from[0].config_map_ref.as_ref().unwrap().name,
+        "order-config"
+    );
+    let secret_ref = env_from[1].secret_ref.as_ref().unwrap();
+    assert_eq!(
+        (secret_ref.name.as_str(), secret_ref.optional),
+        ("order-db", Some(false))
+    );
+    assert!(
+        env_from
+            .iter()
+            .all(|e| e.secret_ref.as_ref().is_none_or(|s| s.name != "order-tls"))
+    );
+
+    let mounts: Vec<_> = a
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("config", "/etc/trellis/config", Some(true)),
+            ("secret-1", "/etc/trellis/secrets/order-tls", Some(true)),
+            ("app-tmp", "/tmp", None),
+        ]
+    );
+    let p = pod(&c);
+    let volume = p
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "secret-1")
+        .expect("the order-tls volume");
+    let source = volume.secret.as_ref().unwrap();
+    assert_eq!(source.secret_name.as_deref(), Some("order-tls"));
+    assert_eq!(source.optional, Some(false));
+    // Readable by the owner (root) and the group only: the group is the
+    // pod's fsGroup, which is the app's group, so the app reads the files.
+    assert_eq!(source.default_mode, Some(0o440));
+    let psc = p.security_context.as_ref().unwrap();
+    let app_sc = a.security_context.as_ref().unwrap();
+    assert_eq!(psc.fs_group, app_sc.run_as_group);
+    assert_eq!(psc.fs_group, Some(RUN_AS));
+    // Only one Secret volume: order-db is env only.
+    assert_eq!(
+        p.volumes
+            .iter()
+            .flatten()
+            .filter(|v| v.secret.is_some())
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn the_sidecar_gets_nothing_from_the_secrets() {
+    let c = children_with(with_secrets(), &versions());
+    let sc = sidecar(&c);
+    assert!(sc.env_from.is_none(), "{:?}", sc.env_from);
+    assert!(
+        sc.volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| !m.name.starts_with("secret-") && !m.mount_path.starts_with(SECRETS_MOUNT)),
+        "{:?}",
+        sc.volume_mounts
+    );
+    assert!(sc.env.iter().flatten().all(|e| {
+        e.value_from
+            .as_ref()
+            .is_none_or(|f| f.secret_key_ref.is_none())
+    }));
+}
+
+#[test]
+fn secrets_stay_out_of_the_config_maps() {
+    let mut s = with_secrets();
+    s.config.insert("RUST_LOG".into(), "info".into());
+    let c = children_with(s, &versions());
+    assert_eq!(
+        c.config.data,
+        Some(BTreeMap::from([("RUST_LOG".into(), "info".into())]))
+    );
+    let policy = &c.policy.data.as_ref().unwrap()[trellis_policy::POLICY_KEY];
+    for name in ["order-db", "order-tls", "uid-db", "uid-tls"] {
+        assert!(!policy.contains(name), "{name} in the policy: {policy}");
+    }
+}
+
+#[test]
+fn the_secrets_checksum_follows_the_listed_secrets_versions_only() {
+    let base = children_with(with_secrets(), &versions());
+    let sum = secrets_checksum_of(&base).expect("a secrets checksum");
+    assert_eq!(sum.len(), 64);
+    // The same versions: the same Deployment (no roll on a resync).
+    assert_eq!(
+        children_with(with_secrets(), &versions()).deployment,
+        base.deployment
+    );
+
+    // A listed Secret changed: a new resourceVersion, a new checksum, and
+    // nothing else differs.
+    let mut changed = versions();
+    changed.insert("order-db", "uid-db", "101");
+    let after = children_with(with_secrets(), &changed);
+    assert_ne!(secrets_checksum_of(&after).unwrap(), sum);
+    assert_eq!(checksum(&after), checksum(&base));
+    assert_eq!(after.config, base.config);
+
+    // Re-created with the same resourceVersion is still another Secret.
+    let mut recreated = versions();
+    recreated.insert("order-db", "uid-db-2", "100");
+    assert_ne!(
+        secrets_checksum_of(&children_with(with_secrets(), &recreated)).unwrap(),
+        sum
+    );
+
+    // A Secret the MicroService does not list: no change.
+    let mut other = versions();
+    other.insert("someone-else", "uid-x", "999");
+    assert_eq!(
+        children_with(with_secrets(), &other).deployment,
+        base.deployment
+    );
+
+    // A missing Secret counts as such, so its creation changes the checksum.
+    let mut missing = SecretVersions::new();
+    missing.insert("order-db", "uid-db", "100");
+    assert_ne!(
+        secrets_checksum_of(&children_with(with_secrets(), &missing)).unwrap(),
+        sum
+    );
+    assert_eq!(missing.missing(&with_secrets().secrets), ["order-tls"]);
+}
+
+#[test]
+fn no_secrets_no_checksum_and_hot_reload_does_not_roll_on_a_secret() {
+    // Listing none adds nothing, so an upgrade of the operator rolls no pods.
+    let c = children(spec());
+    assert_eq!(secrets_checksum_of(&c), None);
+    assert_eq!(app(&c).env_from.as_ref().unwrap().len(), 1);
+    assert!(pod(&c).volumes.iter().flatten().all(|v| v.secret.is_none()));
+
+    let mut s = with_secrets();
+    s.hot_reload = true;
+    let a = children_with(s.clone(), &versions());
+    let mut changed = versions();
+    changed.insert("order-tls", "uid-tls", "201");
+    let b = children_with(s, &changed);
+    assert_eq!(secrets_checksum_of(&a), None);
+    assert_eq!(a.deployment, b.deployment);
+}
+
+#[test]
+fn secrets_checksum_is_unambiguous_and_ignores_the_order_listed() {
+    let refs = |names: &[&str]| names.iter().map(|n| SecretRef::env(*n)).collect::<Vec<_>>();
+    let mut v = SecretVersions::new();
+    v.insert("a", "u", "1");
+    v.insert("b", "u", "1");
+    assert_eq!(
+        secrets_checksum(&refs(&["a", "b"]), &v),
+        secrets_checksum(&refs(&["b", "a"]), &v)
+    );
+    assert_ne!(
+        secrets_checksum(&refs(&["a"]), &v),
+        secrets_checksum(&refs(&["a", "b"]), &v)
+    );
+}
+
+#[test]
+fn bad_secret_entries_are_refused_naming_the_field() {
+    let mut s = spec();
+    s.secrets = vec![
+        SecretRef::env("Order_DB"),
+        SecretRef {
+            name: "order-tls".into(),
+            env: false,
+            files: false,
+        },
+        SecretRef::env("order-tls"),
+    ];
+    let err = render(&ms(s), &cfg(), &SecretVersions::new())
+        .unwrap_err()
+        .to_string();
+    for field in [
+        "spec.secrets[0].name",
+        "spec.secrets[1]:",
+        "spec.secrets[2].name",
+    ] {
+        assert!(err.contains(field), "{field} not in {err}");
+    }
 }
