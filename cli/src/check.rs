@@ -82,6 +82,8 @@ pub const OPERATOR_PERMISSIONS: &[(&str, &str, &[&str])] = &[
         "horizontalpodautoscalers",
         &["get", "list", "watch", "create", "patch", "delete"],
     ),
+    // Metadata only: the Secrets MicroServices list in spec.secrets.
+    ("", "secrets", &["get", "list", "watch"]),
     (
         "discovery.k8s.io",
         "endpointslices",

@@ -348,6 +348,14 @@ const GRANTS: &[Grant] = &[
         "removed when autoscaling is turned off",
     ),
     grant(
+        "",
+        "secrets",
+        &["get", "list", "watch"],
+        CHART_RBAC,
+        "a listed Secret's metadata (never its data): watched to roll the pods, read when the \
+         cache lacks it",
+    ),
+    grant(
         "discovery.k8s.io",
         "endpointslices",
         &["get", "list", "watch"],
@@ -629,11 +637,28 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac() {
     )
     .await;
 
+    // A Secret it lists, as environment variables and files: the operator
+    // reads its metadata with the chart's RBAC, and the pod (restricted, as
+    // the chart's namespace is) starts with it mounted.
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": { "name": "hello-secret" },
+        "stringData": { "GREETING": "hello" },
+    }))
+    .unwrap();
+    apps.api::<k8s_openapi::api::core::v1::Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let ms: MicroService = serde_json::from_value(json!({
         "apiVersion": "trellis.dev/v1alpha1",
         "kind": "MicroService",
         "metadata": { "name": "hello" },
-        "spec": { "image": "trellis/smoke:0.1.0", "port": 8080, "health": { "path": "/", "interval": "1s" } },
+        "spec": {
+            "image": "trellis/smoke:0.1.0",
+            "port": 8080,
+            "health": { "path": "/", "interval": "1s" },
+            "secrets": [{ "name": "hello-secret", "env": true, "files": true }],
+        },
     }))
     .unwrap();
     apps.api::<MicroService>()
