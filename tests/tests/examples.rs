@@ -1,6 +1,7 @@
 //! The manifests in examples/ are accepted by a real apiserver with the committed
 //! CRD installed (schema, CEL rules and all), so a user's first `kubectl apply`
-//! cannot fail on them. Server-side dry run, in a test namespace.
+//! cannot fail on them, and come in an order that needs no second apply.
+//! Server-side dry run, in a test namespace.
 
 use kube::{
     Api,
@@ -80,10 +81,23 @@ async fn the_shop_example_is_accepted_by_the_apiserver() {
         "MicroService/product",
         "MicroService/order",
         "Service/postgres",
+        "Secret/user-db",
+        "Secret/product-db",
+        "Secret/order-db",
     ] {
         assert!(
             applied.iter().any(|a| a == expected),
             "{expected} missing from examples/shop: {applied:?}"
+        );
+    }
+    // `kubectl apply -f examples/shop/` and the suites apply in this order
+    // (files sorted, documents in order): each database Secret comes before
+    // the MicroService that lists it, so none is ever reported missing.
+    for service in ["user", "product", "order"] {
+        let at = |what: String| applied.iter().position(|a| *a == what);
+        assert!(
+            at(format!("Secret/{service}-db")) < at(format!("MicroService/{service}")),
+            "Secret/{service}-db must come before MicroService/{service}: {applied:?}"
         );
     }
 }
