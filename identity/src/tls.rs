@@ -214,12 +214,13 @@ impl Credentials {
 
     /// The outbound side towards a workload that must be `peer`: this
     /// certificate presented, the server's checked against the bundle and
-    /// its SPIFFE ID against `peer`, offering `alpn`.
+    /// its SPIFFE ID against `peer`, offering the `alpn` protocols (none:
+    /// the server assumes HTTP/1.1).
     pub fn client_config(
         &self,
         peer: SpiffeId,
-        alpn: &[u8],
-    ) -> Result<Arc<ClientConfig>, CredentialsError> {
+        alpn: &[&[u8]],
+    ) -> Result<ClientConfig, CredentialsError> {
         let verifier = Arc::new(PeerVerifier {
             roots: self.bundle.roots.clone(),
             expected: peer,
@@ -232,8 +233,8 @@ impl Credentials {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key())
             .map_err(|e| CredentialsError::Certificate(e.to_string()))?;
-        config.alpn_protocols = vec![alpn.to_vec()];
-        Ok(Arc::new(config))
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
     }
 
     /// A plain server configuration presenting this certificate, asking no

@@ -57,8 +57,11 @@ async fn handshake(
         tls.shutdown().await.ok()?;
         peer
     });
-    let connector =
-        TlsConnector::from(client.client_config(expected_server, tls::ALPN_H2).unwrap());
+    let connector = TlsConnector::from(Arc::new(
+        client
+            .client_config(expected_server, &[tls::ALPN_H2])
+            .unwrap(),
+    ));
     let result = async {
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let name = ServerName::try_from("order.shop.svc.cluster.local").unwrap();
@@ -143,7 +146,9 @@ async fn an_expired_certificate_is_refused() {
     // ...and a client refuses a server that presents one.
     let server = ExpiredServer::serve(&ca, &expired.chain_pem, &key).await;
     let client = workload(&ca, &bundle, "order");
-    let connector = TlsConnector::from(client.client_config(id("user"), tls::ALPN_H2).unwrap());
+    let connector = TlsConnector::from(Arc::new(
+        client.client_config(id("user"), &[tls::ALPN_H2]).unwrap(),
+    ));
     let tcp = TcpStream::connect(server).await.unwrap();
     let err = connector
         .connect(ServerName::try_from("user").unwrap(), tcp)

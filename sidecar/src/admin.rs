@@ -22,6 +22,7 @@ use crate::{
     health::{Health, status_code},
     http::{Body, full},
     metrics::Metrics,
+    mtls::MeshTls,
     policy_watch::PolicyStore,
     process,
     resilience::Registry,
@@ -46,6 +47,7 @@ pub struct Admin {
     policy: PolicyStore,
     resolver: Resolver,
     resilience: Registry,
+    mesh: MeshTls,
     identity: Identity,
 }
 
@@ -57,6 +59,7 @@ impl Admin {
         policy: PolicyStore,
         resolver: Resolver,
         resilience: Registry,
+        mesh: MeshTls,
         identity: Identity,
     ) -> Self {
         Self {
@@ -65,6 +68,7 @@ impl Admin {
             policy,
             resolver,
             resilience,
+            mesh,
             identity,
         }
     }
@@ -98,6 +102,8 @@ impl Admin {
                 )
             }
             "/metrics" => {
+                // The certificate's time left as of this scrape.
+                self.mesh.refresh_expiry();
                 let mut rsp = Response::new(full(process::with_footprint(self.metrics.encode())));
                 rsp.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -151,6 +157,7 @@ impl Admin {
             },
             "discovery": endpoints,
             "dependencies": self.resilience.status(),
+            "mesh": self.mesh.status(),
         })
     }
 }

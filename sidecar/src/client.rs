@@ -7,7 +7,12 @@
 //! HTTP/1.1. Pools are keyed by endpoint address, so each endpoint keeps its
 //! own warm connections.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper_util::{
@@ -15,7 +20,13 @@ use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
 };
 
-use crate::http::{Body, BoxError, boxed, headers::Stripped};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use trellis_identity::SpiffeId;
+
+use crate::{
+    http::{Body, BoxError, boxed, headers::Stripped},
+    mtls::MeshTls,
+};
 
 /// How the proxy speaks to one upstream request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,16 +111,69 @@ pub enum ClientError {
     },
 }
 
+/// A pool of mutual TLS connections to one peer identity.
+type MeshPool = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// The pools by (peer, HTTP/2), each with the credentials generation it uses.
+type MeshPoolMap = HashMap<(SpiffeId, bool), (u64, MeshPool)>;
+
 /// The pooled client.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct UpstreamClient {
     h1: Client<HttpConnector, Body>,
     h2: Client<HttpConnector, Body>,
+    mesh: MeshPools,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpstreamClient")
+    }
+}
+
+/// Pools of mutual TLS connections, one per (peer identity, HTTP/2), each
+/// built for the credentials in force when it was made and replaced once
+/// they change, so a renewed certificate is used for new connections.
+#[derive(Clone)]
+struct MeshPools {
+    tls: MeshTls,
+    builder: hyper_util::client::legacy::Builder,
+    connector: HttpConnector,
+    pools: Arc<Mutex<MeshPoolMap>>,
+}
+
+impl MeshPools {
+    /// The pool towards `peer`, or why there is none.
+    fn get(&self, peer: &SpiffeId, h2: bool) -> Result<MeshPool, BoxError> {
+        let generation = self.tls.generation();
+        let mut pools = self.pools.lock().expect("mesh pools lock");
+        let key = (peer.clone(), h2);
+        if let Some((g, pool)) = pools.get(&key)
+            && *g == generation
+        {
+            return Ok(pool.clone());
+        }
+        let (config, generation) = self
+            .tls
+            .client_config(peer)
+            .ok_or("this sidecar has no mesh certificate yet")?;
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only();
+        let connector = if h2 {
+            https.enable_http2().wrap_connector(self.connector.clone())
+        } else {
+            https.enable_http1().wrap_connector(self.connector.clone())
+        };
+        let pool = self.builder.build(connector);
+        pools.insert(key, (generation, pool.clone()));
+        Ok(pool)
+    }
 }
 
 impl UpstreamClient {
-    /// Builds both pools.
-    pub fn new(cfg: &ClientConfig) -> Self {
+    /// Builds both pools; connections to meshed peers use `mesh`'s credentials.
+    pub fn new(cfg: &ClientConfig, mesh: MeshTls) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(cfg.connect_timeout));
@@ -124,21 +188,36 @@ impl UpstreamClient {
             // The original Host is forwarded as is; hyper must not invent one.
             .set_host(false);
         let h1 = b.build(connector.clone());
+        let mut tls_connector = connector.clone();
+        tls_connector.enforce_http(false);
+        let mesh_builder = b.clone();
         b.http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .http2_keep_alive_timeout(Duration::from_secs(5))
             .http2_adaptive_window(true);
         let h2 = b.build(connector);
-        Self { h1, h2 }
+        Self {
+            h1,
+            h2,
+            mesh: MeshPools {
+                tls: mesh,
+                builder: mesh_builder,
+                connector: tls_connector,
+                pools: Arc::default(),
+            },
+        }
     }
 
     /// Sends `req` to `addr`, rewriting its URI to the endpoint and its version
-    /// to the chosen protocol. Hop-by-hop headers must already be stripped.
+    /// to the chosen protocol; over mutual TLS when the endpoint is a mesh
+    /// workload, which must then prove it is `peer`. Hop-by-hop headers
+    /// must already be stripped.
     pub async fn send(
         &self,
         mut req: Request<Body>,
         addr: SocketAddr,
         protocol: UpstreamProtocol,
+        peer: Option<&SpiffeId>,
     ) -> Result<Response<Body>, ClientError> {
         let authority = req.uri().authority().cloned();
         let path = req
@@ -147,7 +226,7 @@ impl UpstreamClient {
             .map_or("/", |p| p.as_str())
             .to_owned();
         *req.uri_mut() = Uri::builder()
-            .scheme("http")
+            .scheme(if peer.is_some() { "https" } else { "http" })
             .authority(addr.to_string())
             .path_and_query(path)
             .build()
@@ -157,7 +236,7 @@ impl UpstreamClient {
             .extensions()
             .get::<Stripped>()
             .is_some_and(|s| s.te_trailers);
-        let client = match protocol {
+        match protocol {
             UpstreamProtocol::Http1 => {
                 *req.version_mut() = Version::HTTP_11;
                 // An HTTP/2 request carries its name in :authority; HTTP/1.1 needs Host.
@@ -167,7 +246,6 @@ impl UpstreamClient {
                 {
                     req.headers_mut().insert(header::HOST, v);
                 }
-                &self.h1
             }
             UpstreamProtocol::H2c => {
                 // :authority comes from the URI; a Host beside it could disagree.
@@ -178,10 +256,18 @@ impl UpstreamClient {
                     headers.insert(header::TE, HeaderValue::from_static("trailers"));
                 }
                 *req.version_mut() = Version::HTTP_2;
-                &self.h2
             }
+        }
+        let h2 = protocol == UpstreamProtocol::H2c;
+        let sent = match peer {
+            None if h2 => self.h2.request(req).await,
+            None => self.h1.request(req).await,
+            Some(peer) => match self.mesh.get(peer, h2) {
+                Ok(pool) => pool.request(req).await,
+                Err(source) => return Err(ClientError::Connect { addr, source }),
+            },
         };
-        match client.request(req).await {
+        match sent {
             Ok(rsp) => Ok(rsp.map(boxed)),
             Err(e) if e.is_connect() => Err(ClientError::Connect {
                 addr,

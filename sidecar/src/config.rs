@@ -75,6 +75,19 @@ pub struct Args {
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
 
+    /// The pod's ServiceAccount: its mesh identity (the service's name when unset).
+    #[arg(long, env = "TRELLIS_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
+    /// The projected ServiceAccount token (audience `trellis-identity`)
+    /// the sidecar proves its identity with to the identity service.
+    #[arg(
+        long,
+        env = "TRELLIS_IDENTITY_TOKEN_FILE",
+        default_value = "/var/run/secrets/trellis/identity/token"
+    )]
+    pub identity_token_file: PathBuf,
+
     /// The service this sidecar serves, shown on /status.
     #[arg(long, env = "TRELLIS_SERVICE")]
     pub service: Option<String>,
@@ -223,6 +236,10 @@ pub struct Config {
     pub namespace: String,
     /// The pod's name.
     pub pod_name: Option<String>,
+    /// The pod's ServiceAccount (the service's name when unset).
+    pub service_account: Option<String>,
+    /// The projected token for the identity service.
+    pub identity_token_file: PathBuf,
     /// The service served.
     pub service: Option<String>,
     /// The cluster DNS domain.
@@ -265,6 +282,8 @@ impl Config {
             app_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             namespace: "default".into(),
             pod_name: None,
+            service_account: None,
+            identity_token_file: PathBuf::from("/var/run/secrets/trellis/identity/token"),
             service: None,
             cluster_domain: "cluster.local".into(),
             policy_configmap: None,
@@ -322,6 +341,8 @@ impl From<Args> for Config {
             app_host: a.app_host,
             namespace: a.namespace,
             pod_name: a.pod_name,
+            service_account: a.service_account,
+            identity_token_file: a.identity_token_file,
             service: a.service,
             cluster_domain: a.cluster_domain,
             policy_configmap: a.policy_configmap,

@@ -33,6 +33,7 @@ use crate::{
     client::{UpstreamClient, UpstreamProtocol},
     discovery::{Discovered, Resolver},
     http::empty,
+    mtls::MeshTls,
     outbound::router::declared,
     policy_watch::PolicyState,
 };
@@ -92,12 +93,13 @@ pub struct Health {
     app: Arc<Mutex<AppCheck>>,
     resolver: Resolver,
     policy: watch::Receiver<PolicyState>,
+    mesh: MeshTls,
 }
 
 impl Health {
     /// Health over `resolver` and `policy`; not ready until told the
     /// listeners are bound and the app check passes.
-    pub fn new(resolver: Resolver, policy: watch::Receiver<PolicyState>) -> Self {
+    pub fn new(resolver: Resolver, policy: watch::Receiver<PolicyState>, mesh: MeshTls) -> Self {
         Self {
             listeners_bound: Arc::default(),
             draining: Arc::default(),
@@ -108,6 +110,7 @@ impl Health {
             })),
             resolver,
             policy,
+            mesh,
         }
     }
 
@@ -157,7 +160,20 @@ impl Health {
         let app = self.app.lock().expect("app check lock").clone();
         checks.insert("app", CheckStatus::new(app.ok, app.duration, app.error));
 
+        // With a mesh identity, no valid certificate means mesh callers
+        // cannot be served nor dependencies reached: not ready. A
+        // certificate that could not be renewed but is still valid serves.
         let state = self.policy.borrow();
+        let meshed = state.policy.as_ref().is_some_and(|p| p.identity.is_some());
+        let identity_error = if meshed {
+            self.mesh.problem(SystemTime::now())
+        } else {
+            None
+        };
+        checks.insert(
+            "identity",
+            CheckStatus::new(identity_error.is_none(), Duration::ZERO, identity_error),
+        );
         let policy_error = match (&state.policy, &state.rejected) {
             (None, None) => Some("no policy loaded yet".to_owned()),
             (None, Some(r)) => Some(format!("no valid policy: {} (from {})", r.error, r.source)),
@@ -219,7 +235,7 @@ impl Health {
         // Discovery fails readiness only while a service has had no answer
         // at all; stale answers still serve (see the module docs).
         let synced = self.dependencies_synced();
-        let failing: Vec<String> = ["listeners", "discovery", "app"]
+        let failing: Vec<String> = ["listeners", "discovery", "app", "identity"]
             .iter()
             .filter(|name| **name != "discovery" || !synced)
             .filter_map(|name| {
@@ -323,7 +339,7 @@ async fn check_app(
         .body(empty())
         .expect("a validated path makes a request");
     let exchange = async {
-        let rsp = client.send(req, addr, protocol).await?;
+        let rsp = client.send(req, addr, protocol, None).await?;
         let status = rsp.status();
         // Read the (small) body so the pooled connection can be reused.
         let _ = http_body_util::BodyExt::collect(rsp.into_body()).await;
@@ -371,6 +387,10 @@ mod tests {
                 .or_insert_with(|| watch::channel(Discovered::Pending).0)
                 .subscribe()
         }
+        fn identity(&self, _: &ServiceName) -> crate::discovery::IdentityWatch {
+            watch::channel(None).1
+        }
+
         fn is_synced(&self) -> bool {
             self.0.lock().unwrap().is_empty()
         }
@@ -394,7 +414,7 @@ mod tests {
         };
         let (_tx, rx) = watch::channel(state);
         std::mem::forget(_tx);
-        let health = Health::new(resolver, rx);
+        let health = Health::new(resolver, rx, MeshTls::default());
         health.set_listening();
         health.set_app(AppCheck {
             ok: true,

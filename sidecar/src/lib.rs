@@ -17,6 +17,7 @@ mod health;
 mod http;
 mod inbound;
 mod metrics;
+mod mtls;
 mod outbound;
 mod policy_watch;
 mod process;
@@ -33,6 +34,7 @@ use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 pub use config::{Args, Config, Discovery};
+pub use mtls::MeshTls;
 pub use policy_watch::PolicyState;
 pub use resilience::outlier::OutlierSettings;
 pub use server::ServerLimits;
@@ -76,6 +78,8 @@ pub struct Running {
     pub policy: PolicyStore,
     /// Health.
     pub health: Health,
+    /// The mesh credentials (tests put their own in force with `set`).
+    pub mesh: MeshTls,
     static_resolver: Option<StaticResolver>,
     tracing: trace::Tracing,
     shutdown: watch::Sender<bool>,
@@ -177,9 +181,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.namespace.clone(),
     ));
 
-    let client = UpstreamClient::new(&config.client);
+    let mesh = MeshTls::new(metrics.certificate_expiry());
+    tokio::spawn(mtls::certify::run(
+        mesh.clone(),
+        policy.subscribe(),
+        mtls::certify::CertifyConfig {
+            token_file: config.identity_token_file.clone(),
+            namespace: config.namespace.clone(),
+            service_account: config
+                .service_account
+                .clone()
+                .or_else(|| config.service.clone())
+                .unwrap_or_else(|| "default".into()),
+        },
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
+    let client = UpstreamClient::new(&config.client, mesh.clone());
     let resilience = resilience::Registry::new(metrics.clone());
-    let health = Health::new(resolver.clone(), policy.subscribe());
+    let health = Health::new(resolver.clone(), policy.subscribe(), mesh.clone());
     let tracing = trace::Tracing::start(
         &trace::TraceConfig {
             otlp_endpoint: config.otlp_endpoint.clone(),
@@ -207,6 +227,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         app_host: config.app_host,
         resilience: resilience.clone(),
         outlier: config.outlier.clone(),
+        mesh: mesh.clone(),
     };
 
     let (inbound_l, inbound) = bind(config.inbound_addr, "inbound").await?;
@@ -220,6 +241,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             stack::inbound(&parts),
             limits.clone(),
             metrics.connections("inbound"),
+            Some(mesh.clone()),
             shutdown_rx.clone(),
         )),
         tokio::spawn(server::serve(
@@ -228,6 +250,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             stack::outbound(&parts),
             limits.clone(),
             metrics.connections("outbound"),
+            None,
             shutdown_rx.clone(),
         )),
     ];
@@ -238,6 +261,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         policy.clone(),
         resolver,
         resilience,
+        mesh.clone(),
         Identity {
             pod: config.pod_name.clone(),
             namespace: config.namespace.clone(),
@@ -250,6 +274,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tower::util::BoxCloneSyncService::new(admin_svc),
         limits,
         metrics.connections("admin"),
+        None,
         admin_rx,
     ));
     health.set_listening();
@@ -268,6 +293,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics,
         policy,
         health,
+        mesh,
         static_resolver,
         tracing,
         shutdown,

@@ -11,7 +11,8 @@
 //!     per endpoint:      outlier ejection (+ the try's deadline) → pooled client (HTTP/1.1 or h2c)
 //! inbound (pod IP):      server span → metrics → gRPC form of the proxy's errors → request id
 //!                        → hop-by-hop → per policy:
-//!                        rate limit → concurrency limit (shed) → timeout → app (x-forwarded-for)
+//!                        mTLS required / authorization (403) → rate limit
+//!                        → concurrency limit (shed) → timeout → app (x-forwarded-for)
 //! admin:                 /livez /readyz /healthz /metrics /status
 //! ```
 
@@ -42,6 +43,7 @@ use crate::{
     },
     inbound::{
         ToApp,
+        authorize::{Authorize, Rules},
         concurrency::{Permits, is_shed},
         rate_limit::{RateLimit, TokenBucket},
     },
@@ -49,7 +51,7 @@ use crate::{
     outbound::{
         ServiceStack,
         egress::EgressForwarder,
-        endpoint::Endpoint,
+        endpoint::{Endpoint, PeerIdentity},
         no_endpoints::FailFast,
         router::{MakeServiceStack, Router, RouterParts},
         target::{NameRules, ServiceTarget},
@@ -100,6 +102,8 @@ pub struct StackParts {
     pub outlier: OutlierSettings,
     /// Spans (or nothing, when tracing is off).
     pub tracing: Tracing,
+    /// The mesh credentials.
+    pub mesh: crate::mtls::MeshTls,
 }
 
 /// The outbound listener's stack.
@@ -136,10 +140,15 @@ impl MakeServiceStack for ServiceStacks {
         let parts = &self.0;
         let group = parts.resilience.outliers(&target.label, &parts.outlier);
         let (client, label) = (parts.client.clone(), target.label.clone());
+        let peer = PeerIdentity {
+            service: target.name.clone(),
+            account: parts.resolver.identity(&target.name),
+            mesh: parts.mesh.clone(),
+        };
         let balanced = balancer(
             endpoints.clone(),
             move |addr| {
-                let endpoint = Endpoint::new(addr, client.clone(), label.clone());
+                let endpoint = Endpoint::new(addr, client.clone(), label.clone(), peer.clone());
                 Outlier::new(endpoint, addr, group.clone())
             },
             &parts.balance,
@@ -224,9 +233,9 @@ pub fn inbound(parts: &StackParts) -> ListenerService {
     )
 }
 
-/// The inbound protections of one policy over the forwarder: the rate
-/// limit (429), then the concurrency limit (503 at once when full), then
-/// the timeout (504).
+/// The inbound protections of one policy over the forwarder: who may
+/// call (403), the rate limit (429), then the concurrency limit (503 at
+/// once when full), then the timeout (504).
 fn inbound_policy(
     state: &PolicyState,
     to_app: ToApp,
@@ -244,7 +253,10 @@ fn inbound_policy(
     };
     let name = service.to_string();
     let (shed_name, shed_metrics) = (name.clone(), metrics.clone());
+    let rules = state.policy.as_deref().and_then(Rules::from_policy);
     let svc = ServiceBuilder::new()
+        // Before the rate limit: a refused caller spends no token.
+        .layer_fn(|inner| Authorize::new(inner, rules.clone(), metrics.clone()))
         .layer_fn(|inner| RateLimit::new(inner, bucket.clone(), service.clone(), metrics.clone()))
         .map_err(move |e: BoxError| -> BoxError {
             if is_shed(e.as_ref()) {

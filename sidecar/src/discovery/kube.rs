@@ -29,7 +29,9 @@ use kube::{
     runtime::{reflector, watcher},
 };
 
-use super::{Directory, Discovered, EndpointsWatch, Resolve, Stale};
+use super::{
+    Directory, Discovered, EndpointsWatch, IdentityWatch, Resolve, SERVICE_ACCOUNT_LABEL, Stale,
+};
 use crate::{metrics::Metrics, outbound::target::ServiceName};
 
 /// The label the EndpointSlice controller sets to the owning Service's name.
@@ -95,6 +97,10 @@ impl Resolve for KubeResolver {
     fn stale(&self) -> BTreeMap<ServiceName, Stale> {
         self.dir.stale()
     }
+
+    fn identity(&self, service: &ServiceName) -> IdentityWatch {
+        self.dir.identity(service)
+    }
 }
 
 /// Follows one service's EndpointSlices for as long as the process runs,
@@ -132,9 +138,11 @@ async fn follow_once(client: &Client, dir: &Directory, service: &ServiceName) ->
             // and Delete; Init and InitApply are mid-list and would publish a
             // partial set.
             Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                let state = discovered_from_slices(&store.state());
+                let slices = store.state();
+                let state = discovered_from_slices(&slices);
                 tracing::debug!(%service, endpoints = state.addrs().len(), "endpoints changed");
                 dir.publish(service, state);
+                dir.publish_identity(service, service_account(&slices));
                 if !listed && dir.mark_fresh(service) {
                     tracing::info!(%service, "EndpointSlices listed again; discovery is fresh");
                 }
@@ -178,6 +186,18 @@ pub fn discovered_from_slices(slices: &[Arc<EndpointSlice>]) -> Discovered {
         }
     }
     Discovered::Ready(Arc::new(set))
+}
+
+/// The ServiceAccount the service's pods run as, from the label the
+/// operator puts on a MicroService's Service (copied onto its slices).
+fn service_account(slices: &[Arc<EndpointSlice>]) -> Option<&str> {
+    slices.iter().find_map(|s| {
+        s.metadata
+            .labels
+            .as_ref()?
+            .get(SERVICE_ACCOUNT_LABEL)
+            .map(String::as_str)
+    })
 }
 
 /// The port to send traffic to: a TCP port named like an HTTP port, else the

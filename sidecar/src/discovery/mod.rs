@@ -61,6 +61,18 @@ pub struct Stale {
 /// A watch on one service's endpoints.
 pub type EndpointsWatch = watch::Receiver<Discovered>;
 
+/// A watch on the ServiceAccount a service's pods run as, when they are
+/// meshed workloads (`None`: not meshed, or not known yet). The caller's
+/// sidecar expects the server to prove this identity over mutual TLS.
+pub type IdentityWatch = watch::Receiver<Option<Arc<str>>>;
+
+type IdentitySender = watch::Sender<Option<Arc<str>>>;
+
+/// The label on a MicroService's Service naming the ServiceAccount its pods
+/// run as. The EndpointSlice controller copies a Service's labels onto its
+/// slices, which is where discovery reads it.
+pub const SERVICE_ACCOUNT_LABEL: &str = "trellis.dev/service-account";
+
 /// A source of endpoints: what both discovery modes implement.
 pub trait Resolve: Send + Sync + 'static {
     /// Starts following a service (if not already) and returns its watch.
@@ -71,6 +83,9 @@ pub trait Resolve: Send + Sync + 'static {
 
     /// Every followed service and what is known of it, for the status page.
     fn snapshot(&self) -> BTreeMap<ServiceName, Discovered>;
+
+    /// The mesh identity of `service`'s pods, kept up to date.
+    fn identity(&self, service: &ServiceName) -> IdentityWatch;
 
     /// The services whose source is failing: what is known of them is the
     /// last answer, which may be out of date. Sources that cannot fail
@@ -110,6 +125,7 @@ impl std::fmt::Debug for Resolver {
 #[derive(Clone)]
 pub(crate) struct Directory {
     services: Arc<Mutex<HashMap<ServiceName, watch::Sender<Discovered>>>>,
+    identities: Arc<Mutex<HashMap<ServiceName, IdentitySender>>>,
     stale: Arc<Mutex<BTreeMap<ServiceName, Stale>>>,
     metrics: Metrics,
 }
@@ -118,6 +134,7 @@ impl Directory {
     pub(crate) fn new(metrics: Metrics) -> Self {
         Self {
             services: Arc::default(),
+            identities: Arc::default(),
             stale: Arc::default(),
             metrics,
         }
@@ -162,6 +179,30 @@ impl Directory {
             }
         }
         self.metrics.set_endpoints(&service.to_string(), n);
+    }
+
+    /// The identity watch of `service`.
+    pub(crate) fn identity(&self, service: &ServiceName) -> IdentityWatch {
+        let mut map = self.identities.lock().expect("identities lock");
+        map.entry(service.clone())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// Publishes the ServiceAccount `service`'s pods run as.
+    pub(crate) fn publish_identity(&self, service: &ServiceName, account: Option<&str>) {
+        let mut map = self.identities.lock().expect("identities lock");
+        let tx = map
+            .entry(service.clone())
+            .or_insert_with(|| watch::channel(None).0);
+        tx.send_if_modified(|cur| {
+            if cur.as_deref() == account {
+                false
+            } else {
+                *cur = account.map(Into::into);
+                true
+            }
+        });
     }
 
     pub(crate) fn is_synced(&self) -> bool {

@@ -75,6 +75,13 @@ impl StaticResolver {
             .publish(&self.service(name), Discovered::Ready(Arc::new(set)));
     }
 
+    /// Says `name`'s pods are meshed workloads running as ServiceAccount
+    /// `account` (`None`: not meshed), as the label on a MicroService's
+    /// Service does in Kubernetes.
+    pub fn set_identity(&self, name: &str, account: Option<&str>) {
+        self.dir.publish_identity(&self.service(name), account);
+    }
+
     /// Forgets `name`: it becomes unknown.
     pub fn remove(&self, name: &str) {
         self.dir.publish(&self.service(name), Discovered::NotFound);
@@ -105,6 +112,10 @@ impl Resolve for StaticResolver {
 
     fn snapshot(&self) -> BTreeMap<ServiceName, Discovered> {
         self.dir.snapshot()
+    }
+
+    fn identity(&self, service: &ServiceName) -> super::IdentityWatch {
+        self.dir.identity(service)
     }
 }
 

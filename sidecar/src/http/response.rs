@@ -61,6 +61,18 @@ pub enum ProxyError {
         "{0:?} is not a dependency or a service of the mesh this sidecar can read, and egress is Deny: declare it in spec.dependencies or set spec.egress to Allow"
     )]
     EgressDenied(String),
+    /// The caller is not allowed to reach this service: no authorization
+    /// rule allows its identity, or it came in plaintext where mutual TLS
+    /// is required.
+    #[error("{caller} may not call {service}: {reason}")]
+    NotAuthorized {
+        /// The service called.
+        service: String,
+        /// The caller's identity, or that it has none.
+        caller: String,
+        /// Why, and what to change.
+        reason: &'static str,
+    },
     /// The destination outside the mesh could not be resolved by DNS.
     #[error("{host:?} is outside the mesh and does not resolve: {error}")]
     EgressUnresolved {
@@ -158,7 +170,7 @@ impl ProxyError {
             Self::NoAuthority | Self::BadAuthority(_) | Self::BadRequest(_) => {
                 StatusCode::BAD_REQUEST
             }
-            Self::EgressDenied(_) => StatusCode::FORBIDDEN,
+            Self::EgressDenied(_) | Self::NotAuthorized { .. } => StatusCode::FORBIDDEN,
             Self::EgressUnresolved { .. } => StatusCode::BAD_GATEWAY,
             Self::UnknownService(_)
             | Self::NoEndpoints(_)
@@ -188,6 +200,7 @@ impl ProxyError {
             Self::Overloaded { .. } => "overloaded",
             Self::NoPolicy => "no-policy",
             Self::EgressDenied(_) => "egress-denied",
+            Self::NotAuthorized { .. } => "not-authorized",
             Self::EgressUnresolved { .. } => "egress-unresolved",
             Self::BadRequest(_) => "bad-request",
         }

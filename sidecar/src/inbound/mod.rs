@@ -3,9 +3,10 @@
 //! The listener on the pod's address forwards to the application on
 //! localhost, at the port the policy names, adding `x-forwarded-for` so the
 //! application still sees who called. The policy's inbound protections —
-//! [`rate_limit`] and [`concurrency`], then a timeout — wrap this in
-//! [`crate::stack`].
+//! [`authorize`], [`rate_limit`] and [`concurrency`], then a timeout —
+//! wrap this in [`crate::stack`].
 
+pub mod authorize;
 pub mod concurrency;
 pub mod rate_limit;
 
@@ -72,7 +73,7 @@ impl Service<Request<Body>> for ToApp {
         let client = self.client.clone();
         async move {
             let label = ServiceLabel(Arc::from(policy.service.as_str()));
-            match client.send(req, addr, protocol).await {
+            match client.send(req, addr, protocol, None).await {
                 Ok(mut rsp) => {
                     rsp.extensions_mut().insert(label);
                     Ok(rsp)

@@ -9,7 +9,8 @@
 //! through methods on [`Metrics`] defined there: [`traffic`] (requests,
 //! latency, gRPC codes, the proxy's own answers, connections, both
 //! directions), [`discovery`], [`policy`], [`resilience`] (breakers,
-//! retries, outlier ejection), [`inbound`] (limits) and [`spans`]; the
+//! retries, outlier ejection), [`inbound`] (limits), [`identity`]
+//! (certificates, authorization) and [`spans`]; the
 //! process footprint is added by [`crate::process`].
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use prometheus_client::{
 
 mod discovery;
 mod http_layer;
+mod identity;
 mod inbound;
 mod policy;
 mod resilience;
@@ -29,6 +31,7 @@ mod spans;
 mod traffic;
 
 pub use http_layer::MetricsLayer;
+pub use identity::{Renewal, Verdict};
 
 /// Which listener a request came through.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -68,6 +71,7 @@ struct Inner {
     policy: policy::Families,
     resilience: resilience::Families,
     inbound: inbound::Families,
+    identity: identity::Families,
     spans: spans::Families,
 }
 
@@ -83,6 +87,7 @@ impl Default for Metrics {
         let policy = policy::Families::register(&mut registry);
         let resilience = resilience::Families::register(&mut registry);
         let inbound = inbound::Families::register(&mut registry);
+        let identity = identity::Families::register(&mut registry);
         let spans = spans::Families::register(&mut registry);
         Self(Arc::new(Inner {
             registry,
@@ -91,6 +96,7 @@ impl Default for Metrics {
             policy,
             resilience,
             inbound,
+            identity,
             spans,
         }))
     }

@@ -89,7 +89,7 @@ impl EgressForwarder {
                 })?;
             tracing::debug!(host = %dest.host, %addr, "forwarding outside the mesh");
             self.client
-                .send(req, addr, protocol)
+                .send(req, addr, protocol, None)
                 .await
                 .map_err(BoxError::from)
         };

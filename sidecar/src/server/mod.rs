@@ -3,7 +3,10 @@
 //!
 //! A connection's first bytes tell its protocol: the HTTP/2 connection
 //! preface is h2c with prior knowledge (gRPC clients), anything else is
-//! HTTP/1.1, so one listener serves both. Those bytes are read here, under
+//! HTTP/1.1, so one listener serves both; a TLS handshake record is mutual
+//! TLS from another sidecar (the inbound listener only), with HTTP/2 or
+//! HTTP/1.1 inside by ALPN, and the caller's identity from its certificate
+//! goes with each request as a [`Peer`]. Those bytes are read here, under
 //! [`ServerLimits::first_bytes_timeout`], and handed back to hyper in
 //! front of the rest of the stream; a client that connects and says
 //! nothing is closed instead of holding a slot. Connections are capped with
@@ -45,6 +48,7 @@ use self::{
 };
 use crate::{
     http::{Body, BoxError, boxed},
+    mtls::{MeshTls, Peer},
     stack::ListenerService,
 };
 
@@ -155,6 +159,7 @@ pub async fn serve(
     service: ListenerService,
     limits: ServerLimits,
     connections: Gauge,
+    tls: Option<MeshTls>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let builders = Arc::new(Builders::new(&limits));
@@ -186,6 +191,7 @@ pub async fn serve(
             service.clone(),
             builders.clone(),
             limits.clone(),
+            tls.clone(),
             drain.subscribe(),
         );
         let connections = connections.clone();
@@ -215,13 +221,17 @@ pub async fn serve(
 }
 
 /// One connection: its protocol from its first bytes (within the first
-/// bytes deadline), then hyper, until it ends or the drain closes it.
+/// bytes deadline), then, for TLS, the handshake (within the same
+/// deadline again) and ALPN, then hyper, until it ends or the drain
+/// closes it. TLS is accepted only with `tls` and a certificate; without
+/// them a TLS client is closed, since it cannot be served.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     service: ListenerService,
     builders: Arc<Builders>,
     limits: Arc<ServerLimits>,
+    tls: Option<MeshTls>,
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), BoxError> {
     let mut io = Replay::new(stream);
@@ -238,9 +248,99 @@ async fn connection(
         },
         _ = crate::shutdown::signalled(&mut drain) => return Ok(()),
     };
+    let heads = HeadSignal::new();
+    let conn = match protocol {
+        Protocol::Tls => {
+            let Some(config) = tls.as_ref().and_then(MeshTls::server_config) else {
+                tracing::debug!(%peer, "a TLS client, but no mesh certificate to answer with; closing");
+                return Ok(());
+            };
+            io.heads = Some(heads.clone());
+            let handshake = tokio_rustls::TlsAcceptor::from(config).accept(io);
+            let stream = tokio::select! {
+                done = tokio::time::timeout(limits.first_bytes_timeout, handshake) => match done {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake refused");
+                        return Ok(());
+                    }
+                    Err(_) => return Ok(()),
+                },
+                _ = crate::shutdown::signalled(&mut drain) => return Ok(()),
+            };
+            let session = stream.get_ref().1;
+            // The verifier required a certificate of the bundle; one that
+            // names no workload is not a mesh peer.
+            let Some(id) =
+                trellis_identity::tls::peer_id(session.peer_certificates().unwrap_or_default())
+            else {
+                tracing::debug!(%peer, "a TLS client certificate without a SPIFFE ID; closing");
+                return Ok(());
+            };
+            if let Some(mesh) = &tls {
+                mesh.saw(&id);
+            }
+            let protocol = if session.alpn_protocol() == Some(trellis_identity::tls::ALPN_H2) {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            };
+            let from = Peer::Mesh(Arc::new(id));
+            http(
+                stream, protocol, peer, from, heads, service, &builders, limits, drain,
+            )
+        }
+        Protocol::Http1 => {
+            io.heads = Some(heads.clone());
+            http(
+                io,
+                protocol,
+                peer,
+                Peer::Plaintext,
+                heads,
+                service,
+                &builders,
+                limits,
+                drain,
+            )
+        }
+        Protocol::Http2 => http(
+            io,
+            protocol,
+            peer,
+            Peer::Plaintext,
+            heads,
+            service,
+            &builders,
+            limits,
+            drain,
+        ),
+    };
+    conn.await?;
+    Ok(())
+}
+
+/// hyper on a connection whose protocol is known, with each request
+/// carrying its client's address and [`Peer`].
+#[allow(clippy::too_many_arguments)]
+fn http<I>(
+    io: I,
+    protocol: Protocol,
+    addr: SocketAddr,
+    from: Peer,
+    heads: Arc<HeadSignal>,
+    service: ListenerService,
+    builders: &Builders,
+    limits: Arc<ServerLimits>,
+    drain: watch::Receiver<bool>,
+) -> BoxFuture<'static, Result<(), hyper::Error>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc = service.map_request(move |req: Request<Incoming>| -> Request<Body> {
         let mut req = req.map(boxed);
-        req.extensions_mut().insert(ClientAddr(peer));
+        req.extensions_mut().insert(ClientAddr(addr));
+        req.extensions_mut().insert(from.clone());
         req
     });
     let (requests, watched) = watch::channel(Requests::default());
@@ -251,16 +351,7 @@ async fn connection(
     // Each connection future is boxed with its type spelled out: the
     // boxed-error lifetimes in the body type otherwise trip a rustc
     // limitation when this future is spawned.
-    let conn: BoxFuture<'static, Result<(), hyper::Error>> = match protocol {
-        Protocol::Http1 => {
-            let heads = HeadSignal::new();
-            io.heads = Some(heads.clone());
-            let conn = builders
-                .http1
-                .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
-            let quiet = http1_quiet(watched, heads, limits.clone());
-            Box::pin(until_drained(conn, drain, quiet))
-        }
+    match protocol {
         Protocol::Http2 => {
             let conn = builders
                 .http2
@@ -268,7 +359,12 @@ async fn connection(
             let quiet = idle_for(watched, limits.idle_timeout);
             Box::pin(until_drained(conn, drain, quiet))
         }
-    };
-    conn.await?;
-    Ok(())
+        Protocol::Http1 | Protocol::Tls => {
+            let conn = builders
+                .http1
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+            let quiet = http1_quiet(watched, heads, limits);
+            Box::pin(until_drained(conn, drain, quiet))
+        }
+    }
 }

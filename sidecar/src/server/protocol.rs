@@ -18,11 +18,17 @@ use super::watchdog::HeadSignal;
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// The first byte of a TLS handshake record (RFC 8446 §5.1): no HTTP/1.1
+/// request line or HTTP/2 preface starts with it.
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// What a connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Protocol {
     Http1,
     Http2,
+    /// TLS; the protocol inside comes from ALPN.
+    Tls,
 }
 
 /// A TCP stream whose first bytes, read to tell the protocol, are read
@@ -47,8 +53,8 @@ impl Replay {
         }
     }
 
-    /// Reads until the bytes so far are the whole HTTP/2 preface or differ
-    /// from it (HTTP/1.1); `None` when the peer closes first.
+    /// Reads until the bytes so far are a TLS record, the whole HTTP/2
+    /// preface, or differ from it (HTTP/1.1); `None` when the peer closes first.
     pub(super) async fn detect(&mut self) -> io::Result<Option<Protocol>> {
         loop {
             let n = self.stream.read(&mut self.head[self.len..]).await?;
@@ -56,6 +62,9 @@ impl Replay {
                 return Ok(None);
             }
             self.len += n;
+            if self.head[0] == TLS_HANDSHAKE {
+                return Ok(Some(Protocol::Tls));
+            }
             if self.head[..self.len] != H2_PREFACE[..self.len] {
                 return Ok(Some(Protocol::Http1));
             }
