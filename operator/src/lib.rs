@@ -17,6 +17,7 @@ pub mod admin;
 pub mod controller;
 pub mod crd;
 pub mod grants;
+pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod render;

@@ -22,6 +22,9 @@ use trellis_operator::{
 #[derive(Debug, Parser)]
 #[command(name = "trellis-operator", version, about, long_about = None)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// The sidecar image put into every MicroService's pods.
     #[arg(long, env = "TRELLIS_SIDECAR_IMAGE", default_value = DEFAULT_SIDECAR_IMAGE)]
     sidecar_image: String,
@@ -78,6 +81,45 @@ struct Args {
     log_filter: String,
 }
 
+/// What else the binary runs.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// The identity service: certificates for sidecars (its own Deployment,
+    /// the only holder of the issuer's key).
+    Identity(IdentityArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct IdentityArgs {
+    /// Where the identity service listens (TLS).
+    #[arg(long, env = "TRELLIS_IDENTITY_ADDR", default_value = "0.0.0.0:8443")]
+    addr: SocketAddr,
+
+    /// The trust domain of the mesh's SPIFFE IDs.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+
+    /// How long a workload certificate lasts (sidecars renew at 70 %).
+    #[arg(long, env = "TRELLIS_CERTIFICATE_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    certificate_lifetime: Duration,
+
+    /// The identity service's Service name (its certificate names it).
+    #[arg(
+        long,
+        env = "TRELLIS_IDENTITY_SERVICE",
+        default_value = "trellis-identity"
+    )]
+    service: String,
+
+    /// The identity service's own ServiceAccount.
+    #[arg(
+        long,
+        env = "TRELLIS_IDENTITY_SERVICE_ACCOUNT",
+        default_value = "trellis-identity"
+    )]
+    service_account: String,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -86,6 +128,23 @@ async fn main() -> anyhow::Result<()> {
         &args.log_filter,
         args.otlp_endpoint.as_deref(),
     )?;
+    if let Some(Command::Identity(id)) = &args.command {
+        let client = kube::Client::try_default()
+            .await
+            .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
+        let settings = trellis_operator::identity::IdentitySettings {
+            addr: id.addr,
+            namespace: args.lease_namespace.clone(),
+            trust_domain: id.trust_domain.clone(),
+            lifetime: id.certificate_lifetime,
+            service: id.service.clone(),
+            service_account: id.service_account.clone(),
+        };
+        return tokio::select! {
+            r = trellis_operator::identity::run(client, settings) => r,
+            () = shutdown_signal() => Ok(()),
+        };
+    }
 
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
