@@ -25,5 +25,5 @@ pub mod status;
 pub mod telemetry;
 pub mod validate;
 
-pub use controller::{Context, Error, Settings, run};
+pub use controller::{Context, Error, IdentityConfig, Settings, run};
 pub use crd::{MicroService, MicroServiceSpec, MicroServiceStatus, Phase};

@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use trellis_operator::{
-    Settings, admin,
+    IdentityConfig, Settings, admin,
     leader::{LeaderElector, Timing},
     metrics::Metrics,
     render::{DEFAULT_SIDECAR_IMAGE, RenderConfig},
@@ -58,6 +58,17 @@ struct Args {
     #[arg(long, env = "TRELLIS_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
 
+    /// The identity service's `host:port` (`trellis-identity.trellis-system.svc:8443`):
+    /// sidecars get certificates there and speak mutual TLS once the trust
+    /// bundle ConfigMap `trellis-trust-bundle` exists in POD_NAMESPACE. Unset:
+    /// the mesh runs without identity, in plaintext.
+    #[arg(long, env = "TRELLIS_IDENTITY_ADDRESS")]
+    identity_address: Option<String>,
+
+    /// The trust domain of the mesh's SPIFFE IDs (the identity service's own).
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+
     /// Reconciles running at once.
     #[arg(long, env = "TRELLIS_CONCURRENCY", default_value_t = 4)]
     concurrency: u16,
@@ -95,10 +106,6 @@ struct IdentityArgs {
     #[arg(long, env = "TRELLIS_IDENTITY_ADDR", default_value = "0.0.0.0:8443")]
     addr: SocketAddr,
 
-    /// The trust domain of the mesh's SPIFFE IDs.
-    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
-    trust_domain: String,
-
     /// How long a workload certificate lasts (sidecars renew at 70 %).
     #[arg(long, env = "TRELLIS_CERTIFICATE_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
     certificate_lifetime: Duration,
@@ -135,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         let settings = trellis_operator::identity::IdentitySettings {
             addr: id.addr,
             namespace: args.lease_namespace.clone(),
-            trust_domain: id.trust_domain.clone(),
+            trust_domain: args.trust_domain.clone(),
             lifetime: id.certificate_lifetime,
             service: id.service.clone(),
             service_account: id.service_account.clone(),
@@ -167,12 +174,18 @@ async fn main() -> anyhow::Result<()> {
             sidecar_image: args.sidecar_image.clone(),
             cluster_domain: args.cluster_domain.clone(),
             otlp_endpoint: args.otlp_endpoint.clone(),
+            mesh: None,
         },
         namespace: args.watch_namespace.clone(),
         concurrency: args.concurrency,
         instance: Some(identity.clone()),
         resync: Duration::from_secs(args.resync_seconds),
         selector: None,
+        identity: args.identity_address.clone().map(|addr| IdentityConfig {
+            trust_domain: args.trust_domain.clone(),
+            issuer_address: addr,
+            bundle_namespace: args.lease_namespace.clone(),
+        }),
     };
     // Ready once the apiserver answers; a standby is ready too.
     client

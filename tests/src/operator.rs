@@ -72,6 +72,7 @@ impl Operator {
                 sidecar_image: sidecar_image.into(),
                 cluster_domain: "cluster.local".into(),
                 otlp_endpoint: None,
+                mesh: None,
             },
         )
         .await

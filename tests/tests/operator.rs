@@ -239,6 +239,7 @@ async fn create_makes_every_child_with_the_exact_fields() {
             sidecar_image: SIDECAR_IMAGE.into(),
             cluster_domain: "cluster.local".into(),
             otlp_endpoint: None,
+            mesh: None,
         },
         &render::SecretVersions::new(),
     )

@@ -29,6 +29,7 @@ async fn a_pods_sidecar_exports_its_spans_with_the_pods_identity() {
             sidecar_image: "trellis/sidecar:0.1.0".into(),
             cluster_domain: "cluster.local".into(),
             otlp_endpoint: Some(collector.endpoint.clone()),
+            mesh: None,
         },
     )
     .await;

@@ -320,7 +320,7 @@ fn ordered(c: Children) -> Vec<Child> {
 /// as the apiserver (or the cache) has it.
 pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment, Error> {
     let versions = secrets::versions(ms, ctx).await?;
-    let c: Children = render::render(ms, &ctx.settings.render, &versions)?;
+    let c: Children = render::render(ms, &ctx.render_config(), &versions)?;
     // A Deployment naming a Secret that does not exist makes pods that never
     // start (CreateContainerConfigError); nothing is applied instead, and
     // the status names the Secret. Pods already running keep running.

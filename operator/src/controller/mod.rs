@@ -114,6 +114,20 @@ pub struct Settings {
     /// Reconcile only the MicroServices with these labels (a label selector,
     /// `key=value,...`); all when `None`.
     pub selector: Option<String>,
+    /// The mesh identity sidecars get, once the trust bundle exists;
+    /// `None`: sidecars speak plaintext.
+    pub identity: Option<IdentityConfig>,
+}
+
+/// Where the mesh identity comes from.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    /// The trust domain of SPIFFE IDs.
+    pub trust_domain: String,
+    /// The identity service's `host:port`.
+    pub issuer_address: String,
+    /// The namespace of the `trellis-trust-bundle` ConfigMap.
+    pub bundle_namespace: String,
 }
 
 impl Default for Settings {
@@ -125,6 +139,7 @@ impl Default for Settings {
             instance: None,
             resync: Duration::from_secs(300),
             selector: None,
+            identity: None,
         }
     }
 }
@@ -146,6 +161,8 @@ pub struct Context {
     /// The last apply per child (`Kind/namespace/name`); forgotten when the
     /// watch reports the child deleted.
     applied: Arc<Mutex<HashMap<String, Applied>>>,
+    /// The trust bundle as last read (PEM), when identity is on.
+    trust_bundle: Arc<std::sync::RwLock<Option<String>>>,
 }
 
 impl Context {
@@ -168,8 +185,64 @@ impl Context {
             failures: Mutex::default(),
             caches,
             applied,
+            trust_bundle: Arc::default(),
         }
     }
+
+    /// What rendering needs now: the settings, with the mesh identity once
+    /// the trust bundle has been read.
+    pub fn render_config(&self) -> RenderConfig {
+        let mut cfg = self.settings.render.clone();
+        if let (Some(id), Some(bundle)) = (
+            &self.settings.identity,
+            self.trust_bundle.read().expect("bundle lock").clone(),
+        ) {
+            cfg.mesh = Some(trellis_policy::MeshIdentity {
+                trust_domain: id.trust_domain.clone(),
+                trust_bundle: bundle,
+                issuer_address: id.issuer_address.clone(),
+            });
+        }
+        cfg
+    }
+}
+
+/// Follows the trust bundle ConfigMap: each change is stored in `slot`
+/// and yields `()`, so every MicroService is reconciled and its sidecars
+/// get the new bundle through their policy (a root rotation's overlap).
+fn trust_bundle_watch(
+    client: &Client,
+    id: &IdentityConfig,
+    slot: Arc<std::sync::RwLock<Option<String>>>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &id.bundle_namespace);
+    let config = watcher::Config::default().fields(&format!(
+        "metadata.name={}",
+        crate::identity::store::TRUST_BUNDLE
+    ));
+    watcher(api, config)
+        .backoff(WatchBackoff::default())
+        .applied_objects()
+        .filter_map(move |cm| {
+            let slot = slot.clone();
+            async move {
+                let bundle = cm
+                    .ok()?
+                    .data?
+                    .remove(crate::identity::store::TRUST_BUNDLE_KEY)?;
+                let mut current = slot.write().expect("bundle lock");
+                if current.as_deref() == Some(bundle.as_str()) {
+                    return None;
+                }
+                if trellis_identity::TrustBundle::from_pem(&bundle).is_err() {
+                    warn!("the trust bundle ConfigMap holds no valid PEM certificate; keeping the last bundle");
+                    return None;
+                }
+                info!("the trust bundle changed; reconciling every MicroService");
+                *current = Some(bundle);
+                Some(())
+            }
+        })
 }
 
 /// Runs the controller until `shutdown` resolves (or forever).
@@ -260,7 +333,12 @@ pub async fn run(
         "starting the MicroService controller"
     );
     let listing = ms_store.clone();
+    let bundle_changes: futures::stream::BoxStream<'static, ()> = match &ctx.settings.identity {
+        Some(id) => Box::pin(trust_bundle_watch(&client, id, ctx.trust_bundle.clone())),
+        None => Box::pin(futures::stream::pending()),
+    };
     Controller::for_stream(ms_trigger, ms_store)
+        .reconcile_all_on(bundle_changes)
         .owns_stream(cm_trigger)
         .owns_stream(sa_trigger)
         // A Role or RoleBinding is the child of a MicroService in its own

@@ -124,6 +124,26 @@ impl Renderer<'_> {
         env
     }
 
+    fn sidecar_mounts(&self) -> Vec<VolumeMount> {
+        let mut mounts = vec![
+            Self::mount("policy", POLICY_MOUNT, true),
+            Self::mount("sidecar-tmp", "/tmp", false),
+            Self::mount(
+                "sidecar-token",
+                "/var/run/secrets/kubernetes.io/serviceaccount",
+                true,
+            ),
+        ];
+        if self.cfg.mesh.is_some() {
+            mounts.push(Self::mount(
+                "identity-token",
+                super::pod::IDENTITY_TOKEN_DIR,
+                true,
+            ));
+        }
+        mounts
+    }
+
     /// The sidecar, as a native sidecar (init container with `restartPolicy: Always`).
     ///
     /// Its startup probe is `/livez`, not `/readyz`: the app container starts
@@ -162,15 +182,7 @@ impl Renderer<'_> {
                 ..ResourceRequirements::default()
             }),
             security_context: Some(Self::security_context()),
-            volume_mounts: Some(vec![
-                Self::mount("policy", POLICY_MOUNT, true),
-                Self::mount("sidecar-tmp", "/tmp", false),
-                Self::mount(
-                    "sidecar-token",
-                    "/var/run/secrets/kubernetes.io/serviceaccount",
-                    true,
-                ),
-            ]),
+            volume_mounts: Some(self.sidecar_mounts()),
             ..Container::default()
         }
     }

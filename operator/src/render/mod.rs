@@ -116,6 +116,9 @@ pub struct RenderConfig {
     /// Where sidecars export spans (OTLP/gRPC), passed to them as
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`; `None` leaves tracing off.
     pub otlp_endpoint: Option<String>,
+    /// The mesh identity every sidecar gets (trust domain, trust bundle,
+    /// the identity service's address); `None`: sidecars speak plaintext.
+    pub mesh: Option<trellis_policy::MeshIdentity>,
 }
 
 impl Default for RenderConfig {
@@ -124,6 +127,7 @@ impl Default for RenderConfig {
             sidecar_image: DEFAULT_SIDECAR_IMAGE.into(),
             cluster_domain: "cluster.local".into(),
             otlp_endpoint: None,
+            mesh: None,
         }
     }
 }
@@ -195,7 +199,8 @@ pub fn render(
     let owner = ms
         .controller_owner_ref(&())
         .ok_or(RenderError::MissingMetadata("uid"))?;
-    let policy = sidecar_policy(ms)?;
+    let mut policy = sidecar_policy(ms)?;
+    policy.identity = cfg.mesh.clone();
     let r = Renderer {
         ms,
         cfg,

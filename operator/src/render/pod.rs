@@ -88,6 +88,9 @@ impl Renderer<'_> {
             empty_dir("sidecar-tmp"),
             token,
         ];
+        if self.cfg.mesh.is_some() {
+            volumes.push(identity_token());
+        }
         volumes.extend(self.secret_volumes());
         volumes
     }
@@ -138,5 +141,29 @@ impl Renderer<'_> {
                 ..TopologySpreadConstraint::default()
             })
             .collect()
+    }
+}
+
+/// Where the sidecar reads the token it proves its identity with.
+pub const IDENTITY_TOKEN_DIR: &str = "/var/run/secrets/trellis/identity";
+
+/// A ServiceAccount token for the identity service's audience alone, so
+/// it is no good against the Kubernetes API (and the API token no good
+/// for a certificate). The kubelet rotates it; the sidecar re-reads it.
+fn identity_token() -> Volume {
+    Volume {
+        name: s("identity-token"),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o444),
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    path: s("token"),
+                    audience: Some(s(trellis_identity::api::TOKEN_AUDIENCE)),
+                    expiration_seconds: Some(3600),
+                }),
+                ..VolumeProjection::default()
+            }]),
+        }),
+        ..Volume::default()
     }
 }

@@ -11,14 +11,26 @@ use trellis_policy::Protocol;
 
 use super::{INBOUND_PORT, Renderer, s, selector_labels};
 
+/// The label naming the ServiceAccount of a MicroService's pods (the
+/// sidecar's discovery reads it under the same name).
+pub const SERVICE_ACCOUNT_LABEL: &str = "trellis.dev/service-account";
+
 impl Renderer<'_> {
     pub(super) fn service(&self) -> Service {
         let (port_name, app_protocol) = match self.ms.spec.protocol {
             Protocol::Http => ("http", "http"),
             Protocol::Grpc => ("grpc", "kubernetes.io/h2c"),
         };
+        let mut metadata = self.meta(self.name.clone());
+        // The ServiceAccount its pods run as: the EndpointSlice controller
+        // copies it onto the slices, where callers' sidecars read whom the
+        // endpoints must prove to be over mutual TLS.
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(s(SERVICE_ACCOUNT_LABEL), self.name.clone());
         Service {
-            metadata: self.meta(self.name.clone()),
+            metadata,
             spec: Some(ServiceSpec {
                 type_: Some(s("ClusterIP")),
                 selector: Some(selector_labels(&self.name)),

@@ -42,6 +42,7 @@ fn cfg() -> RenderConfig {
         sidecar_image: "trellis/sidecar:test".into(),
         cluster_domain: "cluster.local".into(),
         otlp_endpoint: None,
+        mesh: None,
     }
 }
 
@@ -173,10 +174,13 @@ fn recommended_labels() {
         &c.service_account.metadata,
         &c.role.metadata,
         &c.role_binding.metadata,
-        &c.service.metadata,
     ] {
         assert_eq!(meta.labels.as_ref(), Some(&expected));
     }
+    // The Service also names its pods' ServiceAccount (for mutual TLS).
+    let mut service = expected.clone();
+    service.insert("trellis.dev/service-account".into(), "order".into());
+    assert_eq!(c.service.metadata.labels.as_ref(), Some(&service));
     // The version only where there is one: the Deployment and its pods.
     expected.insert("app.kubernetes.io/version".into(), "0.1.0".into());
     assert_eq!(c.deployment.metadata.labels.as_ref(), Some(&expected));
@@ -1046,4 +1050,60 @@ fn bad_secret_entries_are_refused_naming_the_field() {
     ] {
         assert!(err.contains(field), "{field} not in {err}");
     }
+}
+
+#[test]
+fn with_a_mesh_identity_the_sidecar_alone_gets_a_token_for_the_identity_service() {
+    let mut config = cfg();
+    config.mesh = Some(trellis_policy::MeshIdentity {
+        trust_domain: "cluster.local".into(),
+        trust_bundle: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".into(),
+        issuer_address: "trellis-identity.trellis-system.svc:8443".into(),
+    });
+    let c = render(&ms(spec()), &config, &SecretVersions::new()).unwrap();
+    let data = c.policy.data.as_ref().unwrap();
+    let policy: SidecarPolicy = serde_json::from_str(&data[trellis_policy::POLICY_KEY]).unwrap();
+    assert_eq!(policy.identity, config.mesh);
+
+    let volume = pod(&c)
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "identity-token")
+        .expect("the identity token volume");
+    let projection = &volume.projected.as_ref().unwrap().sources.as_ref().unwrap()[0];
+    let token = projection.service_account_token.as_ref().unwrap();
+    assert_eq!(token.audience.as_deref(), Some("trellis-identity"));
+    let mounted = |c: &Container| {
+        c.volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "identity-token" && m.read_only == Some(true))
+    };
+    assert!(mounted(sidecar(&c)));
+    assert!(
+        !mounted(app(&c)),
+        "the app must not hold the identity token"
+    );
+
+    // Callers learn whom the pods must prove to be from the Service.
+    let labels = c.service.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels["trellis.dev/service-account"], "order");
+
+    // Without a mesh identity: no token, no identity in the policy.
+    let plain = children(spec());
+    assert!(
+        !pod(&plain)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == "identity-token")
+    );
+    let policy: SidecarPolicy =
+        serde_json::from_str(&plain.policy.data.as_ref().unwrap()[trellis_policy::POLICY_KEY])
+            .unwrap();
+    assert_eq!(policy.identity, None);
 }
