@@ -47,10 +47,18 @@ fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
 
 use serde::Deserialize;
 
+/// The first object of `kind` that is the operator's (not the identity
+/// service's, whose objects are named `<release>-identity`).
 fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     docs.iter()
-        .find(|d| d["kind"] == kind)
+        .find(|d| d["kind"] == kind && !is_identity(d))
         .unwrap_or_else(|| panic!("no {kind} rendered"))
+}
+
+fn is_identity(doc: &Value) -> bool {
+    doc["metadata"]["name"]
+        .as_str()
+        .is_some_and(|n| n.contains("-identity"))
 }
 
 /// One grant of the operator's ClusterRole and the test that fails without it.
@@ -405,7 +413,11 @@ fn the_chart_lints_clean() {
 #[ignore = "needs the tools cache (helm): cargo xtask test"]
 fn the_operator_runs_restricted_with_exactly_the_rbac_it_needs() {
     let docs = template(&[]).expect("the defaults render");
-    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    let kinds: Vec<&str> = docs
+        .iter()
+        .filter(|d| !is_identity(d))
+        .filter_map(|d| d["kind"].as_str())
+        .collect();
     assert_eq!(
         kinds,
         [
@@ -472,7 +484,10 @@ fn the_operator_runs_restricted_with_exactly_the_rbac_it_needs() {
     let lease = &find(&docs, "Role")["rules"];
     assert_eq!(
         lease,
-        &json!([{ "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"] }])
+        &json!([
+            { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"] },
+            { "apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["trellis-trust-bundle"], "verbs": ["get", "list", "watch"] },
+        ])
     );
 
     let pod = &find(&docs, "Deployment")["spec"]["template"]["spec"];
@@ -550,6 +565,57 @@ fn trellis_check_asks_for_exactly_what_the_chart_grants() {
     assert_eq!(grants_of(role), triples(OPERATOR_PERMISSIONS));
 }
 
+/// The identity service: its own ServiceAccount, which alone may read the
+/// issuer's Secret (by name) and create TokenReviews; restricted like the
+/// operator; the operator told where it is. Off, none of it is rendered.
+#[test]
+#[ignore = "needs the tools cache (helm): cargo xtask test"]
+fn the_identity_service_runs_apart_with_only_what_it_needs() {
+    let docs = template(&[]).unwrap();
+    let identity: Vec<&Value> = docs.iter().filter(|d| is_identity(d)).collect();
+    let kinds: Vec<&str> = identity.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Deployment"
+        ]
+    );
+    let of = |kind: &str| *identity.iter().find(|d| d["kind"] == kind).unwrap();
+    assert_eq!(
+        of("ClusterRole")["rules"],
+        json!([{ "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] }])
+    );
+    assert_eq!(
+        of("Role")["rules"][0],
+        json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["trellis-identity-issuer"], "verbs": ["get"] })
+    );
+    let pod = &of("Deployment")["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "trellis-operator-identity");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0];
+    assert_eq!(container["args"][0], "identity");
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let operator_args = find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        ["args"]
+        .to_string();
+    assert!(
+        operator_args.contains("--identity-address=trellis-operator-identity.trellis-system.svc:8443"),
+        "{operator_args}"
+    );
+
+    let off = template(&["identity.enabled=false"]).unwrap();
+    assert!(off.iter().all(|d| !is_identity(d)));
+    let args = find(&off, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+        .to_string();
+    assert!(!args.contains("--identity-address"), "{args}");
+}
+
 #[test]
 #[ignore = "needs the tools cache (helm): cargo xtask test"]
 fn values_choose_leader_election_scope_and_monitoring() {
@@ -563,8 +629,10 @@ fn values_choose_leader_election_scope_and_monitoring() {
 
     let scoped = template(&["watchNamespace=shop"]).unwrap();
     assert!(
-        scoped.iter().all(|d| d["kind"] != "ClusterRole"),
-        "a namespaced install needs no ClusterRole"
+        scoped
+            .iter()
+            .all(|d| d["kind"] != "ClusterRole" || is_identity(d)),
+        "a namespaced install's operator needs no ClusterRole"
     );
     let role = scoped
         .iter()
