@@ -13,7 +13,10 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::future::{self, BoxFuture, Either};
+use futures::{
+    TryFutureExt,
+    future::{self, BoxFuture, Either},
+};
 use http::{Request, Response};
 use tower::Service;
 use trellis_identity::SpiffeId;
@@ -24,6 +27,16 @@ use crate::{
     metrics::{Metrics, Verdict},
     mtls::Peer,
 };
+
+/// On a response that authorization let through in `Audit` although no
+/// rule allowed it: the server span records it as an event.
+#[derive(Clone, Debug)]
+pub struct AuditDenied {
+    /// The caller's identity.
+    pub caller: String,
+    /// Why it would have been refused.
+    pub reason: &'static str,
+}
 
 /// One allow rule, resolved to the identity it allows.
 #[derive(Debug)]
@@ -162,7 +175,11 @@ where
                 %caller, %method, %path, reason,
                 "audit: this request would be refused (inbound.authorization mode is Audit)"
             );
-            return Either::Left(self.inner.call(req));
+            let audit = AuditDenied { caller, reason };
+            return Either::Right(Box::pin(self.inner.call(req).map_ok(move |mut rsp| {
+                rsp.extensions_mut().insert(audit);
+                rsp
+            })));
         }
         tracing::info!(
             target: "trellis::authorization",

@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::{Tracing, propagation, span::Guard};
-use crate::server::ClientAddr;
+use crate::{mtls::Peer, server::ClientAddr};
 
 /// Wraps the inbound stack in [`ServerSpan`].
 #[derive(Clone, Debug)]
@@ -83,6 +83,9 @@ where
         }
         if let Some(ClientAddr(peer)) = req.extensions().get::<ClientAddr>() {
             attrs.push(KeyValue::new("client.address", peer.ip().to_string()));
+        }
+        if let Some(Peer::Mesh(id)) = req.extensions().get::<Peer>() {
+            attrs.push(KeyValue::new("trellis.peer.identity", id.to_string()));
         }
         let span = sampled.start(
             SpanBuilder::from_name(name)

@@ -9,9 +9,12 @@ use opentelemetry::{
     trace::{SpanKind, Status, TraceContextExt},
 };
 
-use crate::http::{
-    BoxError,
-    response::{ProxyAnswer, ProxyError},
+use crate::{
+    http::{
+        BoxError,
+        response::{ProxyAnswer, ProxyError},
+    },
+    inbound::authorize::AuditDenied,
 };
 
 /// The span name and the attributes every span of this request carries,
@@ -92,6 +95,15 @@ impl Guard {
                 vec![KeyValue::new("trellis.error.kind", kind.to_owned())],
             );
         }
+        if let Some(audit) = rsp.extensions().get::<AuditDenied>() {
+            span.add_event(
+                "authorization audit: would be refused",
+                vec![
+                    KeyValue::new("trellis.peer.identity", audit.caller.clone()),
+                    KeyValue::new("trellis.authorization.reason", audit.reason),
+                ],
+            );
+        }
         let failed = status >= 500 || (self.kind == SpanKind::Client && status >= 400);
         if failed {
             span.set_attribute(KeyValue::new("error.type", status.to_string()));
@@ -140,6 +152,7 @@ fn event_name(kind: &str) -> &'static str {
         "timeout" => "timeout",
         "rate-limited" => "rate limited",
         "overloaded" => "load shed",
+        "not-authorized" => "not authorized",
         _ => "upstream error",
     }
 }
