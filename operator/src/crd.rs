@@ -380,6 +380,14 @@ pub struct MicroServiceStatus {
     /// The in-cluster URL of the service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The identity its pods prove over mutual TLS (`spiffe://…/ns/<ns>/sa/<name>`);
+    /// unset when the mesh runs without identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// How callers are checked: `mtls <Strict|Permissive>`, and the
+    /// authorization mode with its number of rules, or `any caller`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<String>,
     /// Ready, Progressing, Degraded and ReconcileFailed, each with a reason and message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]

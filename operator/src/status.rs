@@ -83,6 +83,10 @@ pub struct Observed<'a> {
     pub deployment: Option<&'a Deployment>,
     /// The in-cluster URL.
     pub url: String,
+    /// The pods' mesh identity, when the mesh has identity.
+    pub identity: Option<String>,
+    /// How callers are checked (see [`crate::crd::MicroServiceStatus::authorization`]).
+    pub authorization: Option<String>,
     /// Set when the reconcile failed.
     pub failure: Option<Failure>,
     /// The status as it was, to keep `lastTransitionTime` of unchanged conditions.
@@ -278,6 +282,8 @@ pub fn compute(o: &Observed<'_>) -> MicroServiceStatus {
         replica_summary: Some(format!("{ready}/{replicas}")),
         phase: Some(phase),
         url: Some(o.url.clone()),
+        identity: o.identity.clone(),
+        authorization: o.authorization.clone(),
         conditions: vec![ready_c, progressing_c, degraded_c, failed_c],
     }
 }
@@ -314,6 +320,8 @@ mod tests {
 
     fn observe<'a>(d: Option<&'a Deployment>, failure: Option<Failure>) -> Observed<'a> {
         Observed {
+            identity: None,
+            authorization: None,
             generation: Some(3),
             deployment: d,
             url: "http://order.shop.svc.cluster.local".into(),

@@ -173,6 +173,28 @@ async fn the_shop_end_to_end() {
                 "no {service} pod was called by {caller} over mutual TLS"
             );
         }
+        // kubectl describe shows the identity and how callers are checked.
+        let user = shop::run(kubectl().args([
+            "get",
+            "microservice",
+            "user",
+            "-n",
+            &ns.name,
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        let user: serde_json::Value = serde_json::from_str(&user).unwrap();
+        assert_eq!(
+            user["status"]["identity"],
+            format!("spiffe://cluster.local/ns/{}/sa/user", ns.name).as_str(),
+            "{:#}",
+            user["status"]
+        );
+        assert_eq!(
+            user["status"]["authorization"],
+            "mtls Permissive, any caller"
+        );
         // Strict: a plaintext client outside the mesh (this host, on the pod
         // network) is refused at user's pods; the order sidecars still get in.
         let before = shop.policy_generations("user").await.unwrap();

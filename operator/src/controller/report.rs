@@ -12,10 +12,24 @@ pub(super) async fn update_status(
 ) -> Result<(), Error> {
     let name = ms.name_any();
     let ns = ms.namespace().unwrap_or_default();
+    let mesh = ctx.render_config().mesh;
+    let identity = mesh
+        .as_ref()
+        .map(|m| trellis_identity::SpiffeId::new(&m.trust_domain, &ns, &name).to_string());
+    let authorization = mesh.as_ref().map(|_| {
+        let inbound = ms.spec.inbound.clone().unwrap_or_default();
+        let who = match &inbound.authorization {
+            None => "any caller".to_owned(),
+            Some(a) => format!("authorization {:?} ({} rules)", a.mode, a.allow.len()),
+        };
+        format!("mtls {:?}, {who}", inbound.mtls)
+    });
     let status: MicroServiceStatus = status::compute(&Observed {
         generation: ms.metadata.generation,
         deployment,
         url: render::service_url(&name, &ns, &ctx.settings.render.cluster_domain),
+        identity,
+        authorization,
         failure,
         previous: ms.status.as_ref(),
         now: Timestamp::now(),
