@@ -66,7 +66,12 @@ struct Args {
     identity_address: Option<String>,
 
     /// The trust domain of the mesh's SPIFFE IDs (the identity service's own).
-    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(
+        long,
+        env = "TRELLIS_TRUST_DOMAIN",
+        default_value = "cluster.local",
+        global = true
+    )]
     trust_domain: String,
 
     /// Reconciles running at once.
@@ -249,5 +254,31 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Args, Command};
+
+    #[test]
+    fn the_identity_service_takes_the_charts_arguments() {
+        let args = Args::try_parse_from([
+            "trellis-operator",
+            "identity",
+            "--addr=0.0.0.0:8443",
+            "--certificate-lifetime=1m",
+            "--service=trellis-identity",
+            "--service-account=trellis-identity",
+            "--trust-domain=example.org",
+        ])
+        .unwrap();
+        assert_eq!(args.trust_domain, "example.org");
+        let Some(Command::Identity(id)) = args.command else {
+            panic!("not the identity subcommand")
+        };
+        assert_eq!(id.certificate_lifetime, std::time::Duration::from_secs(60));
     }
 }
