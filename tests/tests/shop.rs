@@ -548,8 +548,10 @@ async fn the_shop_end_to_end() {
             "the policy edit restarted pods"
         );
 
-        shop::patch_microservice(&ns.name, "product", &json!({ "spec": { "inbound": null } }))
-            .unwrap();
+        // Only the limit goes: `inbound: null` would also drop `mtls:
+        // Permissive`, and the default, Strict, refuses this plaintext caller.
+        let unlimited = json!({ "spec": { "inbound": { "rateLimit": null } } });
+        shop::patch_microservice(&ns.name, "product", &unlimited).unwrap();
         wait_policy_applied(&shop, "product", &generations, Duration::from_secs(60))
             .await
             .unwrap();
