@@ -601,18 +601,18 @@ fn the_identity_service_runs_apart_with_only_what_it_needs() {
     let container = &pod["containers"][0];
     assert_eq!(container["args"][0], "identity");
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
-    let operator_args = find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-        ["args"]
-        .to_string();
+    let operator_args =
+        find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(
-        operator_args.contains("--identity-address=trellis-operator-identity.trellis-system.svc:8443"),
+        operator_args
+            .contains("--identity-address=trellis-operator-identity.trellis-system.svc:8443"),
         "{operator_args}"
     );
 
     let off = template(&["identity.enabled=false"]).unwrap();
     assert!(off.iter().all(|d| !is_identity(d)));
-    let args = find(&off, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-        .to_string();
+    let args =
+        find(&off, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(!args.contains("--identity-address"), "{args}");
 }
 
