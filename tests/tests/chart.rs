@@ -595,6 +595,11 @@ fn the_identity_service_runs_apart_with_only_what_it_needs() {
         of("Role")["rules"][0],
         json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["trellis-identity-issuer"], "verbs": ["get"] })
     );
+    // trellis check finds the operator by this label; the identity service is not it.
+    assert_ne!(
+        of("Deployment")["metadata"]["labels"]["app.kubernetes.io/name"],
+        "trellis-operator"
+    );
     let pod = &of("Deployment")["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "trellis-operator-identity");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);

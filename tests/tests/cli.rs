@@ -119,7 +119,13 @@ async fn check_passes_then_names_each_fault_and_stat_agrees_with_the_load() {
         "apiVersion": "trellis.dev/v1alpha1",
         "kind": "MicroService",
         "metadata": { "name": "hello" },
-        "spec": { "image": "trellis/smoke:0.1.0", "port": 8080, "health": { "path": "/", "interval": "1s" } },
+        // Permissive: the load below comes from this host, outside the mesh,
+        // in plaintext, which the default (Strict) refuses with 403.
+        "spec": {
+            "image": "trellis/smoke:0.1.0", "port": 8080,
+            "health": { "path": "/", "interval": "1s" },
+            "inbound": { "mtls": "Permissive" },
+        },
     }))
     .unwrap();
     let microservices = apps.api::<MicroService>();
