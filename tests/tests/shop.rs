@@ -228,6 +228,85 @@ async fn the_shop_end_to_end() {
     }
 
     {
+        let _p = Phase::new(
+            "user allows only order: Enforce refuses anyone else with 403, Audit counts them, live",
+        );
+        let user_path = format!("/api/v1/users/{}", shop.users[0]);
+        let authorize = |mode: &str| {
+            json!({ "spec": { "inbound": { "authorization": {
+                "mode": mode, "allow": [{ "microService": "order" }],
+            } } } })
+        };
+        let pods = shop.pod_uids("user").await.unwrap();
+        let before = shop.policy_generations("user").await.unwrap();
+        shop::patch_microservice(&ns.name, "user", &authorize("Enforce")).unwrap();
+        wait_policy_applied(&shop, "user", &before, Duration::from_secs(60))
+            .await
+            .unwrap();
+        // The host, through the apiserver's proxy, has no mesh identity.
+        let refused = shop
+            .reach
+            .service(http::Method::GET, "user", &user_path, None)
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 403, "{}", refused.body);
+        assert!(
+            refused
+                .body
+                .contains("a plaintext caller (no mesh identity) may not call user"),
+            "{}",
+            refused.body
+        );
+        // order is allowed: its ValidateUser calls go through.
+        let outcomes = shop.orders(5, 1).await;
+        assert!(
+            outcomes.iter().all(|o| o.status == 201),
+            "{}",
+            unexpected(&outcomes, 201)
+        );
+
+        let before = shop.policy_generations("user").await.unwrap();
+        shop::patch_microservice(&ns.name, "user", &authorize("Audit")).unwrap();
+        wait_policy_applied(&shop, "user", &before, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let scraped = shop.scrape(&["user"]).await.unwrap();
+        let audited = shop
+            .reach
+            .service(http::Method::GET, "user", &user_path, None)
+            .await
+            .unwrap();
+        assert_eq!(audited.status, 200, "{}", audited.body);
+        let after = shop.scrape(&["user"]).await.unwrap();
+        let counted = service_delta(&scraped, &after, "user").sum(
+            "trellis_inbound_authorization_refused_total",
+            &[("verdict", "audit_denied")],
+        );
+        assert_eq!(counted, 1.0, "the audited call is counted once");
+
+        let before = shop.policy_generations("user").await.unwrap();
+        let open = json!({ "spec": { "inbound": { "authorization": null } } });
+        shop::patch_microservice(&ns.name, "user", &open).unwrap();
+        wait_policy_applied(&shop, "user", &before, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let served = shop
+            .reach
+            .service(http::Method::GET, "user", &user_path, None)
+            .await
+            .unwrap();
+        assert_eq!(served.status, 200, "{}", served.body);
+        assert_eq!(
+            shop.pod_uids("user").await.unwrap(),
+            pods,
+            "a policy edit restarted pods"
+        );
+        eprintln!(
+            "Enforce: 403 naming the caller, orders unharmed; Audit: served and counted; no pod restarted"
+        );
+    }
+
+    {
         let _p = Phase::new("product scaled to 3: the order sidecars spread the load");
         shop::patch_microservice(&ns.name, "product", &json!({ "spec": { "replicas": 3 } }))
             .unwrap();
