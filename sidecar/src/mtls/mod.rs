@@ -20,7 +20,6 @@ use std::{
 use prometheus_client::metrics::gauge::Gauge;
 use rustls::{ClientConfig, ServerConfig};
 use serde::Serialize;
-use tokio::sync::watch;
 use trellis_identity::{Credentials, SpiffeId, TrustBundle};
 
 /// The peer identities `/status` remembers; more are counted, not named.
@@ -56,7 +55,6 @@ struct Inner {
     current: RwLock<Option<Current>>,
     last_error: Mutex<Option<String>>,
     peers: Mutex<BTreeMap<String, u64>>,
-    changed: Option<watch::Sender<u64>>,
     expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -101,9 +99,7 @@ pub struct IdentityStatus {
 impl MeshTls {
     /// No credentials yet; `expiry` is the gauge of seconds left.
     pub fn new(expiry: Gauge<f64, std::sync::atomic::AtomicU64>) -> Self {
-        let (tx, _) = watch::channel(0);
         Self(Arc::new(Inner {
-            changed: Some(tx),
             expiry,
             ..Inner::default()
         }))
@@ -123,9 +119,6 @@ impl MeshTls {
         drop(current);
         *self.0.last_error.lock().expect("error lock") = None;
         self.refresh_expiry();
-        if let Some(tx) = &self.0.changed {
-            tx.send_replace(generation);
-        }
         Ok(())
     }
 
@@ -148,11 +141,6 @@ impl MeshTls {
     pub fn credentials(&self) -> Option<Credentials> {
         let current = self.0.current.read().expect("credentials lock");
         current.as_ref().map(|c| c.credentials.clone())
-    }
-
-    /// A receiver told the generation each time credentials change.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.0.changed.as_ref().expect("set in new").subscribe()
     }
 
     /// Records why obtaining a certificate failed, for health and `/status`.
