@@ -197,12 +197,8 @@ async fn the_shop_end_to_end() {
         );
         // Strict: a plaintext client outside the mesh (this host, on the pod
         // network) is refused at user's pods; the order sidecars still get in.
-        let before = shop.policy_generations("user").await.unwrap();
         let strict = json!({ "spec": { "inbound": { "mtls": "Strict" } } });
-        shop::patch_microservice(&ns.name, "user", &strict).unwrap();
-        wait_policy_applied(&shop, "user", &before, Duration::from_secs(60))
-            .await
-            .unwrap();
+        edit_live(&shop, "user", &strict).await;
         let pod = shop.pods("user").await.unwrap().remove(0);
         let refused = shop.reach.pod(&pod, 15006, "/health").await.unwrap();
         assert_eq!(refused.status, 403, "{}", refused.body);
@@ -214,12 +210,8 @@ async fn the_shop_end_to_end() {
             unexpected(&outcomes, 201)
         );
         // Permissive again (as the shop ships): plaintext is served.
-        let before = shop.policy_generations("user").await.unwrap();
         let permissive = json!({ "spec": { "inbound": { "mtls": "Permissive" } } });
-        shop::patch_microservice(&ns.name, "user", &permissive).unwrap();
-        wait_policy_applied(&shop, "user", &before, Duration::from_secs(60))
-            .await
-            .unwrap();
+        edit_live(&shop, "user", &permissive).await;
         let served = shop.reach.pod(&pod, 15006, "/health").await.unwrap();
         assert_eq!(served.status, 200, "{}", served.body);
         eprintln!(
@@ -238,11 +230,7 @@ async fn the_shop_end_to_end() {
             } } } })
         };
         let pods = shop.pod_uids("user").await.unwrap();
-        let before = shop.policy_generations("user").await.unwrap();
-        shop::patch_microservice(&ns.name, "user", &authorize("Enforce")).unwrap();
-        wait_policy_applied(&shop, "user", &before, Duration::from_secs(60))
-            .await
-            .unwrap();
+        edit_live(&shop, "user", &authorize("Enforce")).await;
         // The host, through the apiserver's proxy, has no mesh identity.
         let refused = shop
             .reach
@@ -265,11 +253,7 @@ async fn the_shop_end_to_end() {
             unexpected(&outcomes, 201)
         );
 
-        let before = shop.policy_generations("user").await.unwrap();
-        shop::patch_microservice(&ns.name, "user", &authorize("Audit")).unwrap();
-        wait_policy_applied(&shop, "user", &before, Duration::from_secs(60))
-            .await
-            .unwrap();
+        edit_live(&shop, "user", &authorize("Audit")).await;
         let scraped = shop.scrape(&["user"]).await.unwrap();
         let audited = shop
             .reach
@@ -284,12 +268,8 @@ async fn the_shop_end_to_end() {
         );
         assert_eq!(counted, 1.0, "the audited call is counted once");
 
-        let before = shop.policy_generations("user").await.unwrap();
         let open = json!({ "spec": { "inbound": { "authorization": null } } });
-        shop::patch_microservice(&ns.name, "user", &open).unwrap();
-        wait_policy_applied(&shop, "user", &before, Duration::from_secs(60))
-            .await
-            .unwrap();
+        edit_live(&shop, "user", &open).await;
         let served = shop
             .reach
             .service(http::Method::GET, "user", &user_path, None)
@@ -748,6 +728,16 @@ async fn the_shop_end_to_end() {
 
 /// How long the soak runs: `TRELLIS_SOAK_SECS`, 60 s by default (the CI
 /// run); `cargo xtask test --long` sets 1800.
+/// Merge-patches MicroService `service` and waits until every one of its
+/// sidecars runs the new policy (an edit that applies live, no rollout).
+async fn edit_live(shop: &Shop, service: &str, patch: &serde_json::Value) {
+    let before = shop.policy_generations(service).await.unwrap();
+    shop::patch_microservice(&shop.namespace, service, patch).unwrap();
+    wait_policy_applied(shop, service, &before, Duration::from_secs(60))
+        .await
+        .unwrap();
+}
+
 fn soak_duration() -> Duration {
     let secs = std::env::var("TRELLIS_SOAK_SECS")
         .ok()
