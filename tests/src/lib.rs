@@ -15,6 +15,7 @@
 //! with plain `cargo test -- --ignored`.
 
 pub mod binaries;
+pub mod callers;
 pub mod collector;
 pub mod convergence;
 pub mod node_peers;
@@ -23,6 +24,7 @@ pub mod operator_process;
 pub mod relay;
 pub mod shop;
 pub mod shop_metrics;
+pub mod wire;
 
 use std::{
     net::{SocketAddr, TcpListener},

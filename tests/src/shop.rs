@@ -234,11 +234,22 @@ fn run_with_input(cmd: &mut Command, input: &str) -> Result<String> {
 /// every other namespace, and the operators other tests run, alone), waiting
 /// until the operator is available.
 pub fn install_chart(release: &str, namespace: &str, watch: &str) -> Result<String> {
+    install_chart_with(release, namespace, watch, &[])
+}
+
+/// [`install_chart`] with more `--set key=value` values.
+pub fn install_chart_with(
+    release: &str,
+    namespace: &str,
+    watch: &str,
+    values: &[&str],
+) -> Result<String> {
     run(helm()
         .args(["upgrade", "--install", release])
         .arg(workspace().join("charts/trellis"))
         .args(["--namespace", namespace, "--create-namespace"])
         .args(["--set", &format!("watchNamespace={watch}")])
+        .args(values.iter().flat_map(|v| ["--set", v]))
         .args(["--wait", "--timeout", "180s"]))
 }
 
@@ -360,6 +371,8 @@ pub struct Reach {
     client: Client,
     namespace: String,
     http: reqwest::Client,
+    /// Sent with every request to a Service.
+    headers: http::HeaderMap,
 }
 
 impl Reach {
@@ -375,7 +388,15 @@ impl Reach {
                 .no_proxy()
                 .build()
                 .expect("an HTTP client"),
+            headers: http::HeaderMap::new(),
         }
+    }
+
+    /// The same reach, adding `name: value` to every request to a Service.
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers
+            .insert(name, value.parse().expect("a valid header value"));
+        self
     }
 
     /// `method path` on Service `service` (port 80, the sidecar's inbound
@@ -456,6 +477,9 @@ impl Reach {
     ) -> Result<Reply> {
         let started = Instant::now();
         let mut req = http::Request::builder().method(method.clone()).uri(uri);
+        for (name, value) in &self.headers {
+            req = req.header(name, value);
+        }
         let bytes = match body {
             Some(b) => {
                 req = req.header(http::header::CONTENT_TYPE, "application/json");
@@ -530,6 +554,14 @@ impl Shop {
             users: Vec::new(),
             products: Vec::new(),
         }
+    }
+
+    /// The same shop, its every request carrying W3C `baggage` (which the
+    /// services pass on to the calls they make, like the trace context).
+    pub fn with_baggage(&self, baggage: &str) -> Self {
+        let mut shop = self.clone();
+        shop.reach = shop.reach.clone().with_header("baggage", baggage);
+        shop
     }
 
     /// The dependency name the order sidecars label `service` with (`product.<ns>`).

@@ -14,17 +14,30 @@
 //! Needs the images (`cargo xtask images`) and, on the local node, the shop's
 //! PostgreSQL on 10.244.0.1:5432 (`cargo xtask postgres up`, which this starts).
 
-use std::{time::Duration, time::Instant};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration, time::Instant};
+
+use kube::{Api, ResourceExt};
 
 use serde_json::json;
 use trellis_tests::{
-    TestNamespace, eventually, kubectl,
+    TestNamespace, callers, eventually, kubectl,
     shop::{
         self, Outage, SERVICES, Shop, Target, burst, by_status, latency_quantile, service_delta,
         unexpected, wait_policy_applied,
     },
     shop_metrics::{GRPC_RESPONSES, REQUESTS, Scrape},
+    wire,
 };
+
+/// Workload certificates last a minute in this suite (the chart's default is
+/// 24 h): every phase runs across renewals, and the soak sees several.
+const CERTIFICATE_LIFETIME: &str = "1m";
+const CERTIFICATE_SECS: u64 = 60;
+/// The sidecars' admin port (`/status`, `/readyz`, `/metrics`) and inbound port.
+const ADMIN: u16 = 15020;
+const INBOUND: u16 = 15006;
+/// A pod outside the mesh in the shop's namespace: a plaintext client.
+const OUTSIDER: &str = "outsider";
 
 /// Prints a phase's name and, when dropped, how long it took.
 struct Phase(&'static str, Instant);
@@ -86,7 +99,13 @@ async fn the_shop_end_to_end() {
 
     {
         let _p = Phase::new("helm install, kubectl apply -f examples/shop/, kubectl wait");
-        shop::install_chart(&release, &system.name, &ns.name).expect("helm install");
+        shop::install_chart_with(
+            &release,
+            &system.name,
+            &ns.name,
+            &[&format!("identity.certificateLifetime={CERTIFICATE_LIFETIME}")],
+        )
+        .expect("helm install");
         eprintln!("{}", shop::apply(&manifests).expect("kubectl apply"));
         shop::wait_ready(&ns.name, Duration::from_secs(240)).expect("the shop to be Ready");
     }
@@ -99,10 +118,20 @@ async fn the_shop_end_to_end() {
     database.allow("shop_user").await.unwrap();
     let (user_dep, product_dep) = (shop.qualified("user"), shop.qualified("product"));
 
+    shop.seed(4, 3).await.expect("users and products");
+    callers::start_outsider(&ns.client, &ns.name, OUTSIDER)
+        .await
+        .expect("a pod outside the mesh");
+    {
+        let _p = Phase::new(
+            "on the wire: TLS handshakes between the sidecars, the marker only on the host's plaintext leg",
+        );
+        on_the_wire(&shop).await;
+    }
+
     {
         let _p =
             Phase::new("orders reach user over gRPC and product over REST, sidecar to sidecar");
-        shop.seed(4, 3).await.expect("users and products");
         let before = shop.scrape(&SERVICES).await.unwrap();
         let outcomes = shop.orders(20, 2).await;
         assert!(
@@ -155,15 +184,16 @@ async fn the_shop_end_to_end() {
             for pod in &shop.pods(service).await.unwrap() {
                 let st = shop
                     .reach
-                    .pod(pod, 15020, "/status")
+                    .pod(pod, ADMIN, "/status")
                     .await
                     .unwrap()
                     .json()
                     .unwrap();
                 assert_eq!(st["mesh"]["identity"], me.as_str(), "{:#}", st["mesh"]);
+                let left = st["mesh"]["expiresInSeconds"].as_u64().unwrap_or(0);
                 assert!(
-                    st["mesh"]["expiresInSeconds"].as_u64().unwrap_or(0) > 3600,
-                    "{:#}",
+                    left > 0 && left <= CERTIFICATE_SECS,
+                    "a certificate of the chart's lifetime: {:#}",
                     st["mesh"]
                 );
                 seen += st["mesh"]["peersSeen"][&peer].as_u64().unwrap_or(0);
@@ -195,14 +225,24 @@ async fn the_shop_end_to_end() {
             user["status"]["authorization"],
             "mtls Permissive, any caller"
         );
-        // Strict: a plaintext client outside the mesh (this host, on the pod
-        // network) is refused at user's pods; the order sidecars still get in.
+        // Strict: plaintext clients outside the mesh (this host, on the pod
+        // network, and a pod without a sidecar, through user's Service) are
+        // refused at user's pods; the order sidecars still get in.
         let strict = json!({ "spec": { "inbound": { "mtls": "Strict" } } });
         edit_live(&shop, "user", &strict).await;
         let pod = shop.pods("user").await.unwrap().remove(0);
-        let refused = shop.reach.pod(&pod, 15006, "/health").await.unwrap();
+        let refused = shop.reach.pod(&pod, INBOUND, "/health").await.unwrap();
         assert_eq!(refused.status, 403, "{}", refused.body);
         assert!(refused.body.contains("mutual TLS only"), "{}", refused.body);
+        let user_url = format!(
+            "http://user.{}.svc.cluster.local/api/v1/users/{}",
+            ns.name, shop.users[0]
+        );
+        let outsider = callers::outside(&ns.name, OUTSIDER, &["get", &user_url]).unwrap();
+        assert!(
+            outsider.answered(403) && outsider.output.contains("mutual TLS only"),
+            "{outsider:?}"
+        );
         let outcomes = shop.orders(5, 1).await;
         assert!(
             outcomes.iter().all(|o| o.status == 201),
@@ -212,10 +252,12 @@ async fn the_shop_end_to_end() {
         // Permissive again (as the shop ships): plaintext is served.
         let permissive = json!({ "spec": { "inbound": { "mtls": "Permissive" } } });
         edit_live(&shop, "user", &permissive).await;
-        let served = shop.reach.pod(&pod, 15006, "/health").await.unwrap();
+        let served = shop.reach.pod(&pod, INBOUND, "/health").await.unwrap();
         assert_eq!(served.status, 200, "{}", served.body);
+        let outsider = callers::outside(&ns.name, OUTSIDER, &["get", &user_url]).unwrap();
+        assert!(outsider.answered(200), "{outsider:?}");
         eprintln!(
-            "user and product saw order's SPIFFE ID; Strict refused plaintext with 403, Permissive served it"
+            "user and product saw order's SPIFFE ID; Strict refused plaintext (the host's, an unmeshed pod's) with 403, Permissive served it"
         );
     }
 
@@ -245,6 +287,37 @@ async fn the_shop_end_to_end() {
             "{}",
             refused.body
         );
+        // product's pod, through its own sidecar: refused, named by its identity.
+        let product_id = format!("spiffe://cluster.local/ns/{}/sa/product", ns.name);
+        let user_url = format!("http://user.{}.svc.cluster.local{user_path}", ns.name);
+        let product_pod = callers::pod_of(&ns.client, &ns.name, "product")
+            .await
+            .unwrap();
+        let from_product = |name: &'static str| {
+            let (client, namespace, pod, url) = (&ns.client, &ns.name, &product_pod, &user_url);
+            async move {
+                callers::from_inside(client, namespace, pod, name, &["get", url])
+                    .await
+                    .unwrap()
+            }
+        };
+        let refused = from_product("authz-enforce").await;
+        assert!(
+            refused.answered(403)
+                && refused
+                    .output
+                    .contains(&format!("{product_id} may not call user")),
+            "{refused:?}"
+        );
+        // A pod outside the mesh: refused as a caller without identity.
+        let outsider = callers::outside(&ns.name, OUTSIDER, &["get", &user_url]).unwrap();
+        assert!(
+            outsider.answered(403)
+                && outsider
+                    .output
+                    .contains("a plaintext caller (no mesh identity) may not call user"),
+            "{outsider:?}"
+        );
         // order is allowed: its ValidateUser calls go through.
         let outcomes = shop.orders(5, 1).await;
         assert!(
@@ -261,12 +334,19 @@ async fn the_shop_end_to_end() {
             .await
             .unwrap();
         assert_eq!(audited.status, 200, "{}", audited.body);
+        let from_product = from_product("authz-audit").await;
+        assert!(from_product.answered(200), "{from_product:?}");
+        let outsider = callers::outside(&ns.name, OUTSIDER, &["get", &user_url]).unwrap();
+        assert!(outsider.answered(200), "{outsider:?}");
         let after = shop.scrape(&["user"]).await.unwrap();
         let counted = service_delta(&scraped, &after, "user").sum(
             "trellis_inbound_authorization_refused_total",
             &[("verdict", "audit_denied")],
         );
-        assert_eq!(counted, 1.0, "the audited call is counted once");
+        assert_eq!(
+            counted, 3.0,
+            "each audited call (the host's, product's, the outsider's) is counted once"
+        );
 
         let open = json!({ "spec": { "inbound": { "authorization": null } } });
         edit_live(&shop, "user", &open).await;
@@ -661,6 +741,20 @@ async fn the_shop_end_to_end() {
     }
 
     {
+        let _p = Phase::new(
+            "the mesh root rotates under orders (overlapping bundles): not one order fails",
+        );
+        rotate_the_root(&shop, &system.name).await;
+    }
+
+    {
+        let _p = Phase::new(
+            "the identity service stopped: orders go on until certificates expire, then pods turn unready saying why",
+        );
+        identity_service_stopped(&shop, &system.name, &release).await;
+    }
+
+    {
         let _p = Phase::new("kubectl describe microservice order");
         let out = shop::run(kubectl().args(["describe", "microservice", "order", "-n", &ns.name]))
             .unwrap();
@@ -782,6 +876,12 @@ async fn soak(shop: &Shop) {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = footprints(shop).await;
+    let updates = |all: BTreeMap<String, serde_json::Value>| -> BTreeMap<String, u64> {
+        all.into_iter()
+            .map(|(pod, m)| (pod, m["updates"].as_u64().unwrap_or(0)))
+            .collect()
+    };
+    let certified = updates(mesh_statuses(shop).await.unwrap());
 
     let load = shop.load(RATE, 4);
     let started = Instant::now();
@@ -798,6 +898,7 @@ async fn soak(shop: &Shop) {
     let outcomes = load.stop().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = footprints(shop).await;
+    let renewed = updates(mesh_statuses(shop).await.unwrap());
 
     let failed: Vec<_> = outcomes.iter().filter(|o| o.status != 201).collect();
     eprintln!(
@@ -814,6 +915,18 @@ async fn soak(shop: &Shop) {
         outcomes.len()
     );
     assert!(failed.is_empty(), "unexplained failures: {failed:#?}");
+    // A one-minute certificate is renewed at 70 % of its life, every 42 s:
+    // at least once a minute for every sidecar, across the whole soak.
+    let expected = (duration.as_secs() / CERTIFICATE_SECS).max(1);
+    for (pod, n) in &renewed {
+        let was = certified.get(pod).copied().unwrap_or(0);
+        eprintln!("soak: {pod}: {} certificate renewals", n - was);
+        assert!(
+            n - was >= expected,
+            "{pod} renewed its certificate {} times in {duration:?}, expected at least {expected}",
+            n - was
+        );
+    }
     assert_eq!(
         before.keys().collect::<Vec<_>>(),
         after.keys().collect::<Vec<_>>(),
@@ -835,4 +948,372 @@ async fn soak(shop: &Shop) {
             "{pod}'s file descriptors grew {fds0} → {fds1}"
         );
     }
+}
+
+/// The IPv4 addresses of every running pod of each shop service.
+async fn pod_ips(shop: &Shop) -> std::collections::BTreeMap<&'static str, Vec<Ipv4Addr>> {
+    let mut ips = std::collections::BTreeMap::new();
+    for service in SERVICES {
+        let pods = shop.pods(service).await.unwrap();
+        let addrs = pods
+            .iter()
+            .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+            .collect();
+        ips.insert(service, addrs);
+    }
+    ips
+}
+
+/// tcpdump on the node's pod bridge while orders carry a marker in their
+/// W3C baggage (which the order service passes on to its calls to user and
+/// product) and product's pod, through its sidecar, creates a user named
+/// the marker. Between pods there are TLS handshakes and never the marker,
+/// nor any plaintext HTTP; the host's own plaintext leg into order (through
+/// the apiserver) does show the marker, so the capture would see it if it
+/// crossed between pods in the clear.
+async fn on_the_wire(shop: &Shop) {
+    let marker = format!("trellis-wire-marker-{}", shop.run_id);
+    let file = std::env::temp_dir().join(format!("trellis-shop-{}.pcap", shop.run_id));
+    let ips = pod_ips(shop).await;
+    let product_pod = callers::pod_of(&shop.client, &shop.namespace, "product")
+        .await
+        .unwrap();
+
+    let capture = wire::Capture::start(wire::BRIDGE, &file).unwrap();
+    let outcomes = shop
+        .with_baggage(&format!("marker={marker}"))
+        .orders(5, 1)
+        .await;
+    let body = json!({
+        "name": marker,
+        "email": format!("wire-{}@shop.example", shop.run_id),
+        "age": 40,
+    });
+    let url = format!("http://user.{}.svc.cluster.local/api/v1/users", shop.namespace);
+    let created = callers::from_inside(
+        &shop.client,
+        &shop.namespace,
+        &product_pod,
+        "wire",
+        &["post", &url, &body.to_string()],
+    )
+    .await
+    .unwrap();
+    let flows = capture.stop().unwrap();
+    let _ = std::fs::remove_file(&file);
+
+    assert!(
+        outcomes.iter().all(|o| o.status == 201),
+        "{}",
+        unexpected(&outcomes, 201)
+    );
+    assert!(
+        created.exit_code == 0 && created.output.contains(&marker),
+        "product's pod could not create the marked user: {created:?}"
+    );
+    let node = [Ipv4Addr::new(10, 244, 0, 1)];
+    let pods: Vec<Ipv4Addr> = ips.values().flatten().copied().collect();
+    let marker = marker.as_bytes();
+    assert!(
+        flows
+            .between(&node, &pods)
+            .any(|(_, bytes)| wire::contains(bytes, marker)),
+        "the capture ({} packets) did not see the marker on the host's plaintext leg to order: \
+         it cannot vouch for the pods' legs either",
+        flows.packets
+    );
+    let mut hellos = std::collections::BTreeMap::<(&str, &str), usize>::new();
+    let mut pod_to_pod = 0;
+    for ((from, to), bytes) in flows.between(&pods, &pods) {
+        pod_to_pod += bytes.len();
+        assert!(
+            !wire::contains(bytes, marker),
+            "the marker crossed in the clear from {from} to {to}"
+        );
+        assert!(
+            !looks_like_http(bytes),
+            "plaintext HTTP from {from} to {to}: {:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+        );
+        let service_of = |ip: &Ipv4Addr| ips.iter().find(|(_, a)| a.contains(ip)).map(|(s, _)| *s);
+        if wire::opening(bytes) == wire::Opening::ClientHello {
+            let pair = (service_of(from.ip()).unwrap(), service_of(to.ip()).unwrap());
+            *hellos.entry(pair).or_default() += 1;
+        }
+    }
+    eprintln!(
+        "captured {} packets on {}: {pod_to_pod} bytes pod to pod, ClientHellos {hellos:?}",
+        flows.packets,
+        wire::BRIDGE
+    );
+    for pair in [("order", "user"), ("order", "product"), ("product", "user")] {
+        assert!(
+            hellos.get(&pair).is_some_and(|n| *n >= 1),
+            "no TLS handshake from {} to {} on the wire: {hellos:?}",
+            pair.0,
+            pair.1
+        );
+    }
+}
+
+/// Whether bytes open like HTTP/1.x or the HTTP/2 preface in the clear.
+fn looks_like_http(bytes: &[u8]) -> bool {
+    const OPENINGS: [&[u8]; 8] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"PATCH ",
+        b"DELETE ",
+        b"HEAD ",
+        b"HTTP/1.",
+        b"PRI * HTTP/2.0",
+    ];
+    OPENINGS.iter().any(|o| bytes.starts_with(o))
+}
+
+/// Whether each running shop pod is Ready.
+async fn readiness(shop: &Shop) -> Option<Vec<bool>> {
+    let mut all = Vec::new();
+    for service in SERVICES {
+        for pod in shop.pods(service).await.ok()? {
+            let ready = pod
+                .status
+                .and_then(|s| s.conditions)
+                .into_iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            all.push(ready);
+        }
+    }
+    Some(all)
+}
+
+/// Every running shop pod's sidecar `/status`, by pod name.
+async fn mesh_statuses(shop: &Shop) -> Result<BTreeMap<String, serde_json::Value>, String> {
+    let mut all = BTreeMap::new();
+    for service in SERVICES {
+        for pod in shop.pods(service).await.map_err(|e| e.to_string())? {
+            let rsp = shop
+                .reach
+                .pod(&pod, ADMIN, "/status")
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = rsp.json().map_err(|e| e.to_string())?;
+            all.insert(pod.name_any(), status["mesh"].clone());
+        }
+    }
+    Ok(all)
+}
+
+/// Waits until every sidecar's mesh status satisfies `ok`.
+async fn until_every_sidecar(
+    shop: &Shop,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) {
+    eventually(what, timeout, || async {
+        let all = mesh_statuses(shop).await.ok()?;
+        (!all.is_empty() && all.values().all(&ok)).then_some(())
+    })
+    .await;
+}
+
+/// The documented rotation (docs/security.md) under steady orders: the new
+/// root joins the bundle, the issuer is replaced, every sidecar renews from
+/// it, the old root leaves the bundle; not one order fails.
+async fn rotate_the_root(shop: &Shop, system: &str) {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let bundles: Api<ConfigMap> = Api::namespaced(shop.client.clone(), system);
+    let issuers: Api<Secret> = Api::namespaced(shop.client.clone(), system);
+    let old = bundles.get("trellis-trust-bundle").await.unwrap();
+    let old_pem = old.data.unwrap()["ca-bundle.crt"].clone();
+    let new = trellis_identity::Issuer::new_root(
+        "cluster.local",
+        Duration::from_secs(365 * 24 * 3600),
+    )
+    .unwrap();
+    let bundle = |pem: String| {
+        json!({ "data": { "ca-bundle.crt": pem } })
+    };
+    let patch = |p: serde_json::Value| kube::api::Patch::Merge(p);
+    let params = kube::api::PatchParams::default();
+
+    let load = shop.load(10.0, 2);
+    // 1. Both roots trusted.
+    bundles
+        .patch(
+            "trellis-trust-bundle",
+            &params,
+            &patch(bundle(format!("{old_pem}{}", new.cert_pem()))),
+        )
+        .await
+        .unwrap();
+    until_every_sidecar(shop, "every sidecar to trust 2 roots", Duration::from_secs(60), |m| {
+        m["trustRoots"] == 2
+    })
+    .await;
+    eprintln!("rotation: every sidecar trusts both roots after {:.1?}", load.elapsed());
+
+    // 2. The new issuer; from 15 s later (the identity service's re-read),
+    // every certificate it signs is the new root's.
+    issuers
+        .patch(
+            "trellis-identity-issuer",
+            &params,
+            &patch(json!({ "stringData": {
+                "ca.crt": new.cert_pem(),
+                "ca.key": new.key_pem(),
+            } })),
+        )
+        .await
+        .unwrap();
+    let swapped = std::time::SystemTime::now();
+    let issued_after = swapped + Duration::from_secs(16);
+    // 3. After one lifetime every sidecar holds a certificate issued since then.
+    until_every_sidecar(
+        shop,
+        "every sidecar to renew from the new root",
+        Duration::from_secs(2 * CERTIFICATE_SECS + 30),
+        |m| {
+            let left = m["expiresInSeconds"].as_u64().unwrap_or(0);
+            let expires = std::time::SystemTime::now() + Duration::from_secs(left);
+            expires > issued_after + Duration::from_secs(CERTIFICATE_SECS)
+        },
+    )
+    .await;
+    eprintln!("rotation: every sidecar renewed from the new root after {:.1?}", load.elapsed());
+
+    // 4. The old root leaves the bundle.
+    bundles
+        .patch(
+            "trellis-trust-bundle",
+            &params,
+            &patch(bundle(new.cert_pem().to_owned())),
+        )
+        .await
+        .unwrap();
+    until_every_sidecar(shop, "every sidecar to trust only the new root", Duration::from_secs(60), |m| {
+        m["trustRoots"] == 1
+    })
+    .await;
+    // Renewals go on against the new root alone.
+    let before: BTreeMap<String, u64> = mesh_statuses(shop)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(pod, m)| (pod, m["updates"].as_u64().unwrap_or(0)))
+        .collect();
+    eventually(
+        "every sidecar to renew once more, trusting only the new root",
+        Duration::from_secs(CERTIFICATE_SECS + 30),
+        || async {
+            let now = mesh_statuses(shop).await.ok()?;
+            now.iter()
+                .all(|(pod, m)| {
+                    m["updates"].as_u64().unwrap_or(0) > before.get(pod).copied().unwrap_or(0)
+                        && m["lastError"].is_null()
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let outcomes = load.stop().await;
+    eprintln!(
+        "rotation: {} orders over {:.0?} of rotation: {:?}",
+        outcomes.len(),
+        outcomes.last().map(|o| o.at).unwrap_or_default(),
+        by_status(&outcomes)
+    );
+    assert!(outcomes.len() >= 100, "too few orders: {}", outcomes.len());
+    assert!(
+        outcomes.iter().all(|o| o.status == 201),
+        "the rotation failed orders: {}",
+        unexpected(&outcomes, 201)
+    );
+}
+
+/// The identity service scaled to zero under steady orders: orders go on
+/// while the certificates last, then every sidecar turns unready saying its
+/// certificate expired and could not be renewed; scaled back, the shop is
+/// Ready again.
+async fn identity_service_stopped(shop: &Shop, system: &str, release: &str) {
+    let deployment = format!("deployment/{release}-identity");
+    let scale = |n: u32| {
+        shop::run(kubectl().args([
+            "scale",
+            &deployment,
+            "-n",
+            system,
+            &format!("--replicas={n}"),
+        ]))
+        .unwrap()
+    };
+    let load = shop.load(10.0, 2);
+    scale(0);
+    eventually("the identity pods to be gone", Duration::from_secs(60), || async {
+        let pods = shop::run(kubectl().args([
+            "get",
+            "pods",
+            "-n",
+            system,
+            "-l",
+            &format!("app.kubernetes.io/name={release}-identity"),
+            "-o",
+            "name",
+        ]))
+        .ok()?;
+        pods.trim().is_empty().then_some(())
+    })
+    .await;
+    let stopped = load.elapsed();
+    // The earliest expiry among the sidecars: until then every order succeeds.
+    let first_expiry = mesh_statuses(shop)
+        .await
+        .unwrap()
+        .values()
+        .filter_map(|m| m["expiresInSeconds"].as_u64())
+        .min()
+        .unwrap();
+    eprintln!("identity service stopped at {stopped:.1?}; first certificate expires in {first_expiry} s");
+    eventually(
+        "every shop pod to turn unready",
+        Duration::from_secs(CERTIFICATE_SECS + 60),
+        || async {
+            let ready = readiness(shop).await?;
+            (!ready.is_empty() && ready.iter().all(|r| !r)).then_some(())
+        },
+    )
+    .await;
+    let outcomes = load.stop().await;
+    let until_expiry = stopped + Duration::from_secs(first_expiry.saturating_sub(2));
+    let before: Vec<_> = outcomes.iter().filter(|o| o.at + o.elapsed < until_expiry).collect();
+    eprintln!(
+        "with the identity service stopped: {} orders before the first expiry, {:?} overall",
+        before.len(),
+        by_status(&outcomes)
+    );
+    assert!(
+        before.iter().all(|o| o.status == 201),
+        "orders failed before any certificate expired: {:?}",
+        before.iter().filter(|o| o.status != 201).collect::<Vec<_>>()
+    );
+    for pod in shop.pods("user").await.unwrap() {
+        let readyz = shop.reach.pod(&pod, ADMIN, "/readyz").await.unwrap();
+        assert_eq!(readyz.status, 503, "{}", readyz.body);
+        assert!(
+            readyz.body.contains("expired at") && readyz.body.contains("could not be renewed"),
+            "{}",
+            readyz.body
+        );
+        eprintln!("{}: /readyz {}: {}", pod.name_any(), readyz.status, readyz.body.trim());
+    }
+    scale(1);
+    shop::wait_ready(&shop.namespace, Duration::from_secs(180)).unwrap();
+    let outcomes = shop.orders(5, 1).await;
+    assert!(
+        outcomes.iter().all(|o| o.status == 201),
+        "{}",
+        unexpected(&outcomes, 201)
+    );
 }

@@ -8,6 +8,8 @@
 //!   from inside its pod, through its sidecar.
 //! - `trellis-smoke get URL`: GETs an `http://host:port/path` URL, prints the body,
 //!   exits 0 on a 200 and 1 otherwise (so a Job's success is the test's assertion).
+//! - `trellis-smoke post URL JSON`: POSTs `JSON` (as `application/json`), prints
+//!   the body, exits 0 on a 2xx and 1 otherwise.
 //!   Like curl and Go's net/http it goes through `$HTTP_PROXY` (the sidecar's
 //!   outbound listener, in a MicroService) unless the host is in `$NO_PROXY`.
 
@@ -22,11 +24,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1..).unwrap_or_default() {
         [cmd, port] if cmd == "serve" => serve(port),
-        [cmd, url] if cmd == "get" => get(url),
+        [cmd, url] if cmd == "get" => request("GET", url, None),
+        [cmd, url, body] if cmd == "post" => request("POST", url, Some(body)),
         [] => serve(&std::env::var("PORT").unwrap_or_else(|_| "8080".into())),
         _ => {
             eprintln!(
-                "usage: trellis-smoke serve PORT | trellis-smoke get http://HOST[:PORT]/PATH"
+                "usage: trellis-smoke serve PORT | trellis-smoke get http://HOST[:PORT]/PATH | trellis-smoke post http://HOST[:PORT]/PATH JSON"
             );
             ExitCode::from(2)
         }
@@ -62,9 +65,10 @@ fn serve(port: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn get(url: &str) -> ExitCode {
-    match fetch(url) {
-        Ok((200, body)) => {
+/// `method url` with `body`: a GET succeeds on 200 only, a POST on any 2xx.
+fn request(method: &str, url: &str, body: Option<&str>) -> ExitCode {
+    match fetch(method, url, body) {
+        Ok((status, body)) if status == 200 || (method == "POST" && status / 100 == 2) => {
             print!("{body}");
             ExitCode::SUCCESS
         }
@@ -73,13 +77,13 @@ fn get(url: &str) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("GET {url} failed: {e}");
+            eprintln!("{method} {url} failed: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn fetch(url: &str) -> std::io::Result<(u16, String)> {
+fn fetch(method: &str, url: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
     let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_owned());
     let rest = url
         .strip_prefix("http://")
@@ -101,9 +105,18 @@ fn fetch(url: &str) -> std::io::Result<(u16, String)> {
         .ok_or_else(|| invalid("no address"))?;
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let content = body
+        .map(|b| {
+            format!(
+                "content-type: application/json\r\ncontent-length: {}\r\n",
+                b.len()
+            )
+        })
+        .unwrap_or_default();
     write!(
         stream,
-        "GET {request_target} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n"
+        "{method} {request_target} HTTP/1.1\r\nhost: {authority}\r\n{content}connection: close\r\n\r\n{}",
+        body.unwrap_or_default()
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
