@@ -4,6 +4,7 @@
 //! the sidecar container through `env`; `trellis-sidecar --help` lists both.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
@@ -14,7 +15,7 @@ use clap::{Parser, ValueEnum};
 use crate::{
     balance::BalanceConfig,
     client::ClientConfig,
-    discovery::r#static::{StaticEndpoints, parse_flag},
+    discovery::r#static::{StaticEndpoints, parse_flag, parse_identity_flag},
     resilience::outlier::OutlierSettings,
     server::ServerLimits,
     trace::ExportSettings,
@@ -114,6 +115,14 @@ pub struct Args {
     /// service. `name` may be `name.namespace`.
     #[arg(long = "static-endpoints", env = "TRELLIS_STATIC_ENDPOINTS", value_parser = parse_flag, value_delimiter = ';')]
     pub static_endpoints: Vec<(String, Vec<std::net::SocketAddr>)>,
+
+    /// With static discovery: a service's pods are meshed workloads running
+    /// as this ServiceAccount, name=serviceaccount; repeat per service.
+    /// Calls to it then go over mutual TLS and its pods must prove that
+    /// identity (in Kubernetes the label `trellis.dev/service-account` on
+    /// its Service says so). `name` may be `name.namespace`.
+    #[arg(long = "static-identity", env = "TRELLIS_STATIC_IDENTITIES", value_parser = parse_identity_flag, value_delimiter = ';')]
+    pub static_identities: Vec<(String, String)>,
 
     /// JSON file of static endpoints, {"name": ["ip:port", ...]}, polled for changes.
     #[arg(long, env = "TRELLIS_ENDPOINTS_FILE")]
@@ -250,6 +259,9 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
     /// Discovery.
     pub discovery: Discovery,
+    /// With static discovery: the ServiceAccount each meshed service's pods
+    /// run as, by service name (`name` or `name.namespace`).
+    pub static_identities: BTreeMap<String, String>,
     /// File poll interval.
     pub file_poll_interval: Duration,
     /// Wait for discovery's first answer.
@@ -292,6 +304,7 @@ impl Config {
                 endpoints: StaticEndpoints::new(),
                 file: None,
             },
+            static_identities: BTreeMap::new(),
             file_poll_interval: Duration::from_millis(100),
             discovery_timeout: Duration::from_secs(1),
             limits: ServerLimits {
@@ -348,6 +361,7 @@ impl From<Args> for Config {
             policy_configmap: a.policy_configmap,
             policy_file: a.policy_file,
             discovery,
+            static_identities: a.static_identities.into_iter().collect(),
             file_poll_interval: a.file_poll_interval,
             discovery_timeout: a.discovery_timeout,
             limits: ServerLimits {
@@ -405,6 +419,36 @@ mod tests {
         assert_eq!(c.outbound_addr, "127.0.0.1:15001".parse().unwrap());
         assert_eq!(c.admin_addr.port(), 15020);
         assert!(!c.needs_kubernetes());
+    }
+
+    #[test]
+    fn static_identities_are_flags_or_one_variable() {
+        let a = Args::try_parse_from([
+            "trellis-sidecar",
+            "--static-endpoints",
+            "user=127.0.0.1:9001",
+            "--static-identity",
+            "user=user-sa",
+            "--static-identity",
+            "product.shop=product",
+        ])
+        .unwrap();
+        let c = Config::from(a);
+        assert_eq!(c.static_identities["user"], "user-sa");
+        assert_eq!(c.static_identities["product.shop"], "product");
+        // The environment variable holds several, `;`-delimited like
+        // TRELLIS_STATIC_ENDPOINTS (clap splits both the same way).
+        let a = Args::try_parse_from(["trellis-sidecar", "--static-identity", "user=u;order=o"])
+            .unwrap();
+        assert_eq!(
+            a.static_identities,
+            [("user".into(), "u".into()), ("order".into(), "o".into())]
+        );
+        let bad = Args::try_parse_from(["trellis-sidecar", "--static-identity", "user"])
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("expected name=serviceaccount"), "{bad}");
+        assert!(Config::local(None).static_identities.is_empty());
     }
 
     #[test]

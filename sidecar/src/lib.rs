@@ -160,6 +160,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let (resolver, static_resolver) = match &config.discovery {
         Discovery::Kubernetes { max_services } => {
+            if !config.static_identities.is_empty() {
+                tracing::warn!(
+                    "--static-identity is ignored with Kubernetes discovery: the Service's trellis.dev/service-account label says who its pods are"
+                );
+            }
             let client = kube.clone().context("Kubernetes discovery needs the API")?;
             (
                 Resolver::new(KubeResolver::new(client, metrics.clone(), *max_services)),
@@ -169,6 +174,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Discovery::Static { endpoints, file } => {
             let r = StaticResolver::new(&config.namespace, metrics.clone());
             r.replace_all(endpoints);
+            for (name, account) in &config.static_identities {
+                r.set_identity(name, Some(account));
+            }
             if let Some(path) = file {
                 follow_endpoints_file(&r, endpoints, path, &config, shutdown_rx.clone()).await;
             }

@@ -39,6 +39,28 @@ pub fn parse_flag(s: &str) -> Result<(String, Vec<SocketAddr>), String> {
     Ok((name.to_owned(), addrs))
 }
 
+/// Parses one `--static-identity` value: `name=serviceaccount`, saying
+/// `name`'s pods are meshed workloads running as that ServiceAccount (what
+/// the `trellis.dev/service-account` label on its Service says in
+/// Kubernetes), so calls to them go over mutual TLS and the server must
+/// prove that identity.
+pub fn parse_identity_flag(s: &str) -> Result<(String, String), String> {
+    let (name, account) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected name=serviceaccount"))?;
+    let (name, account) = (name.trim(), account.trim());
+    if name.is_empty() {
+        return Err(format!("{s:?}: the service name is empty"));
+    }
+    if account.is_empty() {
+        return Err(format!("{s:?}: the ServiceAccount is empty"));
+    }
+    if account.contains(['/', ',', '=']) || account.contains(char::is_whitespace) {
+        return Err(format!("{s:?}: {account:?} is not a ServiceAccount name"));
+    }
+    Ok((name.to_owned(), account.to_owned()))
+}
+
 /// Parses an endpoints file: `{"user": ["127.0.0.1:9001", ...], ...}`.
 pub fn parse_file(json: &str) -> Result<StaticEndpoints, serde_json::Error> {
     serde_json::from_str(json)
@@ -138,6 +160,23 @@ mod tests {
         assert!(parse_flag("user").is_err());
         assert!(parse_flag("=127.0.0.1:1").is_err());
         assert!(parse_flag("user=localhost:80").is_err());
+    }
+
+    #[test]
+    fn parses_identity_flags() {
+        assert_eq!(
+            parse_identity_flag("user=user").unwrap(),
+            ("user".to_owned(), "user".to_owned())
+        );
+        assert_eq!(
+            parse_identity_flag(" product.shop = product-sa ").unwrap(),
+            ("product.shop".to_owned(), "product-sa".to_owned())
+        );
+        assert!(parse_identity_flag("user").is_err());
+        assert!(parse_identity_flag("=user").is_err());
+        assert!(parse_identity_flag("user=").is_err());
+        assert!(parse_identity_flag("user=a/b").is_err());
+        assert!(parse_identity_flag("user=a,b").is_err());
     }
 
     #[test]
