@@ -59,7 +59,11 @@ pub async fn from_inside(
         .with_context(|| format!("no container of {pod} has HTTP_PROXY: is it meshed?"))?;
     run(kubectl()
         .args(["debug", "-n", namespace, pod, "--image", IMAGE])
-        .args(["--image-pull-policy=Never", "--profile=restricted", "--quiet"])
+        .args([
+            "--image-pull-policy=Never",
+            "--profile=restricted",
+            "--quiet",
+        ])
         .args(["--container", name])
         .arg(format!("--env=HTTP_PROXY={proxy}"))
         .args(["--", BINARY])
@@ -151,7 +155,9 @@ pub fn outside(namespace: &str, pod: &str, args: &[&str]) -> Result<Called> {
 pub async fn pod_of(client: &Client, namespace: &str, service: &str) -> Result<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let list = pods
-        .list(&kube::api::ListParams::default().labels(&format!("app.kubernetes.io/name={service}")))
+        .list(
+            &kube::api::ListParams::default().labels(&format!("app.kubernetes.io/name={service}")),
+        )
         .await?;
     list.items
         .iter()
