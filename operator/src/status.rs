@@ -22,6 +22,21 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// The operator could not reconcile the MicroService.
     pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+    /// The authorization rules name callers that exist, in a mesh with
+    /// identity; present only when the MicroService has rules.
+    pub const AUTHORIZATION_RESOLVED: &str = "AuthorizationResolved";
+}
+
+/// What the operator found checking a MicroService's authorization rules
+/// (`controller/callers.rs`), for the `AuthorizationResolved` condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthorizationCheck {
+    /// The rules can do what they say.
+    pub resolved: bool,
+    /// The condition's reason.
+    pub reason: &'static str,
+    /// The condition's message.
+    pub message: String,
 }
 
 /// The most characters a condition message or an event note the operator
@@ -87,6 +102,8 @@ pub struct Observed<'a> {
     pub identity: Option<String>,
     /// How callers are checked (see [`crate::crd::MicroServiceStatus::authorization`]).
     pub authorization: Option<String>,
+    /// Whether the authorization rules resolve; `None` without rules.
+    pub authorization_check: Option<AuthorizationCheck>,
     /// Set when the reconcile failed.
     pub failure: Option<Failure>,
     /// The status as it was, to keep `lastTransitionTime` of unchanged conditions.
@@ -275,6 +292,15 @@ pub fn compute(o: &Observed<'_>) -> MicroServiceStatus {
         ),
     };
 
+    let mut conditions = vec![ready_c, progressing_c, degraded_c, failed_c];
+    if let Some(c) = &o.authorization_check {
+        conditions.push(cond(
+            condition::AUTHORIZATION_RESOLVED,
+            c.resolved,
+            c.reason,
+            c.message.clone(),
+        ));
+    }
     MicroServiceStatus {
         observed_generation: o.generation,
         replicas,
@@ -284,7 +310,7 @@ pub fn compute(o: &Observed<'_>) -> MicroServiceStatus {
         url: Some(o.url.clone()),
         identity: o.identity.clone(),
         authorization: o.authorization.clone(),
-        conditions: vec![ready_c, progressing_c, degraded_c, failed_c],
+        conditions,
     }
 }
 
@@ -322,6 +348,7 @@ mod tests {
         Observed {
             identity: None,
             authorization: None,
+            authorization_check: None,
             generation: Some(3),
             deployment: d,
             url: "http://order.shop.svc.cluster.local".into(),
@@ -329,6 +356,31 @@ mod tests {
             previous: None,
             now: Timestamp::from_second(1_700_000_000).unwrap(),
         }
+    }
+
+    #[test]
+    fn authorization_resolved_is_reported_only_for_rules() {
+        let d = deployment(1, 1, 1, true);
+        let s = compute(&observe(Some(&d), None));
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.type_ != condition::AUTHORIZATION_RESOLVED)
+        );
+        let mut o = observe(Some(&d), None);
+        o.authorization_check = Some(AuthorizationCheck {
+            resolved: false,
+            reason: "UnknownCaller",
+            message: "the rules allow MicroService \"ordr\" in shop".into(),
+        });
+        let s = compute(&o);
+        let c = get(&s, condition::AUTHORIZATION_RESOLVED);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "UnknownCaller")
+        );
+        // A misconfigured rule does not make the pods unready.
+        assert_eq!(get(&s, "Ready").status, "True");
     }
 
     fn get<'a>(s: &'a MicroServiceStatus, t: &str) -> &'a Condition {

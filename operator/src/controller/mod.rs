@@ -75,6 +75,7 @@ use crate::{
 };
 
 mod apply;
+mod callers;
 mod error;
 #[cfg(test)]
 mod fake_api;
@@ -283,6 +284,9 @@ pub async fn run(
     // Secrets are not children: metadata only, every one in scope, since a
     // MicroService may list any Secret of its namespace.
     let (secrets, secret_trigger) = secrets::secret_watch(&client, ns);
+    // The MicroServices: only a change the reconcile acts on (spec, labels,
+    // annotations, deletion) triggers one, not the status it writes itself.
+    let (ms_store, ms_writer) = reflector::store::<MicroService>();
     let caches = Caches {
         config_maps,
         service_accounts,
@@ -293,6 +297,7 @@ pub async fn run(
         pdbs,
         hpas,
         secrets,
+        microservices: ms_store.clone(),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -302,11 +307,8 @@ pub async fn run(
         applied,
     ));
 
-    // The MicroServices: only a change the reconcile acts on (spec, labels,
-    // annotations, deletion) triggers one, not the status it writes itself.
     // A deletion, or a full list that may have missed some, wakes the sweep
     // of grants left by deleted MicroServices.
-    let (ms_store, ms_writer) = reflector::store::<MicroService>();
     let mut ms_config = watcher::Config::default().any_semantic();
     if let Some(selector) = &ctx.settings.selector {
         ms_config = ms_config.labels(selector);

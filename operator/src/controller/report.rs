@@ -24,12 +24,19 @@ pub(super) async fn update_status(
         };
         format!("mtls {:?}, {who}", inbound.mtls)
     });
+    let authorization_check = callers::check(
+        ms,
+        &ctx.caches.microservices,
+        &ctx.settings,
+        ctx.settings.identity.is_some(),
+    );
     let status: MicroServiceStatus = status::compute(&Observed {
         generation: ms.metadata.generation,
         deployment,
         url: render::service_url(&name, &ns, &ctx.settings.render.cluster_domain),
         identity,
         authorization,
+        authorization_check: authorization_check.clone(),
         failure,
         previous: ms.status.as_ref(),
         now: Timestamp::now(),
@@ -38,6 +45,12 @@ pub(super) async fn update_status(
         return Ok(());
     }
     let old_phase = ms.status.as_ref().and_then(|s| s.phase);
+    let old_check = ms.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == status::condition::AUTHORIZATION_RESOLVED)
+            .map(|c| (c.status == "True", c.message.clone()))
+    });
     let api: Api<MicroService> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = serde_json::json!({
         "apiVersion": MicroService::api_version(&()),
@@ -50,6 +63,20 @@ pub(super) async fn update_status(
         &Patch::Apply(&patch),
     )
     .await?;
+    // A misconfigured rule is told once as an Event, when it appears or changes.
+    if let Some(c) = authorization_check.filter(|c| !c.resolved)
+        && old_check != Some((false, c.message.clone()))
+    {
+        publish(
+            ms,
+            ctx,
+            EventType::Warning,
+            c.reason,
+            "Authorization",
+            &c.message,
+        )
+        .await;
+    }
     if old_phase != status.phase {
         let summary = status.replica_summary.clone().unwrap_or_default();
         match status.phase {

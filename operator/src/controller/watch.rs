@@ -20,6 +20,9 @@ pub struct Caches {
     /// Not children: the metadata of the Secrets MicroServices list
     /// (`controller/secrets.rs`).
     pub(super) secrets: Store<SecretMeta>,
+    /// The MicroServices themselves, as the controller's own watch has them
+    /// (authorization rules name other MicroServices: `controller/callers.rs`).
+    pub(super) microservices: Store<MicroService>,
 }
 
 /// A kind of child the operator renders, applies and watches, with the
@@ -217,6 +220,7 @@ pub(super) struct CacheWriters {
     pdbs: reflector::store::Writer<PodDisruptionBudget>,
     hpas: reflector::store::Writer<HorizontalPodAutoscaler>,
     secrets: reflector::store::Writer<SecretMeta>,
+    microservices: reflector::store::Writer<MicroService>,
 }
 
 #[cfg(test)]
@@ -232,6 +236,7 @@ impl Caches {
         let (pdbs, pdb) = reflector::store();
         let (hpas, hpa) = reflector::store();
         let (secrets, secret) = reflector::store();
+        let (microservices, ms) = reflector::store();
         let caches = Self {
             config_maps,
             service_accounts,
@@ -242,6 +247,7 @@ impl Caches {
             pdbs,
             hpas,
             secrets,
+            microservices,
         };
         let writers = CacheWriters {
             config_maps: cm,
@@ -253,6 +259,7 @@ impl Caches {
             pdbs: pdb,
             hpas: hpa,
             secrets: secret,
+            microservices: ms,
         };
         (caches, writers)
     }
@@ -282,6 +289,12 @@ impl CacheWriters {
                 super::secrets::strip(&mut meta);
                 self.secrets
                     .apply_watcher_event(&watcher::Event::Apply(meta));
+            }
+            "MicroService" => {
+                let ms: MicroService =
+                    serde_json::from_value(object.clone()).expect("a MicroService");
+                self.microservices
+                    .apply_watcher_event(&watcher::Event::Apply(ms));
             }
             other => panic!("not a child kind: {other:?}"),
         }
