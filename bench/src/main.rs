@@ -8,7 +8,8 @@
 //!
 //! - [`sidecar`]: the two-hop mesh path on loopback (generator → outbound
 //!   proxy → inbound proxy → upstream) for no proxy, HAProxy, nginx and the
-//!   Trellis sidecar, over HTTP/1.1 and gRPC (h2c);
+//!   Trellis sidecar, over HTTP/1.1 and gRPC (h2c), and for HAProxy and
+//!   Trellis again with mutual TLS between the two proxies;
 //! - [`operator`]: 1,000 MicroServices against the real apiserver, compared
 //!   with the same children written straight to the API.
 //!
@@ -18,6 +19,7 @@
 
 mod h1;
 mod loadgen;
+mod mesh;
 mod operator;
 mod proxies;
 mod sidecar;

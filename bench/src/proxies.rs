@@ -2,6 +2,10 @@
 //! proxy) forwards to B (the callee's inbound proxy), which forwards to the
 //! upstream. Each is given two threads or workers, as many as the machine
 //! has cores, and keeps connections to the next hop alive.
+//!
+//! `trellis-mtls` and `haproxy-tls` are the same pairs with mutual TLS 1.3
+//! between A and B (certificates from one root, ECDSA P-256 keys on both);
+//! the generator's hop and the upstream's stay plaintext.
 
 use std::{
     fmt, fs,
@@ -14,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{Procs, free_addr, h1, loadgen, process_tree};
+use super::{Procs, free_addr, h1, loadgen, mesh::Mesh, process_tree};
 use xtask::run;
 
 /// The application protocol of a run.
@@ -43,10 +47,22 @@ pub enum Kind {
     Haproxy,
     Nginx,
     Trellis,
+    /// HAProxy with mutual TLS between A and B.
+    HaproxyTls,
+    /// Trellis with mesh identities: A calls B over mutual TLS, and B's
+    /// inbound is Strict (the default), so it serves nothing else.
+    TrellisMtls,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Haproxy, Kind::Nginx, Kind::Trellis];
+    pub const ALL: [Kind; 6] = [
+        Kind::Direct,
+        Kind::Haproxy,
+        Kind::Nginx,
+        Kind::Trellis,
+        Kind::HaproxyTls,
+        Kind::TrellisMtls,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -54,7 +70,19 @@ impl Kind {
             Kind::Haproxy => "haproxy",
             Kind::Nginx => "nginx",
             Kind::Trellis => "trellis",
+            Kind::HaproxyTls => "haproxy-tls",
+            Kind::TrellisMtls => "trellis-mtls",
         }
+    }
+
+    /// A pair of Trellis sidecars (spans to count, a binary to build).
+    pub fn is_trellis(self) -> bool {
+        matches!(self, Kind::Trellis | Kind::TrellisMtls)
+    }
+
+    /// Mutual TLS between A and B: needs the run's [`Mesh`].
+    pub fn is_mtls(self) -> bool {
+        matches!(self, Kind::HaproxyTls | Kind::TrellisMtls)
     }
 }
 
@@ -92,6 +120,7 @@ pub struct Pair {
     roots: Vec<u32>,
     /// Trellis only: A and B.
     sidecars: Vec<Sidecar>,
+    kind: Kind,
     _procs: Procs,
 }
 
@@ -146,6 +175,54 @@ impl Pair {
         Ok(out)
     }
 
+    /// `trellis-mtls`: the mutual-TLS connections B has accepted from A so
+    /// far (each a handshake), from B's `/status`; `None` for other setups.
+    pub fn mtls_connections(&self) -> Option<u64> {
+        if self.kind != Kind::TrellisMtls {
+            return None;
+        }
+        let b = self.sidecars.get(1)?;
+        let (_, text) = h1::http_get(b.admin, "admin", "/status").ok()?;
+        let status: serde_json::Value = serde_json::from_str(&text).ok()?;
+        status["mesh"]["peersSeen"][Mesh::spiffe_id(CLIENT_ACCOUNT)].as_u64()
+    }
+
+    /// `trellis-mtls`: B's `/status` must show A's identity among the mesh
+    /// peers that called in, i.e. the request just forwarded rode mutual
+    /// TLS with A's certificate; and B must not accept plaintext (Strict).
+    fn check_mutual_tls(&self) -> Result<()> {
+        let [a, b] = &self.sidecars[..] else {
+            bail!("expected two sidecars");
+        };
+        let expected = Mesh::spiffe_id(CLIENT_ACCOUNT);
+        let (code, text) = h1::http_get(b.admin, "admin", "/status")?;
+        let status: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("B's /status ({code}) is not JSON: {text}"))?;
+        let mesh = &status["mesh"];
+        if mesh["peersSeen"][&expected].as_u64().unwrap_or(0) == 0 {
+            bail!(
+                "B ({}) has not seen {expected} as a peer: mesh status {mesh}",
+                b.name
+            );
+        }
+        if mesh["identity"] != Mesh::spiffe_id(loadgen::SERVICE) {
+            bail!(
+                "B ({}) is not certified as expected: mesh status {mesh}",
+                b.name
+            );
+        }
+        let (_, a_status) = h1::http_get(a.admin, "admin", "/status")?;
+        let a_status: serde_json::Value = serde_json::from_str(&a_status)?;
+        if a_status["mesh"]["identity"] != expected {
+            bail!(
+                "A ({}) is not certified as expected: {}",
+                a.name,
+                a_status["mesh"]
+            );
+        }
+        Ok(())
+    }
+
     /// Trellis only: the spans both sidecars counted as exported, dropped
     /// and failed (`trellis_trace_spans_total`), from their `/metrics`.
     pub fn trace_spans(&self) -> [u64; 3] {
@@ -188,6 +265,9 @@ pub struct Setup<'a> {
     pub callgrind: Option<&'a Path>,
     /// How the Trellis pair traces.
     pub tracing: Tracing,
+    /// The root and identity service of the mutual-TLS setups (started
+    /// only when one of them runs).
+    pub mesh: Option<&'a Mesh>,
 }
 
 pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
@@ -200,10 +280,33 @@ pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
     let mut sidecars = Vec::new();
     let (front, roots) = match kind {
         Kind::Direct => (s.upstream, vec![]),
-        Kind::Haproxy => {
+        Kind::Haproxy | Kind::HaproxyTls => {
             let (a, b) = (free_addr()?, free_addr()?);
-            let pb = haproxy(&mut procs, s.dir, &format!("{tag}-b"), proto, b, s.upstream)?;
-            let pa = haproxy(&mut procs, s.dir, &format!("{tag}-a"), proto, a, b)?;
+            let tls = match kind {
+                Kind::HaproxyTls => Some(haproxy_tls(s, &tag)?),
+                _ => None,
+            };
+            // B's listener and A's server line are the two ends of the TLS hop.
+            let (b_listener, a_server) = match &tls {
+                Some((b_tls, a_tls)) => (Some(b_tls), Some(a_tls)),
+                None => (None, None),
+            };
+            let pb = haproxy(
+                &mut procs,
+                s.dir,
+                &format!("{tag}-b"),
+                proto,
+                (b, b_listener),
+                (s.upstream, None),
+            )?;
+            let pa = haproxy(
+                &mut procs,
+                s.dir,
+                &format!("{tag}-a"),
+                proto,
+                (a, None),
+                (b, a_server),
+            )?;
             (a, vec![pa, pb])
         }
         Kind::Nginx => {
@@ -212,9 +315,20 @@ pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
             let pa = nginx(&mut procs, s.dir, &format!("{tag}-a"), proto, a, b)?;
             (a, vec![pa, pb])
         }
-        Kind::Trellis => {
-            let b = trellis(&mut procs, s, &format!("{tag}-b"), proto, None)?;
-            let a = trellis(&mut procs, s, &format!("{tag}-a"), proto, Some(b.inbound))?;
+        Kind::Trellis | Kind::TrellisMtls => {
+            let mesh = match kind {
+                Kind::TrellisMtls => Some(s.mesh.context("trellis-mtls needs the bench's mesh")?),
+                _ => None,
+            };
+            let b = trellis(&mut procs, s, &format!("{tag}-b"), proto, None, mesh)?;
+            let a = trellis(
+                &mut procs,
+                s,
+                &format!("{tag}-a"),
+                proto,
+                Some(b.inbound),
+                mesh,
+            )?;
             for sc in [&a, &b] {
                 sc.wait_ready(&mut procs)?;
             }
@@ -227,9 +341,14 @@ pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
         front,
         roots,
         sidecars,
+        kind,
         _procs: procs,
     };
     wait_serving(proto, front).with_context(|| format!("{tag} does not forward requests"))?;
+    if kind == Kind::TrellisMtls {
+        pair.check_mutual_tls()
+            .with_context(|| format!("{tag}: the A → B hop is not mutual TLS"))?;
+    }
     Ok(pair)
 }
 
@@ -255,18 +374,76 @@ fn wait_serving(proto: Proto, front: SocketAddr) -> Result<()> {
     }
 }
 
+/// One side of a TLS hop between HAProxy A and B: this instance's
+/// certificate and key (one PEM file) and the root it checks the peer with.
+struct HaproxyTls {
+    crt: PathBuf,
+    ca: PathBuf,
+}
+
+/// The ServiceAccount (and DNS) name in HAProxy B's certificate, which A
+/// checks it against (`verifyhost`).
+const HAPROXY_B: &str = "haproxy-b";
+
+/// Certificates for a `haproxy-tls` pair: B's (the server side) and A's
+/// (the client side), both from the run's root.
+fn haproxy_tls(s: &Setup, tag: &str) -> Result<(HaproxyTls, HaproxyTls)> {
+    let mesh = s.mesh.context("haproxy-tls needs the bench's mesh")?;
+    let dir = s.dir.join(format!("{tag}-certs"));
+    fs::create_dir_all(&dir)?;
+    let (b_crt, ca) = mesh.haproxy_pems(&dir, HAPROXY_B)?;
+    let (a_crt, _) = mesh.haproxy_pems(&dir, "haproxy-a")?;
+    Ok((
+        HaproxyTls {
+            crt: b_crt,
+            ca: ca.clone(),
+        },
+        HaproxyTls { crt: a_crt, ca },
+    ))
+}
+
+/// An HAProxy instance listening on `listen.0` and forwarding to `next.0`;
+/// with a [`HaproxyTls`] beside either, that hop is mutual TLS 1.3: the
+/// listener requires a client certificate from the root, the server line
+/// presents its own and checks the server's name.
 fn haproxy(
     procs: &mut Procs,
     dir: &Path,
     name: &str,
     proto: Proto,
-    listen: SocketAddr,
-    next: SocketAddr,
+    (listen, tls_in): (SocketAddr, Option<&HaproxyTls>),
+    (next, tls_out): (SocketAddr, Option<&HaproxyTls>),
 ) -> Result<u32> {
     let h2 = if proto == Proto::Grpc {
         " proto h2"
     } else {
         ""
+    };
+    // Over TLS the protocol is chosen by ALPN instead of `proto h2`: the
+    // listener offers both (like the Trellis inbound), the client asks for
+    // the one it speaks (like the Trellis client: h2 for gRPC, else
+    // http/1.1). No SNI on the server line (the Trellis client sends none
+    // either); `verifyhost` checks B's name without it.
+    let bind = match tls_in {
+        None => format!("{listen}{h2}"),
+        Some(t) => format!(
+            "{listen} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3 alpn h2,http/1.1",
+            t.crt.display(),
+            t.ca.display()
+        ),
+    };
+    let server = match tls_out {
+        None => format!("{next}{h2}"),
+        Some(t) => format!(
+            "{next} ssl crt {} ca-file {} verify required verifyhost {HAPROXY_B} ssl-min-ver TLSv1.3 alpn {}",
+            t.crt.display(),
+            t.ca.display(),
+            if proto == Proto::Grpc {
+                "h2"
+            } else {
+                "http/1.1"
+            }
+        ),
     };
     // Keep-alive to the client is HAProxy's default (http-keep-alive);
     // `http-reuse always` shares idle server connections between clients.
@@ -281,10 +458,10 @@ fn haproxy(
          \ttimeout server 30s\n\
          \thttp-reuse always\n\
          frontend fe\n\
-         \tbind {listen}{h2}\n\
+         \tbind {bind}\n\
          \tdefault_backend be\n\
          backend be\n\
-         \tserver next {next}{h2}\n"
+         \tserver next {server}\n"
     );
     let path = dir.join(format!("{name}.haproxy.cfg"));
     fs::write(&path, config)?;
@@ -357,6 +534,10 @@ fn nginx(
     )
 }
 
+/// The ServiceAccount of the `trellis-mtls` caller, A (B's is `bench`, its
+/// service's name).
+const CLIENT_ACCOUNT: &str = "bench-client";
+
 struct Sidecar {
     name: String,
     pid: u32,
@@ -372,12 +553,17 @@ struct Sidecar {
 /// budget, a circuit breaker, metrics (always on), tracing (1 % sampling
 /// exported to the loopback sink unless `s.tracing` says otherwise: a down
 /// collector is a closed loopback port). `dependency` makes it the caller (A).
+/// With a `mesh`, it has a mesh identity: its policy names the trust bundle
+/// and the identity service, it gets a certificate through its certify path
+/// at start, and A knows B's pods run as ServiceAccount `bench`, so A → B
+/// is mutual TLS (B's inbound is Strict, the default).
 fn trellis(
     procs: &mut Procs,
     s: &Setup,
     name: &str,
     proto: Proto,
     dependency: Option<SocketAddr>,
+    mesh: Option<&Mesh>,
 ) -> Result<Sidecar> {
     let (inbound, outbound, admin) = (free_addr()?, free_addr()?, free_addr()?);
     let resilience = serde_json::json!({
@@ -410,6 +596,9 @@ fn trellis(
     });
     if dependency.is_some() {
         policy["dependencies"] = serde_json::json!([{ "name": loadgen::SERVICE }]);
+    }
+    if let Some(mesh) = mesh {
+        policy["identity"] = mesh.policy_identity();
     }
     let policy_path = s.dir.join(format!("{name}.policy.json"));
     fs::write(&policy_path, policy.to_string())?;
@@ -451,6 +640,25 @@ fn trellis(
             "--static-endpoints",
             &format!("{}={endpoints}", loadgen::SERVICE),
         ]);
+    if mesh.is_some() {
+        let account = if dependency.is_some() {
+            CLIENT_ACCOUNT
+        } else {
+            loadgen::SERVICE
+        };
+        // The stand-in identity service certifies the ServiceAccount the
+        // token names.
+        let token = s.dir.join(format!("{name}.token"));
+        fs::write(&token, account)?;
+        cmd.env("TRELLIS_IDENTITY_TOKEN_FILE", &token)
+            .env("TRELLIS_SERVICE_ACCOUNT", account);
+        if dependency.is_some() {
+            cmd.args([
+                "--static-identity",
+                &format!("{}={}", loadgen::SERVICE, loadgen::SERVICE),
+            ]);
+        }
+    }
     let pid = procs.spawn(name, &mut cmd, &log)?;
     Ok(Sidecar {
         name: name.to_owned(),

@@ -10,6 +10,10 @@
 //! omission), the closed-loop maximum, CPU seconds per 10,000 requests of the
 //! two proxies together (utime+stime from /proc), and RSS per proxy idle and
 //! at the highest rate. Writes `target/bench/sidecar.json` and `sidecar.md`.
+//!
+//! `trellis-mtls` and `haproxy-tls` run the same two pairs with mutual TLS
+//! between A and B, and the report compares each with its plaintext self
+//! (the cost of encryption) and the two encrypted pairs with each other.
 
 use std::{fmt::Write as _, fs, thread, time::Duration};
 
@@ -17,7 +21,9 @@ use anyhow::{Result, bail};
 use serde_json::json;
 
 use super::{
-    RssSampler, commit, cpu_seconds, ensure_packages, loadavg, loadgen, machine, mib, ms, now_utc,
+    RssSampler, commit, cpu_seconds, ensure_packages, loadavg, loadgen, machine,
+    mesh::Mesh,
+    mib, ms, now_utc,
     proxies::{self, Kind, Proto, Setup, Tracing},
     release_binary, results_dir, rss_kib,
     upstream::Upstreams,
@@ -36,7 +42,8 @@ pub struct SidecarBench {
     /// HTTP/1.1 connections of the open-loop generator (and of wrk).
     #[arg(long, default_value = "32")]
     pub connections: usize,
-    /// Only these setups (direct, haproxy, nginx, trellis); all when none are named.
+    /// Only these setups (direct, haproxy, nginx, trellis, haproxy-tls,
+    /// trellis-mtls, collector-down); all when none are named.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Only HTTP/1.1 (`http`) or only gRPC (`grpc`); both by default.
@@ -109,7 +116,8 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         && opts.protocol.as_deref() != Some("grpc");
     if kinds.is_empty() && !collector_down {
         bail!(
-            "--only names none of direct, haproxy, nginx, trellis, {COLLECTOR_DOWN}: {:?}",
+            "--only names none of {}, {COLLECTOR_DOWN}: {:?}",
+            Kind::ALL.map(Kind::name).join(", "),
             opts.only
         );
     }
@@ -123,7 +131,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
     let sidecar = if let Some(path) = &opts.sidecar_binary {
         path.canonicalize()
             .map_err(|e| anyhow::anyhow!("--sidecar-binary {}: {e}", path.display()))?
-    } else if kinds.contains(&Kind::Trellis) || collector_down {
+    } else if kinds.iter().any(|k| k.is_trellis()) || collector_down {
         release_binary("trellis-sidecar", "trellis-sidecar", opts.no_build)?
     } else {
         std::path::PathBuf::from("trellis-sidecar")
@@ -139,6 +147,11 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         fs::create_dir_all(&callgrind_dir)?;
     }
     let up = Upstreams::start()?;
+    let mesh = if kinds.iter().any(|k| k.is_mtls()) {
+        Some(Mesh::start()?)
+    } else {
+        None
+    };
     let duration = Duration::from_secs(opts.duration);
     let load_before = loadavg();
 
@@ -159,6 +172,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                 wrapper: opts.sidecar_wrapper.as_deref(),
                 callgrind: opts.callgrind.then_some(callgrind_dir.as_path()),
                 tracing: Tracing::REALISTIC,
+                mesh: mesh.as_ref(),
             };
             // A fresh pair for every phase: what one phase leaves behind (an
             // open circuit breaker after an overload, a grown pool) must not
@@ -199,11 +213,15 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
             };
             let cpu = cpu_seconds(&pids) - cpu0;
             let peaks = sampler.stop();
+            let handshakes = pair.mtls_connections();
             eprintln!(
-                "   closed loop: {:.0} req/s, p50 {} ms, {} errors",
+                "   closed loop: {:.0} req/s, p50 {} ms, {} errors{}",
                 run.rate(),
                 ms(run.ms(0.5)),
-                run.errors
+                run.errors,
+                handshakes.map_or(String::new(), |n| format!(
+                    ", {n} mutual-TLS connections A → B"
+                )),
             );
             results.push(json!({
                 "protocol": proto.to_string(),
@@ -219,6 +237,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                     "proxy_cpu_s": cpu,
                     "proxy_cpu_s_per_10k": per_10k(cpu, run.requests),
                     "rss_peak_kib": peaks,
+                    "mtls_connections": handshakes,
                 },
             }));
             drop(pair);
@@ -243,6 +262,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                     wrapper: opts.sidecar_wrapper.as_deref(),
                     callgrind: opts.callgrind.then_some(callgrind_dir.as_path()),
                     tracing: *variant,
+                    mesh: None,
                 };
                 row.push(fixed_rate(
                     Kind::Trellis,
@@ -271,6 +291,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         "loadavg_after": loadavg(),
         "versions": {
             "haproxy": version_of("haproxy", &["-v"]),
+            "haproxy_tls_library": haproxy_tls_library(),
             "nginx": version_of("nginx", &["-v"]),
             "wrk": version_of("wrk", &["-v"]),
             "rustc": version_of("rustc", &["-V"]),
@@ -284,6 +305,8 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
             "grpc_closed_loop_concurrency": GRPC_CONCURRENCY,
         },
         "otlp_exports_received": up.exports(),
+        "mesh_certificates_issued": mesh.as_ref().map(Mesh::issued),
+        "mutual_tls": mutual_tls(&results),
         "results": results,
         "collector_down": collector,
     });
@@ -329,16 +352,20 @@ fn fixed_rate(
         .map(|(ir, _)| *ir as f64 / run.requests.max(1) as f64)
         .collect();
     // Let the export task send (or fail) its last batch before counting.
-    if kind == Kind::Trellis {
+    if kind.is_trellis() {
         thread::sleep(Duration::from_millis(2500));
     }
     let spans = pair.trace_spans();
+    let handshakes = pair.mtls_connections();
     eprintln!(
-        "   {rate:>6} req/s: p50 {} p99 {} p99.9 {} ms, {} errors{}",
+        "   {rate:>6} req/s: p50 {} p99 {} p99.9 {} ms, {} errors{}{}",
         ms(run.ms(0.5)),
         ms(run.ms(0.99)),
         ms(run.ms(0.999)),
         run.errors,
+        handshakes.map_or(String::new(), |n| format!(
+            ", {n} mutual-TLS connections A → B"
+        )),
         if per_request.is_empty() {
             String::new()
         } else {
@@ -369,11 +396,14 @@ fn fixed_rate(
         "proxy_cpu_s_per_10k": per_10k(cpu, run.requests),
         "rss_peak_kib": peaks,
     });
-    if kind == Kind::Trellis {
+    if kind.is_trellis() {
         x["trace_spans"] = json!({"exported": spans[0], "dropped": spans[1], "failed": spans[2]});
     }
     if !per_request.is_empty() {
         x["instructions_per_request"] = json!(per_request);
+    }
+    if let Some(n) = handshakes {
+        x["mtls_connections"] = json!(n);
     }
     Ok(x)
 }
@@ -408,11 +438,24 @@ fn markdown(r: &serde_json::Value) -> String {
         s(&v["wrk"]),
         s(&v["rustc"])
     );
+    if !v["haproxy_tls_library"].is_null() {
+        let _ = writeln!(
+            out,
+            "HAProxy's TLS library: {}",
+            s(&v["haproxy_tls_library"])
+        );
+    }
     let _ = writeln!(
         out,
         "OTLP export requests received by the sink: {}",
         r["otlp_exports_received"]
     );
+    if let Some(n) = r["mesh_certificates_issued"].as_u64() {
+        let _ = writeln!(
+            out,
+            "Mesh certificates issued to Trellis sidecars by the stand-in identity service: {n}"
+        );
+    }
     let results = r["results"].as_array().cloned().unwrap_or_default();
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     for proto in ["HTTP/1.1", "gRPC (h2c)"] {
@@ -596,8 +639,215 @@ fn markdown(r: &serde_json::Value) -> String {
                 .map_or(f64::NAN, |a| a.iter().filter_map(|v| v.as_f64()).sum())
         });
     }
+    out += &mutual_tls_markdown(r);
     out += &collector_markdown(r);
     out
+}
+
+/// The setups of the mutual-TLS comparison, in its columns' order, with
+/// their JSON keys.
+const MTLS_SETUPS: [(&str, &str); 4] = [
+    ("trellis", "trellis"),
+    ("trellis-mtls", "trellis_mtls"),
+    ("haproxy", "haproxy"),
+    ("haproxy-tls", "haproxy_tls"),
+];
+
+/// Per protocol with a mutual-TLS row: each metric for Trellis and HAProxy
+/// in plaintext and with mutual TLS between A and B, the cost of
+/// encryption for each (TLS ÷ plaintext) and Trellis ÷ HAProxy, both
+/// encrypted. `null` where a setup did not run (or a ratio has no divisor).
+fn mutual_tls(results: &[serde_json::Value]) -> serde_json::Value {
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let mut out = Vec::new();
+    for proto in [Proto::Http1, Proto::Grpc] {
+        let proto = proto.to_string();
+        let row = |setup: &str| {
+            results
+                .iter()
+                .find(|x| x["protocol"] == proto && x["setup"] == setup)
+        };
+        if row("trellis-mtls").is_none() && row("haproxy-tls").is_none() {
+            continue;
+        }
+        let direct = row("direct");
+        // The rates of whichever setups ran (all run the same ones).
+        let rates: Vec<serde_json::Value> = MTLS_SETUPS
+            .iter()
+            .find_map(|(name, _)| row(name)?["rates"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|x| x["rate"].clone())
+            .collect();
+        let at = |r: Option<&serde_json::Value>, rate: &serde_json::Value, key: &str| {
+            r.and_then(|r| r["rates"].as_array()?.iter().find(|x| x["rate"] == *rate))
+                .map_or(f64::NAN, |x| f(&x[key]))
+        };
+        // (label, unit, value of a setup's row)
+        type Get<'a> = Box<dyn Fn(Option<&serde_json::Value>) -> f64 + 'a>;
+        let mut metrics: Vec<(String, &str, Get)> = Vec::new();
+        for rate in &rates {
+            metrics.push((
+                format!("p99 at {rate} req/s"),
+                "ms",
+                Box::new(move |r| at(r, rate, "p99_ms")),
+            ));
+            metrics.push((
+                format!("added p99 at {rate} req/s"),
+                "ms",
+                Box::new(move |r| at(r, rate, "p99_ms") - at(direct, rate, "p99_ms")),
+            ));
+            metrics.push((
+                format!("proxy CPU s / 10k req at {rate} req/s"),
+                "s",
+                Box::new(move |r| at(r, rate, "proxy_cpu_s_per_10k")),
+            ));
+        }
+        let max = |key: &'static str| -> Get {
+            Box::new(move |r: Option<&serde_json::Value>| r.map_or(f64::NAN, |r| f(&r["max"][key])))
+        };
+        metrics.push(("max throughput".into(), "req/s", max("requests_per_s")));
+        metrics.push(("p50 at max".into(), "ms", max("p50_ms")));
+        metrics.push((
+            "proxy CPU s / 10k req at max".into(),
+            "s",
+            max("proxy_cpu_s_per_10k"),
+        ));
+        metrics.push((
+            "RSS peak at max, A + B".into(),
+            "MiB",
+            Box::new(|r| {
+                r.and_then(|r| r["max"]["rss_peak_kib"].as_array())
+                    .map_or(f64::NAN, |a| {
+                        a.iter().filter_map(|v| v.as_f64()).sum::<f64>() / 1024.0
+                    })
+            }),
+        ));
+        let ratio = |a: f64, b: f64| {
+            if a.is_finite() && b.is_finite() && b > 0.0 {
+                json!(a / b)
+            } else {
+                serde_json::Value::Null
+            }
+        };
+        let rows: Vec<serde_json::Value> = metrics
+            .iter()
+            .map(|(label, unit, get)| {
+                let v: Vec<f64> = MTLS_SETUPS.iter().map(|(name, _)| get(row(name))).collect();
+                let mut m = json!({
+                    "metric": label,
+                    "unit": unit,
+                    "trellis_mtls_per_trellis": ratio(v[1], v[0]),
+                    "haproxy_tls_per_haproxy": ratio(v[3], v[2]),
+                    "trellis_mtls_per_haproxy_tls": ratio(v[1], v[3]),
+                });
+                for ((_, key), x) in MTLS_SETUPS.iter().zip(&v) {
+                    m[*key] = if x.is_finite() {
+                        json!(x)
+                    } else {
+                        serde_json::Value::Null
+                    };
+                }
+                m
+            })
+            .collect();
+        out.push(json!({"protocol": proto, "metrics": rows}));
+    }
+    json!(out)
+}
+
+/// The mutual-TLS comparison as one table per protocol.
+fn mutual_tls_markdown(r: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for p in r["mutual_tls"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "\n### {}: mutual TLS between A and B\n",
+            p["protocol"].as_str().unwrap_or("")
+        );
+        let _ = writeln!(
+            out,
+            "`trellis-mtls` and `haproxy-tls` are the `trellis` and `haproxy` pairs with mutual TLS 1.3 between A and B (ECDSA P-256 certificates from one root; for gRPC, HTTP/2 negotiated by ALPN on that hop). \"÷ plaintext\" is the cost of encryption for each proxy; the last column compares the two encrypted pairs. Below 1 is better for latency, CPU and memory; above 1 for throughput.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| metric | trellis | trellis-mtls | ÷ plaintext | haproxy | haproxy-tls | ÷ plaintext | trellis-mtls ÷ haproxy-tls |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        for m in p["metrics"].as_array().into_iter().flatten() {
+            let unit = m["unit"].as_str().unwrap_or("");
+            let value = |v: &serde_json::Value| match v.as_f64() {
+                None => "–".to_owned(),
+                Some(x) => match unit {
+                    "req/s" => format!("{x:.0}"),
+                    "MiB" => format!("{x:.1}"),
+                    _ => format!("{x:.2}"),
+                },
+            };
+            let ratio =
+                |v: &serde_json::Value| v.as_f64().map_or("–".into(), |x| format!("{x:.2}"));
+            let _ = writeln!(
+                out,
+                "| {} ({unit}) | {} | {} | {} | {} | {} | {} | {} |",
+                m["metric"].as_str().unwrap_or(""),
+                value(&m["trellis"]),
+                value(&m["trellis_mtls"]),
+                ratio(&m["trellis_mtls_per_trellis"]),
+                value(&m["haproxy"]),
+                value(&m["haproxy_tls"]),
+                ratio(&m["haproxy_tls_per_haproxy"]),
+                ratio(&m["trellis_mtls_per_haproxy_tls"]),
+            );
+        }
+        // How often the Trellis pair did a handshake: once per pooled
+        // connection, not per request, if the pool works.
+        let mtls_row = r["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["protocol"] == p["protocol"] && x["setup"] == "trellis-mtls");
+        if let Some(row) = mtls_row {
+            let mut phases: Vec<String> = row["rates"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| {
+                    Some(format!(
+                        "{} at {} req/s",
+                        x["mtls_connections"].as_u64()?,
+                        x["rate"]
+                    ))
+                })
+                .collect();
+            if let Some(n) = row["max"]["mtls_connections"].as_u64() {
+                phases.push(format!("{n} in the closed loop"));
+            }
+            if !phases.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "\nMutual-TLS connections (handshakes) B accepted from A, each phase on a fresh pair: {}.",
+                    phases.join(", ")
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The TLS library HAProxy runs on (`haproxy -vv`'s "Running on OpenSSL
+/// version : …" line), `null` when it is not installed.
+fn haproxy_tls_library() -> serde_json::Value {
+    std::process::Command::new("haproxy")
+        .arg("-vv")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Running on OpenSSL version"))
+                .map(|l| json!(l.trim_start_matches([' ', ':']).trim()))
+        })
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// The collector-down comparison: each variant's row, and its difference
