@@ -270,7 +270,29 @@ pub struct Setup<'a> {
     pub mesh: Option<&'a Mesh>,
 }
 
+/// Starts a pair, up to three times: a port [`free_addr`] handed out can
+/// be taken before the proxy binds it (by an outgoing connection's
+/// ephemeral port, such as a sidecar's call to the identity service, or by
+/// whatever else runs on the machine), and that says nothing about the
+/// proxy. A failure that is the proxy's fails all three.
 pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
+    let mut attempt = 1;
+    loop {
+        match start_once(kind, proto, s) {
+            Ok(pair) => return Ok(pair),
+            Err(e) if attempt < 3 => {
+                eprintln!(
+                    "   {} did not start ({e:#}); starting it again",
+                    kind.name()
+                );
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn start_once(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
     let mut procs = Procs::default();
     let tag = format!(
         "{}-{}",
