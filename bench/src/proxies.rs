@@ -281,8 +281,10 @@ pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
         match start_once(kind, proto, s) {
             Ok(pair) => return Ok(pair),
             Err(e) if attempt < 3 => {
+                // The first lines say why; a sidecar's whole log follows.
+                let why: String = format!("{e:#}").chars().take(400).collect();
                 eprintln!(
-                    "   {} did not start ({e:#}); starting it again",
+                    "   {} did not start ({why}); starting it again",
                     kind.name()
                 );
                 attempt += 1;
