@@ -173,10 +173,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         Discovery::Static { endpoints, file } => {
             let r = StaticResolver::new(&config.namespace, metrics.clone());
-            r.replace_all(endpoints);
+            // Identities before endpoints: a request for a service is sent
+            // as soon as it has endpoints, and reads its identity then.
             for (name, account) in &config.static_identities {
                 r.set_identity(name, Some(account));
             }
+            r.replace_all(endpoints);
             if let Some(path) = file {
                 follow_endpoints_file(&r, endpoints, path, &config, shutdown_rx.clone()).await;
             }
