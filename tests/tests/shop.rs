@@ -362,6 +362,50 @@ async fn the_shop_end_to_end() {
             "each audited call (the host's, product's, the outsider's) is counted once"
         );
 
+        // The operator checks the callers named: `order` exists.
+        eventually(
+            "user's AuthorizationResolved condition to be True",
+            Duration::from_secs(30),
+            || async {
+                (authorization_condition(&ns.name, "user")?["status"] == "True").then_some(())
+            },
+        )
+        .await;
+        // A typo: in Audit nobody is refused, but the MicroService says what
+        // the rule would do, and a Warning Event tells it once.
+        let typo = json!({ "spec": { "inbound": { "authorization": {
+            "mode": "Audit", "allow": [{ "microService": "ordr" }],
+        } } } });
+        edit_live(&shop, "user", &typo).await;
+        let unresolved = eventually(
+            "user's AuthorizationResolved condition to name the unknown caller",
+            Duration::from_secs(30),
+            || async {
+                let c = authorization_condition(&ns.name, "user")?;
+                (c["status"] == "False").then_some(c)
+            },
+        )
+        .await;
+        assert_eq!(unresolved["reason"], "UnknownCaller", "{unresolved}");
+        let message = unresolved["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("\"ordr\" in {}", ns.name))
+                && message.contains("would be refused"),
+            "{message}"
+        );
+        let events = shop::run(kubectl().args([
+            "get",
+            "events",
+            "-n",
+            &ns.name,
+            "--field-selector",
+            "reason=UnknownCaller,involvedObject.name=user",
+            "-o",
+            "name",
+        ]))
+        .unwrap();
+        assert!(events.lines().count() >= 1, "no UnknownCaller Event");
+
         let open = json!({ "spec": { "inbound": { "authorization": null } } });
         edit_live(&shop, "user", &open).await;
         let served = shop
@@ -1041,21 +1085,26 @@ async fn on_the_wire(shop: &Shop) {
     );
     let mut hellos = std::collections::BTreeMap::<(&str, &str), usize>::new();
     let mut pod_to_pod = 0;
+    let service_of = |ip: &Ipv4Addr| {
+        ips.iter()
+            .find(|(_, a)| a.contains(ip))
+            .map_or("?", |(s, _)| *s)
+    };
     for ((from, to), bytes) in flows.between(&pods, &pods) {
         pod_to_pod += bytes.len();
+        let (a, b) = (service_of(from.ip()), service_of(to.ip()));
         assert!(
             !wire::contains(bytes, marker),
-            "the marker crossed in the clear from {from} to {to}"
+            "the marker crossed in the clear from {a} ({from}) to {b} ({to}): {:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
         );
         assert!(
             !looks_like_http(bytes),
-            "plaintext HTTP from {from} to {to}: {:?}",
-            String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+            "plaintext HTTP from {a} ({from}) to {b} ({to}): {:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
         );
-        let service_of = |ip: &Ipv4Addr| ips.iter().find(|(_, a)| a.contains(ip)).map(|(s, _)| *s);
         if wire::opening(bytes) == wire::Opening::ClientHello {
-            let pair = (service_of(from.ip()).unwrap(), service_of(to.ip()).unwrap());
-            *hellos.entry(pair).or_default() += 1;
+            *hellos.entry((a, b)).or_default() += 1;
         }
     }
     eprintln!(
@@ -1086,6 +1135,19 @@ fn looks_like_http(bytes: &[u8]) -> bool {
         b"PRI * HTTP/2.0",
     ];
     OPENINGS.iter().any(|o| bytes.starts_with(o))
+}
+
+/// The `AuthorizationResolved` condition of MicroService `name`, if it has one.
+fn authorization_condition(namespace: &str, name: &str) -> Option<serde_json::Value> {
+    let out =
+        shop::run(kubectl().args(["get", "microservice", name, "-n", namespace, "-o", "json"]))
+            .ok()?;
+    let ms: serde_json::Value = serde_json::from_str(&out).ok()?;
+    ms["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "AuthorizationResolved")
+        .cloned()
 }
 
 /// Whether each running shop pod is Ready.

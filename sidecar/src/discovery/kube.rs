@@ -141,8 +141,12 @@ async fn follow_once(client: &Client, dir: &Directory, service: &ServiceName) ->
                 let slices = store.state();
                 let state = discovered_from_slices(&slices);
                 tracing::debug!(%service, endpoints = state.addrs().len(), "endpoints changed");
-                dir.publish(service, state);
+                // The identity first: a request waiting for endpoints is
+                // sent the moment they are published, possibly on another
+                // thread, and reads the identity then. Published after, a
+                // meshed service's first requests would leave in plaintext.
                 dir.publish_identity(service, service_account(&slices));
+                dir.publish(service, state);
                 if !listed && dir.mark_fresh(service) {
                     tracing::info!(%service, "EndpointSlices listed again; discovery is fresh");
                 }
