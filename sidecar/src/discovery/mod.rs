@@ -64,6 +64,9 @@ pub type EndpointsWatch = watch::Receiver<Discovered>;
 /// A watch on the ServiceAccount a service's pods run as, when they are
 /// meshed workloads (`None`: not meshed, or not known yet). The caller's
 /// sidecar expects the server to prove this identity over mutual TLS.
+/// Sources publish it before the endpoints of the same change, so whoever
+/// sees an endpoint also sees the identity it must prove (read as `None`,
+/// a meshed service's request would leave in plaintext).
 pub type IdentityWatch = watch::Receiver<Option<Arc<str>>>;
 
 type IdentitySender = watch::Sender<Option<Arc<str>>>;
