@@ -409,6 +409,18 @@ fn the_chart_lints_clean() {
     assert!(out.contains("0 chart(s) failed"), "{out}");
 }
 
+/// What the chart renders for each of its two services (the operator and
+/// the identity service), in order.
+const SERVICE_KINDS: [&str; 7] = [
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "Deployment",
+];
+
 #[test]
 #[ignore = "needs the tools cache (helm): cargo xtask test"]
 fn the_operator_runs_restricted_with_exactly_the_rbac_it_needs() {
@@ -418,18 +430,7 @@ fn the_operator_runs_restricted_with_exactly_the_rbac_it_needs() {
         .filter(|d| !is_identity(d))
         .filter_map(|d| d["kind"].as_str())
         .collect();
-    assert_eq!(
-        kinds,
-        [
-            "ServiceAccount",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "Role",
-            "RoleBinding",
-            "Service",
-            "Deployment"
-        ]
-    );
+    assert_eq!(kinds, SERVICE_KINDS);
 
     // Every verb on every resource, exactly, each needed by a test: a new grant
     // must be added to GRANTS on purpose, with the test that fails without it.
@@ -574,18 +575,7 @@ fn the_identity_service_runs_apart_with_only_what_it_needs() {
     let docs = template(&[]).unwrap();
     let identity: Vec<&Value> = docs.iter().filter(|d| is_identity(d)).collect();
     let kinds: Vec<&str> = identity.iter().filter_map(|d| d["kind"].as_str()).collect();
-    assert_eq!(
-        kinds,
-        [
-            "ServiceAccount",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "Role",
-            "RoleBinding",
-            "Service",
-            "Deployment"
-        ]
-    );
+    assert_eq!(kinds, SERVICE_KINDS);
     let of = |kind: &str| *identity.iter().find(|d| d["kind"] == kind).unwrap();
     assert_eq!(
         of("ClusterRole")["rules"],

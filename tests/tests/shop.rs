@@ -934,12 +934,7 @@ async fn soak(shop: &Shop) {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = footprints(shop).await;
-    let updates = |all: BTreeMap<String, serde_json::Value>| -> BTreeMap<String, u64> {
-        all.into_iter()
-            .map(|(pod, m)| (pod, m["updates"].as_u64().unwrap_or(0)))
-            .collect()
-    };
-    let certified = updates(mesh_statuses(shop).await.unwrap());
+    let certified = credential_updates(shop).await;
 
     let load = shop.load(RATE, 4);
     let started = Instant::now();
@@ -956,7 +951,7 @@ async fn soak(shop: &Shop) {
     let outcomes = load.stop().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = footprints(shop).await;
-    let renewed = updates(mesh_statuses(shop).await.unwrap());
+    let renewed = credential_updates(shop).await;
 
     let failed: Vec<_> = outcomes.iter().filter(|o| o.status != 201).collect();
     eprintln!(
@@ -1184,6 +1179,16 @@ async fn mesh_statuses(shop: &Shop) -> Result<BTreeMap<String, serde_json::Value
     Ok(all)
 }
 
+/// How many times each sidecar's credentials changed (`mesh.updates`), by pod.
+async fn credential_updates(shop: &Shop) -> BTreeMap<String, u64> {
+    mesh_statuses(shop)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(pod, m)| (pod, m["updates"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
 /// Waits until every sidecar's mesh status satisfies `ok`.
 async fn until_every_sidecar(
     shop: &Shop,
@@ -1210,27 +1215,33 @@ async fn rotate_the_root(shop: &Shop, system: &str) {
     let new =
         trellis_identity::Issuer::new_root("cluster.local", Duration::from_secs(365 * 24 * 3600))
             .unwrap();
-    let bundle = |pem: String| json!({ "data": { "ca-bundle.crt": pem } });
-    let patch = |p: serde_json::Value| kube::api::Patch::Merge(p);
     let params = kube::api::PatchParams::default();
+
+    // Writes the bundle, then waits until every sidecar trusts `roots` roots.
+    let trust = |pem: String, roots: u64| {
+        let (bundles, params) = (&bundles, &params);
+        async move {
+            bundles
+                .patch(
+                    "trellis-trust-bundle",
+                    params,
+                    &kube::api::Patch::Merge(json!({ "data": { "ca-bundle.crt": pem } })),
+                )
+                .await
+                .unwrap();
+            until_every_sidecar(
+                shop,
+                &format!("every sidecar to trust {roots} root(s)"),
+                Duration::from_secs(60),
+                |m| m["trustRoots"] == roots,
+            )
+            .await;
+        }
+    };
 
     let load = shop.load(10.0, 2);
     // 1. Both roots trusted.
-    bundles
-        .patch(
-            "trellis-trust-bundle",
-            &params,
-            &patch(bundle(format!("{old_pem}{}", new.cert_pem()))),
-        )
-        .await
-        .unwrap();
-    until_every_sidecar(
-        shop,
-        "every sidecar to trust 2 roots",
-        Duration::from_secs(60),
-        |m| m["trustRoots"] == 2,
-    )
-    .await;
+    trust(format!("{old_pem}{}", new.cert_pem()), 2).await;
     eprintln!(
         "rotation: every sidecar trusts both roots after {:.1?}",
         load.elapsed()
@@ -1242,7 +1253,7 @@ async fn rotate_the_root(shop: &Shop, system: &str) {
         .patch(
             "trellis-identity-issuer",
             &params,
-            &patch(json!({ "stringData": {
+            &kube::api::Patch::Merge(json!({ "stringData": {
                 "ca.crt": new.cert_pem(),
                 "ca.key": new.key_pem(),
             } })),
@@ -1269,28 +1280,9 @@ async fn rotate_the_root(shop: &Shop, system: &str) {
     );
 
     // 4. The old root leaves the bundle.
-    bundles
-        .patch(
-            "trellis-trust-bundle",
-            &params,
-            &patch(bundle(new.cert_pem().to_owned())),
-        )
-        .await
-        .unwrap();
-    until_every_sidecar(
-        shop,
-        "every sidecar to trust only the new root",
-        Duration::from_secs(60),
-        |m| m["trustRoots"] == 1,
-    )
-    .await;
+    trust(new.cert_pem().to_owned(), 1).await;
     // Renewals go on against the new root alone.
-    let before: BTreeMap<String, u64> = mesh_statuses(shop)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(pod, m)| (pod, m["updates"].as_u64().unwrap_or(0)))
-        .collect();
+    let before = credential_updates(shop).await;
     eventually(
         "every sidecar to renew once more, trusting only the new root",
         Duration::from_secs(CERTIFICATE_SECS + 30),
