@@ -165,7 +165,8 @@ fn pinned_version(tool: &Tool) -> Result<String> {
         .with_context(|| format!("{} does not require {}", go_mod.display(), tool.pinned))
 }
 
-fn tools_dir() -> PathBuf {
+/// The Go modules that pin the tools: `tools/` in the workspace.
+pub fn tools_dir() -> PathBuf {
     paths::workspace().join("tools")
 }
 
@@ -189,7 +190,8 @@ fn ldflags(tool: &Tool, version: &str) -> String {
     flags
 }
 
-fn go_version() -> Result<String> {
+/// `go version`, which is part of every cache key.
+pub fn go_version() -> Result<String> {
     run::output(
         Command::new("go")
             .arg("version")
@@ -205,69 +207,105 @@ fn ensure_tool(tool: &Tool) -> Result<PathBuf> {
     let version = pinned_version(tool)?;
     let module = tools_dir().join(tool.dir);
     let flags = ldflags(tool, &version);
-    let mut key = Sha256::new();
+    let mut inputs = module_inputs(&module)?;
+    inputs.push(flags.clone().into_bytes());
+    cached(tool.dir, &version, &inputs, |partial| {
+        eprintln!(
+            "==> building {} {version} ({} binaries) from the Go module proxy",
+            tool.dir,
+            tool.binaries.len(),
+        );
+        eprintln!("    the first build takes a while; later runs reuse the cache");
+        let started = Instant::now();
+        if tool.pinned == OTELCOL.pinned {
+            build_collector(&module, partial, &flags)?;
+            eprintln!("    [1/1] otelcol built ({:.0?})", started.elapsed());
+        }
+        for (i, (name, package)) in tool
+            .binaries
+            .iter()
+            .filter(|(_, package)| !package.is_empty())
+            .enumerate()
+        {
+            go_build(&module, package, &partial.join(name), &flags, &[]).with_context(|| {
+                format!("building {name} from tools/{}: check the Go proxy is reachable and tools/{}/go.sum is current (`go mod tidy` there)", tool.dir, tool.dir)
+            })?;
+            eprintln!(
+                "    [{}/{}] {name} built ({:.0?} so far)",
+                i + 1,
+                tool.binaries.len(),
+                started.elapsed()
+            );
+        }
+        Ok(())
+    })
+}
+
+/// What names a build of the Go module in `module` (a folder under tools/):
+/// its go.mod, its go.sum, its builder-config.yaml if any, and the Go version.
+/// Callers add their build flags.
+pub fn module_inputs(module: &Path) -> Result<Vec<Vec<u8>>> {
+    let mut inputs = Vec::new();
     for file in ["go.mod", "go.sum", "builder-config.yaml"] {
         match fs::read(module.join(file)) {
-            Ok(bytes) => key.update(bytes),
+            Ok(bytes) => inputs.push(bytes),
             Err(_) if file == "builder-config.yaml" => {}
-            Err(e) => return Err(e).with_context(|| format!("reading tools/{}/{file}", tool.dir)),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", module.join(file).display()));
+            }
         }
     }
-    key.update(go_version()?);
-    key.update(&flags);
+    inputs.push(go_version()?.into_bytes());
+    Ok(inputs)
+}
+
+/// The cache entry `~/.cache/trellis/bin/<name>-<version>-<key>/`, where the
+/// key hashes `inputs` (in order): when it is not complete, `build` fills a
+/// partial folder, which then takes the entry's name. An interrupted build
+/// leaves only the partial folder, removed by the next attempt.
+pub fn cached(
+    name: &str,
+    version: &str,
+    inputs: &[Vec<u8>],
+    build: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let mut key = Sha256::new();
+    for input in inputs {
+        key.update(input);
+    }
     let key = hex::encode(key.finalize());
-    let dest =
-        paths::cache_dir()
-            .join("bin")
-            .join(format!("{}-{version}-{}", tool.dir, &key[..12]));
+    let dest = paths::cache_dir()
+        .join("bin")
+        .join(format!("{name}-{version}-{}", &key[..12]));
     let marker = dest.join(".complete");
     if marker.exists() {
         return Ok(dest);
     }
-
-    eprintln!(
-        "==> building {} {version} ({} binaries) from the Go module proxy into {}",
-        tool.dir,
-        tool.binaries.len(),
-        dest.display()
-    );
-    eprintln!("    the first build takes a while; later runs reuse the cache");
     let partial = dest.with_extension("partial");
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial)?;
-    let started = Instant::now();
-    if tool.pinned == OTELCOL.pinned {
-        build_collector(&module, &partial, &flags)?;
-        eprintln!("    [1/1] otelcol built ({:.0?})", started.elapsed());
-    }
-    for (i, (name, package)) in tool
-        .binaries
-        .iter()
-        .filter(|(_, package)| !package.is_empty())
-        .enumerate()
-    {
-        go_build(&module, package, &partial.join(name), &flags).with_context(|| {
-            format!("building {name} from tools/{}: check the Go proxy is reachable and tools/{}/go.sum is current (`go mod tidy` there)", tool.dir, tool.dir)
-        })?;
-        eprintln!(
-            "    [{}/{}] {name} built ({:.0?} so far)",
-            i + 1,
-            tool.binaries.len(),
-            started.elapsed()
-        );
-    }
+    build(&partial)?;
     let _ = fs::remove_dir_all(&dest);
     fs::rename(&partial, &dest)?;
     fs::write(&marker, format!("{version}\n"))?;
+    eprintln!("    cached in {}", dest.display());
     Ok(dest)
 }
 
-/// `go build -v`, printing a progress line every 100 packages compiled.
-fn go_build(module: &Path, package: &str, out: &Path, ldflags: &str) -> Result<()> {
+/// `go build -v` in `module` with `env` added, printing a progress line every
+/// 100 packages compiled.
+pub fn go_build(
+    module: &Path,
+    package: &str,
+    out: &Path,
+    ldflags: &str,
+    env: &[(&str, &str)],
+) -> Result<()> {
     let mut child = Command::new("go")
         .current_dir(module)
         .env("GOTOOLCHAIN", "local")
         .env("GOFLAGS", "-mod=readonly")
+        .envs(env.iter().copied())
         .args(["build", "-v", "-ldflags", ldflags, "-o"])
         .arg(out)
         .arg(package)
