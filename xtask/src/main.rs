@@ -16,6 +16,7 @@ mod cluster;
 mod demo;
 mod e2e;
 mod fuzz;
+mod gateway_api;
 mod images;
 mod postgres;
 mod prerequisites;

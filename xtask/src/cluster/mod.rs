@@ -20,7 +20,7 @@ use std::{fs, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{images, paths, run, tools::Tools};
+use crate::{gateway_api, images, paths, run, tools::Tools};
 use config::{API_PORT, NODE_NAME};
 use network::NODE_IP;
 
@@ -70,11 +70,13 @@ pub fn up(mode: Mode) -> Result<()> {
     preflight(mode)?;
     match running_mode() {
         Some(Mode::Node) => {
-            eprintln!("==> the local cluster is already running (full node); nothing to do");
+            eprintln!("==> the local cluster is already running (full node)");
+            gateway_api::crds::ensure(&Tools::ensure()?)?;
             return ready_message();
         }
         Some(Mode::ControlPlane) if mode == Mode::ControlPlane => {
-            eprintln!("==> the local cluster's control plane is already running; nothing to do");
+            eprintln!("==> the local cluster's control plane is already running");
+            gateway_api::crds::ensure(&Tools::ensure()?)?;
             return ready_message();
         }
         _ => {}
@@ -121,6 +123,9 @@ pub fn up(mode: Mode) -> Result<()> {
     network::up(&state)?;
 
     start_control_plane(&tools, &state)?;
+    // The Gateway API's CRDs are part of the cluster Trellis runs on, as in
+    // a real installation (README, "Gateway API"): the operator watches them.
+    gateway_api::crds::ensure(&tools)?;
     if mode == Mode::Node {
         start_node(&tools, &state)?;
     }
