@@ -10,6 +10,7 @@
 //! Field names are camelCase on the wire, like every Kubernetes API.
 
 mod duration;
+pub mod gateway;
 mod validate;
 
 use schemars::JsonSchema;

@@ -106,6 +106,17 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
 
+    /// Gateway mode: serve the Gateway API configuration the operator keeps
+    /// in this Secret (key gateway.json) in POD_NAMESPACE, instead of a
+    /// policy.
+    #[arg(long, env = "TRELLIS_GATEWAY_SECRET", conflicts_with = "gateway_file")]
+    pub gateway_secret: Option<String>,
+
+    /// Gateway mode from a file holding the gateway configuration (JSON),
+    /// polled for changes: for running without Kubernetes.
+    #[arg(long, env = "TRELLIS_GATEWAY_FILE")]
+    pub gateway_file: Option<PathBuf>,
+
     /// Where endpoints come from; by default static when static endpoints are
     /// given, else Kubernetes.
     #[arg(long, env = "TRELLIS_DISCOVERY", value_enum)]
@@ -257,6 +268,8 @@ pub struct Config {
     pub policy_configmap: Option<String>,
     /// Policy file.
     pub policy_file: Option<PathBuf>,
+    /// Gateway mode, and where its configuration comes from.
+    pub gateway: Option<GatewaySource>,
     /// Discovery.
     pub discovery: Discovery,
     /// With static discovery: the ServiceAccount each meshed service's pods
@@ -300,6 +313,7 @@ impl Config {
             cluster_domain: "cluster.local".into(),
             policy_configmap: None,
             policy_file,
+            gateway: None,
             discovery: Discovery::Static {
                 endpoints: StaticEndpoints::new(),
                 file: None,
@@ -325,8 +339,19 @@ impl Config {
 
     /// Whether anything needs the Kubernetes API.
     pub fn needs_kubernetes(&self) -> bool {
-        matches!(self.discovery, Discovery::Kubernetes { .. }) || self.policy_configmap.is_some()
+        matches!(self.discovery, Discovery::Kubernetes { .. })
+            || self.policy_configmap.is_some()
+            || matches!(self.gateway, Some(GatewaySource::Secret(_)))
     }
+}
+
+/// Where a gateway's configuration comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewaySource {
+    /// A Secret in the pod's namespace, watched through the API.
+    Secret(String),
+    /// A file, polled.
+    File(PathBuf),
 }
 
 impl From<Args> for Config {
@@ -360,6 +385,11 @@ impl From<Args> for Config {
             cluster_domain: a.cluster_domain,
             policy_configmap: a.policy_configmap,
             policy_file: a.policy_file,
+            gateway: match (a.gateway_secret, a.gateway_file) {
+                (Some(name), _) => Some(GatewaySource::Secret(name)),
+                (None, Some(path)) => Some(GatewaySource::File(path)),
+                (None, None) => None,
+            },
             discovery,
             static_identities: a.static_identities.into_iter().collect(),
             file_poll_interval: a.file_poll_interval,

@@ -119,6 +119,16 @@ impl Health {
         self.listeners_bound.store(true, Ordering::Release);
     }
 
+    /// Marks that there is no application to check: a gateway forwards to
+    /// its backends only.
+    pub fn set_no_app(&self) {
+        self.set_app(AppCheck {
+            ok: true,
+            duration: Duration::ZERO,
+            error: None,
+        });
+    }
+
     /// Marks the sidecar draining: not ready any more, so traffic moves away.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);

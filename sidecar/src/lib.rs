@@ -13,6 +13,7 @@ mod client;
 mod config;
 mod discovery;
 mod file_watch;
+mod gateway;
 mod health;
 mod http;
 mod inbound;
@@ -33,7 +34,7 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
-pub use config::{Args, Config, Discovery};
+pub use config::{Args, Config, Discovery, GatewaySource};
 pub use mtls::MeshTls;
 pub use policy_watch::PolicyState;
 pub use resilience::outlier::OutlierSettings;
@@ -148,6 +149,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown_rx.clone(),
         ));
     }
+    // Gateway mode: the policy comes with the gateway's configuration.
+    let gateway_store = config.gateway.as_ref().map(|source| {
+        let store = gateway::GatewayStore::new(policy.clone());
+        match (source, &kube) {
+            (GatewaySource::Secret(name), Some(client)) => {
+                tokio::spawn(gateway::watch_secret(
+                    store.clone(),
+                    client.clone(),
+                    config.namespace.clone(),
+                    name.clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
+            (GatewaySource::File(path), _) => {
+                tokio::spawn(gateway::watch_file(
+                    store.clone(),
+                    path.clone(),
+                    config.file_poll_interval,
+                    shutdown_rx.clone(),
+                ));
+            }
+            (GatewaySource::Secret(_), None) => unreachable!("a Secret source needs the API"),
+        }
+        store
+    });
     if let (Some(name), Some(client)) = (&config.policy_configmap, &kube) {
         tokio::spawn(policy_watch::watch_configmap(
             policy.clone(),
@@ -244,14 +270,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (outbound_l, outbound) = bind(config.outbound_addr, "outbound").await?;
     let (admin_l, admin) = bind(config.admin_addr, "admin").await?;
     let limits = config.limits.clone();
-    let proxies = vec![
+    let mut proxies = vec![
         tokio::spawn(server::serve(
             "inbound",
             inbound_l,
             stack::inbound(&parts),
             limits.clone(),
             metrics.connections("inbound"),
-            Some(mesh.clone()),
+            Some(server::ServerTls::Mesh(mesh.clone())),
             shutdown_rx.clone(),
         )),
         tokio::spawn(server::serve(
@@ -264,6 +290,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown_rx.clone(),
         )),
     ];
+    if let Some(store) = &gateway_store {
+        let router = stack::service_router(&parts);
+        let stack_parts = parts.clone();
+        proxies.push(tokio::spawn(gateway::serve_ports(
+            gateway::PortParts {
+                bind: config.inbound_addr.ip(),
+                stack: std::sync::Arc::new(move |port, tables| {
+                    stack::gateway(&stack_parts, &router, port, tables)
+                }),
+                limits: config.limits.clone(),
+                metrics: metrics.clone(),
+            },
+            store.subscribe(),
+            shutdown_rx.clone(),
+        )));
+    }
     let (admin_shutdown, admin_rx) = watch::channel(false);
     let admin_svc = Admin::new(
         health.clone(),
@@ -288,12 +330,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin_rx,
     ));
     health.set_listening();
-    tokio::spawn(health::poll_app(
-        health.clone(),
-        client,
-        config.app_host,
-        shutdown_rx,
-    ));
+    if gateway_store.is_some() {
+        health.set_no_app();
+    } else {
+        tokio::spawn(health::poll_app(
+            health.clone(),
+            client,
+            config.app_host,
+            shutdown_rx,
+        ));
+    }
     tracing::info!(%inbound, %outbound, %admin, "listening");
 
     Ok(Running {

@@ -13,6 +13,9 @@
 //!                        → hop-by-hop → per policy:
 //!                        mTLS required / authorization (403) → rate limit
 //!                        → concurrency limit (shed) → timeout → app (x-forwarded-for)
+//! gateway (each port):   server span → metrics → gRPC form of the proxy's errors → request id
+//!                        → hop-by-hop → routes (host, match, filters, weighted backend)
+//!                        → the outbound router's per-service stacks, as above
 //! admin:                 /livez /readyz /healthz /metrics /status
 //! ```
 
@@ -34,6 +37,7 @@ use crate::{
     balance::{BalanceConfig, balancer},
     client::UpstreamClient,
     discovery::{EndpointsWatch, Resolver},
+    gateway::GatewayRoutes,
     http::{
         Body, BoxError,
         grpc_errors::GrpcErrorsLayer,
@@ -108,14 +112,7 @@ pub struct StackParts {
 
 /// The outbound listener's stack.
 pub fn outbound(parts: &StackParts) -> ListenerService {
-    let router = Router::new(RouterParts {
-        rules: parts.rules.clone(),
-        resolver: parts.resolver.clone(),
-        policy: parts.policy.clone(),
-        discovery_timeout: parts.discovery_timeout,
-        egress: EgressForwarder::new(parts.client.clone(), parts.policy.clone()),
-        make: Arc::new(ServiceStacks(parts.clone())),
-    });
+    let router = service_router(parts);
     BoxCloneSyncService::new(
         ServiceBuilder::new()
             .layer(MetricsLayer::new(
@@ -127,6 +124,43 @@ pub fn outbound(parts: &StackParts) -> ListenerService {
             .layer(HopByHopLayer)
             .service(router),
     )
+}
+
+/// A gateway port's stack, over `router` (one [`service_router`] shared by
+/// every port, so a backend's balancer and breaker are shared too).
+pub fn gateway(
+    parts: &StackParts,
+    router: &Router,
+    port: u16,
+    tables: tokio::sync::watch::Receiver<Arc<crate::gateway::Tables>>,
+) -> ListenerService {
+    let routes = GatewayRoutes::new(
+        port,
+        tables,
+        BoxCloneSyncService::new(router.clone()),
+        &parts.rules.cluster_domain,
+    );
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(ServerSpanLayer::new(parts.tracing.clone()))
+            .layer(MetricsLayer::new(parts.metrics.clone(), Direction::gateway))
+            .layer(GrpcErrorsLayer)
+            .layer(RequestIdLayer)
+            .layer(HopByHopLayer)
+            .service(routes),
+    )
+}
+
+/// The router over every upstream service's stack (see [`ServiceStacks`]).
+pub fn service_router(parts: &StackParts) -> Router {
+    Router::new(RouterParts {
+        rules: parts.rules.clone(),
+        resolver: parts.resolver.clone(),
+        policy: parts.policy.clone(),
+        discovery_timeout: parts.discovery_timeout,
+        egress: EgressForwarder::new(parts.client.clone(), parts.policy.clone()),
+        make: Arc::new(ServiceStacks(parts.clone())),
+    })
 }
 
 /// Builds the stack of each upstream service for the [`Router`].

@@ -141,6 +141,18 @@ pub enum ProxyError {
     /// The request was malformed in a way hyper let through.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A gateway has no route for the request's host and path.
+    #[error("no route for host {host:?} and path {path:?} on this gateway listener")]
+    NoRoute {
+        /// The request's host.
+        host: String,
+        /// The request's path.
+        path: String,
+    },
+    /// A gateway route sends this request to a backend it could not
+    /// resolve (its status says why), or has no backend at all.
+    #[error("route {0} has no valid backend for this request (see the route's status)")]
+    InvalidBackend(String),
 }
 
 /// An error with every cause under it, `outer: inner: innermost`.
@@ -181,6 +193,8 @@ impl ProxyError {
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } | Self::TryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::InvalidBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -198,6 +212,8 @@ impl ProxyError {
             Self::CircuitOpen { .. } => "circuit-open",
             Self::RateLimited { .. } => "rate-limited",
             Self::Overloaded { .. } => "overloaded",
+            Self::NoRoute { .. } => "no-route",
+            Self::InvalidBackend(_) => "invalid-backend",
             Self::NoPolicy => "no-policy",
             Self::EgressDenied(_) => "egress-denied",
             Self::NotAuthorized { .. } => "not-authorized",

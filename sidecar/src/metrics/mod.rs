@@ -42,6 +42,9 @@ pub enum Direction {
     /// From the application to a dependency.
     #[allow(non_camel_case_types)]
     outbound,
+    /// From a client at the edge, through a gateway's listener, to a backend.
+    #[allow(non_camel_case_types)]
+    gateway,
 }
 
 /// The service a request was for, set as a response extension by whatever

@@ -73,7 +73,7 @@ struct ServiceHandles {
 }
 
 /// [`ServiceHandles`] by service, one map per direction.
-type HandleCache = [RwLock<HashMap<Box<str>, Arc<ServiceHandles>>>; 2];
+type HandleCache = [RwLock<HashMap<Box<str>, Arc<ServiceHandles>>>; 3];
 
 /// The traffic families.
 pub(super) struct Families {

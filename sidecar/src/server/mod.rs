@@ -52,6 +52,18 @@ use crate::{
     stack::ListenerService,
 };
 
+/// How a listener answers a TLS client.
+#[derive(Clone)]
+pub enum ServerTls {
+    /// Mutual TLS with the mesh certificate: the client must prove a mesh
+    /// identity, which goes with each request as a [`Peer`].
+    Mesh(MeshTls),
+    /// TLS at the edge, with the certificates of a gateway's HTTPS
+    /// listeners (the latest configuration's); clients are not
+    /// authenticated.
+    Edge(watch::Receiver<Option<Arc<rustls::ServerConfig>>>),
+}
+
 /// The address of the client on the other end of a request's connection.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub SocketAddr);
@@ -159,7 +171,7 @@ pub async fn serve(
     service: ListenerService,
     limits: ServerLimits,
     connections: Gauge,
-    tls: Option<MeshTls>,
+    tls: Option<ServerTls>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let builders = Arc::new(Builders::new(&limits));
@@ -231,7 +243,7 @@ async fn connection(
     service: ListenerService,
     builders: Arc<Builders>,
     limits: Arc<ServerLimits>,
-    tls: Option<MeshTls>,
+    tls: Option<ServerTls>,
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), BoxError> {
     let mut io = Replay::new(stream);
@@ -251,8 +263,13 @@ async fn connection(
     let heads = HeadSignal::new();
     let conn = match protocol {
         Protocol::Tls => {
-            let Some(config) = tls.as_ref().and_then(MeshTls::server_config) else {
-                tracing::debug!(%peer, "a TLS client, but no mesh certificate to answer with; closing");
+            let config = match &tls {
+                Some(ServerTls::Mesh(mesh)) => mesh.server_config(),
+                Some(ServerTls::Edge(edge)) => edge.borrow().clone(),
+                None => None,
+            };
+            let Some(config) = config else {
+                tracing::debug!(%peer, "a TLS client, but no certificate to answer with; closing");
                 return Ok(());
             };
             io.heads = Some(heads.clone());
@@ -269,23 +286,26 @@ async fn connection(
                 _ = crate::shutdown::signalled(&mut drain) => return Ok(()),
             };
             let session = stream.get_ref().1;
-            // The verifier required a certificate of the bundle; one that
-            // names no workload is not a mesh peer.
-            let Some(id) =
-                trellis_identity::tls::peer_id(session.peer_certificates().unwrap_or_default())
-            else {
-                tracing::debug!(%peer, "a TLS client certificate without a SPIFFE ID; closing");
-                return Ok(());
-            };
-            if let Some(mesh) = &tls {
-                mesh.saw(&id);
-            }
             let protocol = if session.alpn_protocol() == Some(trellis_identity::tls::ALPN_H2) {
                 Protocol::Http2
             } else {
                 Protocol::Http1
             };
-            let from = Peer::Mesh(Arc::new(id));
+            let from = match &tls {
+                Some(ServerTls::Mesh(mesh)) => {
+                    // The verifier required a certificate of the bundle; one
+                    // that names no workload is not a mesh peer.
+                    let Some(id) = trellis_identity::tls::peer_id(
+                        session.peer_certificates().unwrap_or_default(),
+                    ) else {
+                        tracing::debug!(%peer, "a TLS client certificate without a SPIFFE ID; closing");
+                        return Ok(());
+                    };
+                    mesh.saw(&id);
+                    Peer::Mesh(Arc::new(id))
+                }
+                _ => Peer::Plaintext,
+            };
             http(
                 stream, protocol, peer, from, heads, service, &builders, limits, drain,
             )

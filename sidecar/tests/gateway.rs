@@ -1,0 +1,217 @@
+//! Gateway mode: a sidecar serving a gateway configuration from a file,
+//! routing to real upstreams on loopback through the mesh's per-service
+//! stacks.
+
+mod support;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use http::{Request, StatusCode};
+use serde_json::{Value, json};
+use support::*;
+use trellis_sidecar::{Config, Discovery, GatewaySource, Running};
+
+/// One backend reference in the configuration.
+fn backend(name: &str, namespace: &str, weight: u32) -> Value {
+    json!({"service": {"name": name, "namespace": namespace, "port": 8080}, "weight": weight})
+}
+
+/// A configuration serving `hosts` on `port`, with `echo-a` (default) and
+/// `echo-b` (namespace apps) as dependencies.
+fn config(port: u16, hosts: Value) -> String {
+    json!({
+        "gateway": "default/edge",
+        "policy": {
+            "service": "edge",
+            "namespace": "default",
+            "appPort": 15020,
+            "dependencies": [{"name": "echo-a"}, {"name": "echo-b", "namespace": "apps"}],
+        },
+        "ports": [{"port": port, "hosts": hosts}],
+    })
+    .to_string()
+}
+
+async fn gateway(text: &str, endpoints: &[(&str, &[SocketAddr])]) -> (Running, PathBuf) {
+    let path = temp_path("gateway.json");
+    std::fs::write(&path, text).unwrap();
+    let mut cfg = Config::local(None);
+    cfg.gateway = Some(GatewaySource::File(path.clone()));
+    cfg.discovery = Discovery::Static {
+        endpoints: endpoints
+            .iter()
+            .map(|(n, a)| ((*n).to_owned(), a.to_vec()))
+            .collect(),
+        file: None,
+    };
+    (trellis_sidecar::start(cfg).await.unwrap(), path)
+}
+
+async fn send(port: u16, host: &str, path: &str) -> Answer {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let req = Request::get(path)
+        .header("host", host)
+        .body(full(""))
+        .unwrap();
+    h1(addr, req).await
+}
+
+/// Waits until `port` answers `host` and `path` with `status`.
+async fn until(port: u16, host: &str, path: &str, status: StatusCode) {
+    let ok = eventually(Duration::from_secs(5), || async {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+            && send(port, host, path).await.status == status
+    })
+    .await;
+    assert!(ok, "{host}{path} on port {port} never answered {status}");
+}
+
+#[tokio::test]
+async fn routes_by_host_and_match_apply_filters_and_split_by_weight() {
+    let a = upstream("echo-a").await;
+    let b = upstream("echo-b").await;
+    let port = free_port();
+    let hosts = json!([
+        {"hostname": "*.example.com", "rules": [
+            {"route": "HTTPRoute/default/exact", "matches": {"path": {"type": "exact", "value": "/exact"}},
+             "backends": [backend("echo-b", "apps", 1)]},
+            {"route": "HTTPRoute/default/headers", "matches": {"path": {"type": "prefix", "value": "/a"}},
+             "filters": [
+                {"type": "requestHeaderModifier", "set": [["x-set", "1"]], "add": [["x-add", "2"]], "remove": ["x-remove"]},
+                {"type": "responseHeaderModifier", "set": [["x-answered-by", "gateway"]]}],
+             "backends": [backend("echo-a", "default", 1)]},
+            {"route": "HTTPRoute/default/rewrite", "matches": {"path": {"type": "prefix", "value": "/old"}},
+             "filters": [{"type": "urlRewrite", "path": {"type": "replacePrefixMatch", "value": "/new"}}],
+             "backends": [backend("echo-a", "default", 1)]},
+            {"route": "HTTPRoute/default/redirect", "matches": {"path": {"type": "prefix", "value": "/moved"}},
+             "filters": [{"type": "requestRedirect", "scheme": "https", "status": 302}]},
+            {"route": "HTTPRoute/default/broken", "matches": {"path": {"type": "prefix", "value": "/broken"}},
+             "backends": [{"weight": 1}]},
+            {"route": "HTTPRoute/default/split", "matches": {"path": {"type": "prefix", "value": "/"}},
+             "backends": [backend("echo-a", "default", 1), backend("echo-b", "apps", 1)]},
+        ]},
+        {"hostname": "only-b.example.com", "rules": [
+            {"route": "HTTPRoute/apps/b", "matches": {"path": {"type": "prefix", "value": "/b"}},
+             "backends": [backend("echo-b", "apps", 1)]},
+        ]},
+    ]);
+    let (_gw, _) = gateway(
+        &config(port, hosts),
+        &[("echo-a", &[a.addr]), ("echo-b.apps", &[b.addr])],
+    )
+    .await;
+    until(port, "www.example.com", "/exact", StatusCode::OK).await;
+
+    // An exact match, to the backend in another namespace; the backend
+    // sees the client's Host and path.
+    let r = send(port, "www.example.com", "/exact").await;
+    assert_eq!(r.server(), "echo-b");
+    assert_eq!(r.json()["headers"]["host"][0], "www.example.com");
+    assert_eq!(r.json()["path"], "/exact");
+
+    // Header filters on the request and on the response.
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let req = Request::get("/a/thing")
+        .header("host", "www.example.com")
+        .header("x-add", "1")
+        .header("x-remove", "gone")
+        .body(full(""))
+        .unwrap();
+    let r = h1(addr, req).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["x-set"][0], "1");
+    assert_eq!(seen["x-add"][0], "1,2");
+    assert!(seen.get("x-remove").is_none(), "{seen}");
+    assert_eq!(r.headers["x-answered-by"], "gateway");
+
+    // A prefix rewrite keeps the rest of the path and the query.
+    let r = send(port, "www.example.com", "/old/x?q=1").await;
+    assert_eq!(r.json()["uri"], "/new/x?q=1");
+
+    // A redirect is answered by the gateway.
+    let r = send(port, "www.example.com", "/moved/here?q=1").await;
+    assert_eq!(r.status, StatusCode::FOUND);
+    assert_eq!(
+        r.headers["location"],
+        "https://www.example.com/moved/here?q=1"
+    );
+
+    // An invalid backend gets 500, an unknown host 404.
+    assert_eq!(
+        send(port, "www.example.com", "/broken").await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        send(port, "nowhere.test", "/").await.status,
+        StatusCode::NOT_FOUND
+    );
+    // The exact host wins over the wildcard, with no fallback to it.
+    assert_eq!(
+        send(port, "only-b.example.com", "/b").await.server(),
+        "echo-b"
+    );
+    assert_eq!(
+        send(port, "only-b.example.com", "/exact").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // Equal weights: both backends get a share.
+    let (hits_a, hits_b) = (a.hits(), b.hits());
+    for _ in 0..60 {
+        assert_eq!(
+            send(port, "x.example.com", "/split").await.status,
+            StatusCode::OK
+        );
+    }
+    let (share_a, share_b) = (a.hits() - hits_a, b.hits() - hits_b);
+    assert_eq!(share_a + share_b, 60);
+    assert!(share_a >= 10 && share_b >= 10, "a {share_a}, b {share_b}");
+}
+
+#[tokio::test]
+async fn a_bad_configuration_keeps_the_last_good_one_and_ports_follow_the_configuration() {
+    let a = upstream("echo-a").await;
+    let (port, second) = (free_port(), free_port());
+    let route = |path: &str| {
+        json!([{"rules": [{"route": "HTTPRoute/default/r", "matches": {"path": {"type": "prefix", "value": path}},
+                            "backends": [backend("echo-a", "default", 1)]}]}])
+    };
+    let (gw, path) = gateway(&config(port, route("/one")), &[("echo-a", &[a.addr])]).await;
+    until(port, "any", "/one", StatusCode::OK).await;
+
+    // A regular expression that does not compile: refused, the last good
+    // table keeps serving, and /status says why.
+    let mut bad: Value = serde_json::from_str(&config(port, route("/two"))).unwrap();
+    bad["ports"][0]["hosts"][0]["rules"][0]["matches"]["headers"] =
+        json!([{"name": "x", "value": "([", "regex": true}]);
+    std::fs::write(&path, bad.to_string()).unwrap();
+    let refused = eventually(Duration::from_secs(5), || async {
+        let status = get(gw.admin, "/status").await.text();
+        status.contains("HTTPRoute/default/r header")
+    })
+    .await;
+    assert!(refused, "{}", get(gw.admin, "/status").await.text());
+    assert_eq!(send(port, "any", "/one").await.status, StatusCode::OK);
+    assert_eq!(
+        send(port, "any", "/two").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // A new port opens, the old one closes.
+    let mut moved: Value = serde_json::from_str(&config(second, route("/two"))).unwrap();
+    moved["ports"][0]["port"] = json!(second);
+    std::fs::write(&path, moved.to_string()).unwrap();
+    until(second, "any", "/two", StatusCode::OK).await;
+    let closed = eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(
+        closed,
+        "port {port} still accepts after it left the configuration"
+    );
+}
