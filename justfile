@@ -24,6 +24,11 @@ postgres CMD="up":
 test:
     cargo xtask test
 
+# The Gateway API conformance suite against the trellis GatewayClass (opt-in, not part of `test`):
+# `just conformance --run '^HTTPRoute'` for a subset, `just conformance -- --debug` for the suite's flags.
+conformance *ARGS:
+    cargo xtask conformance {{ARGS}}
+
 # Start the local cluster; `just up --control-plane-only` for the control plane only.
 up *ARGS:
     cargo xtask cluster up {{ARGS}}

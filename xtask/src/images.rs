@@ -123,15 +123,33 @@ pub fn build_named(names: &[String], import: bool) -> Result<()> {
 
 /// Makes sure the pause image is in containerd (the kubelet cannot start a pod without it).
 pub fn ensure_pause() -> Result<()> {
-    let reference = format!("docker.io/{}:{TAG}", PAUSE.name);
-    let present = run::output(ctr().args(["images", "ls", "-q"]))?;
-    if present.lines().any(|l| l.trim() == reference) {
+    if imported(&format!("docker.io/{}:{TAG}", PAUSE.name))? {
         return Ok(());
     }
     eprintln!("==> building the pause image");
     let binary = compile(&[&PAUSE])?.remove(0);
     let archive = write_archive(&PAUSE, &binary)?;
     import_archive(&archive)
+}
+
+/// Whether the cluster's containerd has an image under `reference`
+/// (`registry/repository:tag`, as `ctr images ls` names it).
+pub fn imported(reference: &str) -> Result<bool> {
+    let present = run::output(ctr().args(["images", "ls", "-q"]))?;
+    Ok(present.lines().any(|l| l.trim() == reference))
+}
+
+/// The manifest digest of the image the cluster's containerd has under
+/// `reference`, if any.
+pub fn imported_digest(reference: &str) -> Result<Option<String>> {
+    // Columns: REF TYPE DIGEST SIZE PLATFORMS LABELS.
+    let listing = run::output(ctr().args(["images", "ls"]))?;
+    Ok(listing.lines().find_map(|line| {
+        let mut columns = line.split_whitespace();
+        (columns.next() == Some(reference))
+            .then(|| columns.nth(1).map(str::to_owned))
+            .flatten()
+    }))
 }
 
 /// Kills and removes every container of the cluster's containerd (before stopping it).
@@ -174,9 +192,27 @@ fn compile(images: &[&Image]) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// The shared libraries `binary` needs, with the dynamic loader, as absolute paths.
+/// The shared libraries `binary` needs, with the dynamic loader, as absolute
+/// paths; none for a static executable (a Go binary built with `CGO_ENABLED=0`).
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let out = run::output(Command::new("ldd").arg(binary))?;
+    let ldd = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("could not start `ldd`")?;
+    let said = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    if !ldd.status.success() {
+        // glibc's ldd exits 1 on a static executable, saying so.
+        if (said(&ldd.stdout) + &said(&ldd.stderr)).contains("not a dynamic executable") {
+            return Ok(Vec::new());
+        }
+        bail!(
+            "`ldd {}` failed ({}): {}",
+            binary.display(),
+            ldd.status,
+            said(&ldd.stderr).trim()
+        );
+    }
+    let out = said(&ldd.stdout);
     let mut libs = Vec::new();
     for line in out.lines() {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
@@ -191,8 +227,9 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
-/// A deterministic tar of the image's file system.
-fn layer(image: &Image, binary: &Path) -> Result<Vec<u8>> {
+/// A deterministic tar of the image's file system, with `binary` as
+/// `/usr/local/bin/<name>`.
+fn layer(name: &str, binary: &Path) -> Result<Vec<u8>> {
     let mut tar = tar::Builder::new(Vec::new());
     tar.mode(tar::HeaderMode::Deterministic);
     let dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32| -> Result<()> {
@@ -238,12 +275,7 @@ fn layer(image: &Image, binary: &Path) -> Result<Vec<u8>> {
     )?;
     file(&mut tar, "etc/nsswitch.conf", b"hosts: files dns\n", 0o644)?;
     let bytes = fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
-    file(
-        &mut tar,
-        &format!("usr/local/bin/{}", image.binary),
-        &bytes,
-        0o755,
-    )?;
+    file(&mut tar, &format!("usr/local/bin/{name}"), &bytes, 0o755)?;
     let mut made = BTreeSet::new();
     for lib in shared_libraries(binary)? {
         let canonical = fs::canonicalize(&lib)?;
@@ -273,14 +305,53 @@ fn sha256(data: &[u8]) -> String {
 
 /// Writes `target/images/<name>.oci.tar` and returns its path.
 pub fn write_archive(image: &Image, binary: &Path) -> Result<PathBuf> {
-    let layer = layer(image, binary)?;
+    write_oci_archive(&Archive {
+        file_name: image.name.replace('/', "-"),
+        binary_name: image.binary,
+        binary,
+        user: NONROOT,
+        references: vec![format!("docker.io/{}:{TAG}", image.name)],
+    })
+    .map(|written| written.path)
+}
+
+/// The `nonroot` user (and group) of every image's /etc/passwd.
+pub const NONROOT: &str = "65532:65532";
+
+/// One OCI archive: a binary, its entrypoint, and the names it is imported under.
+pub struct Archive<'a> {
+    /// The file under target/images, without `.oci.tar`.
+    pub file_name: String,
+    /// The binary's name under /usr/local/bin.
+    pub binary_name: &'a str,
+    /// The binary on the build host.
+    pub binary: &'a Path,
+    /// The user the entrypoint runs as, `uid:gid` ([`NONROOT`] unless the image needs root).
+    pub user: &'a str,
+    /// Full references (`registry/repository:tag`), one image each on import,
+    /// all sharing the one manifest.
+    pub references: Vec<String>,
+}
+
+/// An archive written by [`write_oci_archive`].
+pub struct Written {
+    /// `target/images/<file_name>.oci.tar`.
+    pub path: PathBuf,
+    /// The image manifest's digest (`sha256:…`), which `ctr images ls` shows
+    /// for every name imported from the archive.
+    pub manifest_digest: String,
+}
+
+/// Writes `target/images/<file_name>.oci.tar`.
+pub fn write_oci_archive(archive: &Archive) -> Result<Written> {
+    let layer = layer(archive.binary_name, archive.binary)?;
     let layer_digest = sha256(&layer);
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {
-            "User": "65532:65532",
-            "Entrypoint": [format!("/usr/local/bin/{}", image.binary)],
+            "User": archive.user,
+            "Entrypoint": [format!("/usr/local/bin/{}", archive.binary_name)],
             "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
             "WorkingDir": "/home/nonroot",
             "Labels": { "org.opencontainers.image.source": env!("CARGO_PKG_REPOSITORY") },
@@ -303,25 +374,33 @@ pub fn write_archive(image: &Image, binary: &Path) -> Result<PathBuf> {
         }],
     }))?;
     let manifest_digest = sha256(&manifest);
-    let reference = format!("docker.io/{}:{TAG}", image.name);
+    // containerd names one image per entry of the index, from its annotation.
+    let entries: Vec<_> = archive
+        .references
+        .iter()
+        .map(|reference| {
+            let tag = reference.rsplit_once(':').map_or("latest", |(_, t)| t);
+            json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest,
+                "size": manifest.len(),
+                "platform": { "architecture": "amd64", "os": "linux" },
+                "annotations": {
+                    "io.containerd.image.name": reference,
+                    "org.opencontainers.image.ref.name": tag,
+                },
+            })
+        })
+        .collect();
     let index = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest.len(),
-            "platform": { "architecture": "amd64", "os": "linux" },
-            "annotations": {
-                "io.containerd.image.name": reference,
-                "org.opencontainers.image.ref.name": TAG,
-            },
-        }],
+        "manifests": entries,
     }))?;
 
     let dir = paths::workspace().join("target/images");
     fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{}.oci.tar", image.name.replace('/', "-")));
+    let path = dir.join(format!("{}.oci.tar", archive.file_name));
     let mut tar = tar::Builder::new(fs::File::create(&path)?);
     tar.mode(tar::HeaderMode::Deterministic);
     let mut add = |name: String, data: &[u8]| -> Result<()> {
@@ -342,10 +421,14 @@ pub fn write_archive(image: &Image, binary: &Path) -> Result<PathBuf> {
         add(format!("blobs/sha256/{}", &digest["sha256:".len()..]), data)?;
     }
     tar.finish()?;
-    Ok(path)
+    Ok(Written {
+        path,
+        manifest_digest,
+    })
 }
 
-fn import_archive(archive: &Path) -> Result<()> {
+/// Imports an archive written by [`write_oci_archive`] into the cluster's containerd.
+pub fn import_archive(archive: &Path) -> Result<()> {
     run::output(ctr().args(["images", "import"]).arg(archive)).with_context(|| {
         format!(
             "importing {} into the cluster's containerd",

@@ -7,6 +7,8 @@
 //! - `demo`: the README's first command: everything up, the shop, a narrated scenario;
 //! - `e2e [--kind]`: the end-to-end suite alone, on the local node or on kind;
 //! - `test`: the README's test command, every tier in order;
+//! - `conformance`: the Gateway API conformance suite against the `trellis`
+//!   GatewayClass (opt-in; not part of `test`);
 //! - `postgres up|down|status`: the example shop's database on the node;
 //! - `bench sidecar|operator`: the sidecar against HAProxy and nginx, the operator
 //!   against the API's own cost.
@@ -66,6 +68,9 @@ enum Command {
         #[arg(long)]
         long: bool,
     },
+    /// The Gateway API conformance suite of the pinned release against the
+    /// `trellis` GatewayClass (opt-in: not part of `test`); the report goes to docs/conformance/.
+    Conformance(gateway_api::conformance::Conformance),
     /// The example shop's PostgreSQL on the node's bridge address (10.244.0.1:5432).
     Postgres {
         #[command(subcommand)]
@@ -162,6 +167,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Test { no_node, long } => {
             prerequisites::ensure().and_then(|()| test::run(!no_node, long))
         }
+        Command::Conformance(opts) => gateway_api::conformance::run(&opts),
         Command::Postgres { command } => match command {
             PostgresCommand::Up => postgres::up(),
             PostgresCommand::Down => postgres::down(),

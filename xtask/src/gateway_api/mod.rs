@@ -1,19 +1,26 @@
 //! The Gateway API release Trellis implements, pinned by tools/gateway-api/go.mod:
-//! its standard-channel CRDs ([`crds`]).
+//! its standard-channel CRDs ([`crds`]), the backends its conformance suite
+//! deploys ([`backends`]) and the suite itself ([`conformance`]).
 //!
 //! Everything comes from the Go module proxy, the same way as Kubernetes: the
-//! CRDs are in the `sigs.k8s.io/gateway-api` module (config/crd/standard).
+//! CRDs are in the `sigs.k8s.io/gateway-api` module (config/crd/standard), the
+//! suite and the echo server's source in `sigs.k8s.io/gateway-api/conformance`.
+//! Nothing is pulled from an image registry.
 
+pub mod backends;
+pub mod conformance;
 pub mod crds;
 
 use std::{path::PathBuf, process::Command};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::{run, tools};
 
 /// The API module, which holds the CRDs.
 const API_MODULE: &str = "sigs.k8s.io/gateway-api";
+/// The conformance module: the suite, its manifests and the echo server.
+const CONFORMANCE_MODULE: &str = "sigs.k8s.io/gateway-api/conformance";
 
 /// The pinned release, with where its modules are in the Go module cache.
 #[derive(Clone, Debug)]
@@ -22,6 +29,8 @@ pub struct Release {
     pub version: String,
     /// The API module's folder (read-only, in the module cache).
     pub api_dir: PathBuf,
+    /// The conformance module's folder (read-only, in the module cache).
+    pub conformance_dir: PathBuf,
 }
 
 impl Release {
@@ -29,7 +38,19 @@ impl Release {
     /// missing (`go mod download`, checked against tools/gateway-api/go.sum).
     pub fn resolve() -> Result<Self> {
         let (version, api_dir) = download(API_MODULE)?;
-        Ok(Self { version, api_dir })
+        let (conformance_version, conformance_dir) = download(CONFORMANCE_MODULE)?;
+        // The suite refuses CRDs of another release than its own, so a go.mod
+        // that pins the two modules apart is a mistake worth naming here.
+        if conformance_version != version {
+            bail!(
+                "tools/gateway-api pins {API_MODULE} {version} but {CONFORMANCE_MODULE} {conformance_version}: pin both to one release"
+            );
+        }
+        Ok(Self {
+            version,
+            api_dir,
+            conformance_dir,
+        })
     }
 }
 
