@@ -13,8 +13,8 @@
 //! other extended feature is reported as unsupported and its tests skipped.
 //! A whole run writes the suite's report to
 //! `docs/conformance/gateway-api-<release>-report.yaml`, to be committed; a
-//! subset (`--run`) writes it under target/conformance/ only, so that it never
-//! replaces the whole run's. The raw output is always in
+//! subset (`--run`) or a trial of more features (`--features`) writes it under
+//! target/conformance/ only, so that it never replaces the whole run's. The raw output is always in
 //! `target/conformance/gateway-api-<release>.log`.
 
 use std::{
@@ -146,12 +146,7 @@ pub fn run(opts: &Conformance) -> Result<()> {
         run::minutes(started.elapsed())
     );
 
-    let subset = opts.run.is_some()
-        || opts.suite_args.iter().any(|a| {
-            ["--run-test", "--skip-tests", "-test.run"]
-                .iter()
-                .any(|f| a.starts_with(f))
-        });
+    let subset = !is_whole_run(opts);
     report(&release, &report_path, subset)?;
 
     if outcome.success {
@@ -173,6 +168,28 @@ pub fn run(opts: &Conformance) -> Result<()> {
             log_path.display()
         ),
     }
+}
+
+/// Suite flags that change which tests run or which features are claimed.
+const SELECTING_FLAGS: &[&str] = &[
+    "-test.run",
+    "--run-test",
+    "--skip-tests",
+    "--supported-features",
+    "--exempt-features",
+    "--all-features",
+    "--conformance-profiles",
+];
+
+/// Whether this run is the committed configuration, whose report belongs in
+/// docs/: every test, the features of [`EXTENDED_FEATURES`] and no more.
+fn is_whole_run(opts: &Conformance) -> bool {
+    opts.run.is_none()
+        && opts.features.is_empty()
+        && !opts
+            .suite_args
+            .iter()
+            .any(|a| SELECTING_FLAGS.iter().any(|f| a.starts_with(f)))
 }
 
 /// What the suite's output said.
@@ -285,7 +302,7 @@ fn report(release: &Release, written: &Path, subset: bool) -> Result<()> {
     }
     if subset {
         eprintln!(
-            "    report of this subset: {} (docs/conformance/ keeps the last whole run)",
+            "    report of this partial run: {} (docs/conformance/ keeps the last whole run's)",
             written.display()
         );
         return Ok(());
@@ -445,7 +462,9 @@ fn version() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{ClassState, class_state_of, subtest_result, worth_showing};
+    use super::{
+        ClassState, Conformance, class_state_of, is_whole_run, subtest_result, worth_showing,
+    };
     use serde_json::json;
 
     #[test]
@@ -465,6 +484,27 @@ mod tests {
         assert_eq!(subtest_result("--- FAIL: TestConformance (181.02s)"), None);
         assert!(worth_showing("--- SKIP: TestConformance/X (0.00s)"));
         assert!(!worth_showing("=== RUN   TestConformance/X"));
+    }
+
+    #[test]
+    fn only_the_committed_configuration_is_a_whole_run() {
+        let opts = |run: Option<&str>, features: &[&str], suite_args: &[&str]| Conformance {
+            run: run.map(str::to_owned),
+            features: features.iter().map(|f| f.to_string()).collect(),
+            keep: false,
+            verbose: false,
+            suite_args: suite_args.iter().map(|a| a.to_string()).collect(),
+        };
+        assert!(is_whole_run(&opts(None, &[], &[])));
+        assert!(is_whole_run(&opts(None, &[], &["--debug"])));
+        assert!(!is_whole_run(&opts(Some("^HTTPRoute"), &[], &[])));
+        assert!(!is_whole_run(&opts(
+            None,
+            &["HTTPRouteQueryParamMatching"],
+            &[]
+        )));
+        assert!(!is_whole_run(&opts(None, &[], &["--skip-tests=A"])));
+        assert!(!is_whole_run(&opts(None, &[], &["--all-features"])));
     }
 
     #[test]
