@@ -7,6 +7,8 @@
 //! Binaries go to `~/.cache/trellis/bin/<tool>-<version>-<key>/`, where the key
 //! hashes go.mod, go.sum, the Go version and the build flags: a tool is
 //! rebuilt only when one of those changes, and a fresh clone reuses the cache.
+//! The Gateway API conformance suite and its echo server (`gateway_api`) are
+//! cached the same way, through [`cached`].
 
 use std::{
     fs,
