@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod controller;
 pub mod crd;
+pub mod gateway;
 pub mod grants;
 pub mod identity;
 pub mod leader;

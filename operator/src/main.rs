@@ -88,6 +88,23 @@ struct Args {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
 
+    /// Serve Gateway API Gateways whose GatewayClass names this controller
+    /// (needs the Gateway API CRDs; off when watching one namespace).
+    #[arg(long, env = "TRELLIS_GATEWAY_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
+    gateway_controller: bool,
+
+    /// The `controllerName` of the GatewayClasses this operator serves.
+    #[arg(long, env = "TRELLIS_GATEWAY_CONTROLLER_NAME", default_value = trellis_operator::gateway::CONTROLLER_NAME)]
+    gateway_controller_name: String,
+
+    /// The ClusterRole each gateway is bound to, to read EndpointSlices (the chart's).
+    #[arg(
+        long,
+        env = "TRELLIS_GATEWAY_DISCOVERY_ROLE",
+        default_value = "trellis-gateway"
+    )]
+    gateway_discovery_role: String,
+
     /// Log line format.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -216,6 +233,27 @@ async fn main() -> anyhow::Result<()> {
     }
     metrics.leader.set(1);
 
+    let gateways = (args.gateway_controller && args.watch_namespace.is_none()).then(|| {
+        tokio::spawn(trellis_operator::gateway::run(
+            client.clone(),
+            trellis_operator::gateway::GatewaySettings {
+                controller_name: args.gateway_controller_name.clone(),
+                deploy: trellis_operator::gateway::deploy::DeploySettings {
+                    image: args.sidecar_image.clone(),
+                    cluster_domain: args.cluster_domain.clone(),
+                    otlp_endpoint: args.otlp_endpoint.clone(),
+                    discovery_role: args.gateway_discovery_role.clone(),
+                },
+                identity: args.identity_address.clone().map(|addr| {
+                    (
+                        addr,
+                        args.trust_domain.clone(),
+                        args.lease_namespace.clone(),
+                    )
+                }),
+            },
+        ))
+    });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controller = trellis_operator::run(client.clone(), settings, metrics.clone(), async {
         let _ = stop_rx.await;
@@ -242,6 +280,9 @@ async fn main() -> anyhow::Result<()> {
             r.unwrap_or(Ok(()))
         }
     };
+    if let Some(task) = gateways {
+        task.abort();
+    }
     if let Some(elector) = &elector {
         elector.release().await;
     }

@@ -50,6 +50,7 @@ mod service;
 pub use app_config::config_checksum;
 pub use containers::default_app_resources;
 pub use labels::{image_version, selector_labels};
+pub use pod::IDENTITY_TOKEN_DIR;
 pub use policy::sidecar_policy;
 pub use secrets::{SECRET_FILE_MODE, SecretVersions, secrets_checksum};
 

@@ -1,0 +1,453 @@
+//! A Gateway's data plane as Kubernetes objects: the Trellis sidecar in
+//! gateway mode, its Service (one port per listener port, the Gateway's
+//! address), its configuration Secret and its RBAC.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy},
+        core::v1::{
+            Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+            HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+            Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, Secret,
+            SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort,
+            ServiceSpec, Sysctl, Volume, VolumeMount, VolumeProjection,
+        },
+        rbac::v1::{ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject},
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
+};
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+use trellis_policy::{
+    Dependency, Egress, MeshIdentity, SidecarPolicy,
+    gateway::{BackendService, GATEWAY_CONFIG_KEY, GatewayConfig, PortConfig},
+};
+
+use super::api::Gateway;
+
+/// The label naming the Gateway a data-plane object belongs to.
+pub const GATEWAY_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The label on every data-plane object, with value [`MANAGER`].
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Who manages the data-plane objects (also the field manager).
+pub const MANAGER: &str = "trellis-gateway";
+/// The gateway's admin port: health, metrics, status.
+pub const ADMIN_PORT: i32 = 15020;
+/// The user the gateway runs as.
+const RUN_AS: i64 = 65532;
+
+/// What every Gateway's data plane is built with.
+#[derive(Clone, Debug)]
+pub struct DeploySettings {
+    /// The sidecar image (run in gateway mode).
+    pub image: String,
+    /// The cluster's DNS domain.
+    pub cluster_domain: String,
+    /// Where spans go, when tracing is on.
+    pub otlp_endpoint: Option<String>,
+    /// The ClusterRole that lets a gateway read EndpointSlices.
+    pub discovery_role: String,
+}
+
+/// A Gateway's data-plane objects.
+pub struct Children {
+    /// The gateway's identity.
+    pub service_account: ServiceAccount,
+    /// Its configuration (holds TLS keys, hence a Secret).
+    pub config: Secret,
+    /// Reading its own configuration.
+    pub role: Role,
+    /// Binding `role`.
+    pub role_binding: RoleBinding,
+    /// Reading EndpointSlices in every namespace its routes send to.
+    pub discovery: ClusterRoleBinding,
+    /// The gateway pods.
+    pub deployment: Deployment,
+    /// Its address; `None` while it has no listener.
+    pub service: Option<Service>,
+}
+
+/// The name of a Gateway's data-plane objects in its namespace, at most
+/// 63 characters.
+pub fn child_name(gateway: &str) -> String {
+    bounded(&format!("{gateway}-trellis-gateway"))
+}
+
+/// The name of a Gateway's ClusterRoleBinding (cluster-wide, so it carries
+/// the namespace).
+pub fn binding_name(namespace: &str, gateway: &str) -> String {
+    bounded(&format!("trellis-gateway-{namespace}-{gateway}"))
+}
+
+fn bounded(name: &str) -> String {
+    if name.len() <= 63 {
+        return name.to_owned();
+    }
+    let hash = hex::encode(&Sha256::digest(name.as_bytes())[..4]);
+    format!("{}-{hash}", name[..54].trim_end_matches('-'))
+}
+
+fn labels(gateway: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (GATEWAY_LABEL.to_owned(), gateway.to_owned()),
+        (MANAGED_BY_LABEL.to_owned(), MANAGER.to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "trellis-gateway".to_owned(),
+        ),
+    ])
+}
+
+fn selector(gateway: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (GATEWAY_LABEL.to_owned(), gateway.to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "trellis-gateway".to_owned(),
+        ),
+    ])
+}
+
+/// The policy a gateway enforces as a mesh client: its backends as
+/// dependencies, everything else outside the mesh refused.
+pub fn gateway_policy(
+    gw: &Gateway,
+    backends: &BTreeSet<BackendService>,
+    mesh: Option<MeshIdentity>,
+) -> SidecarPolicy {
+    let namespace = gw.namespace().unwrap_or_default();
+    let mut deps: Vec<Dependency> = Vec::new();
+    for b in backends {
+        if deps
+            .iter()
+            .any(|d| d.name == b.name && d.namespace_or(&namespace) == b.namespace)
+        {
+            continue;
+        }
+        let mut d = Dependency::named(b.name.clone());
+        d.namespace = Some(b.namespace.clone());
+        deps.push(d);
+    }
+    let mut policy: SidecarPolicy = serde_json::from_value(serde_json::json!({
+        "service": gw.name_any(),
+        "namespace": namespace,
+        // A gateway has no application; the port is not used.
+        "appPort": ADMIN_PORT,
+    }))
+    .expect("a minimal policy parses");
+    policy.dependencies = deps;
+    policy.egress = Egress::Deny;
+    policy.identity = mesh;
+    policy
+}
+
+/// Every data-plane object of `gw`, serving `ports`.
+pub fn render(
+    gw: &Gateway,
+    ports: &[PortConfig],
+    backends: &BTreeSet<BackendService>,
+    mesh: Option<MeshIdentity>,
+    settings: &DeploySettings,
+) -> Children {
+    let gw_name = gw.name_any();
+    let namespace = gw.namespace().unwrap_or_default();
+    let name = child_name(&gw_name);
+    let owner = gw.controller_owner_ref(&()).map(|mut o: OwnerReference| {
+        o.block_owner_deletion = Some(true);
+        o
+    });
+    let meta = |n: &str| ObjectMeta {
+        name: Some(n.to_owned()),
+        namespace: Some(namespace.clone()),
+        labels: Some(labels(&gw_name)),
+        owner_references: owner.clone().map(|o| vec![o]),
+        ..ObjectMeta::default()
+    };
+    let has_mesh = mesh.is_some();
+    let config = GatewayConfig {
+        gateway: format!("{namespace}/{gw_name}"),
+        policy: gateway_policy(gw, backends, mesh),
+        ports: ports.to_vec(),
+    };
+    let listener_ports: BTreeSet<i32> = gw.spec.listeners.iter().map(|l| l.port).collect();
+    let subject = Subject {
+        kind: "ServiceAccount".into(),
+        name: name.clone(),
+        namespace: Some(namespace.clone()),
+        ..Subject::default()
+    };
+    Children {
+        service_account: ServiceAccount {
+            metadata: meta(&name),
+            automount_service_account_token: Some(true),
+            ..ServiceAccount::default()
+        },
+        config: Secret {
+            metadata: meta(&name),
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([(
+                GATEWAY_CONFIG_KEY.to_owned(),
+                ByteString(config.to_json().into_bytes()),
+            )])),
+            ..Secret::default()
+        },
+        role: Role {
+            metadata: meta(&name),
+            rules: Some(vec![PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["secrets".into()]),
+                resource_names: Some(vec![name.clone()]),
+                verbs: vec!["get".into(), "list".into(), "watch".into()],
+                ..PolicyRule::default()
+            }]),
+        },
+        role_binding: RoleBinding {
+            metadata: meta(&name),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: name.clone(),
+            },
+            subjects: Some(vec![subject.clone()]),
+        },
+        discovery: ClusterRoleBinding {
+            metadata: ObjectMeta {
+                name: Some(binding_name(&namespace, &gw_name)),
+                labels: Some({
+                    let mut l = labels(&gw_name);
+                    l.insert("trellis.dev/gateway-namespace".into(), namespace.clone());
+                    l
+                }),
+                ..ObjectMeta::default()
+            },
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: settings.discovery_role.clone(),
+            },
+            subjects: Some(vec![subject]),
+        },
+        deployment: deployment(
+            meta(&name),
+            &gw_name,
+            &name,
+            &listener_ports,
+            has_mesh,
+            settings,
+        ),
+        service: (!listener_ports.is_empty()).then(|| Service {
+            metadata: meta(&name),
+            spec: Some(ServiceSpec {
+                selector: Some(selector(&gw_name)),
+                ports: Some(
+                    listener_ports
+                        .iter()
+                        .map(|p| ServicePort {
+                            name: Some(format!("port-{p}")),
+                            port: *p,
+                            target_port: Some(IntOrString::Int(*p)),
+                            protocol: Some("TCP".into()),
+                            ..ServicePort::default()
+                        })
+                        .collect(),
+                ),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }),
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(ADMIN_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(1),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn deployment(
+    meta: ObjectMeta,
+    gw_name: &str,
+    name: &str,
+    ports: &BTreeSet<i32>,
+    mesh: bool,
+    settings: &DeploySettings,
+) -> Deployment {
+    let mut env = vec![
+        env("TRELLIS_GATEWAY_SECRET", name),
+        env("TRELLIS_SERVICE", gw_name),
+        env("TRELLIS_SERVICE_ACCOUNT", name),
+        env("TRELLIS_CLUSTER_DOMAIN", settings.cluster_domain.clone()),
+        // The gateway's ports bind on this address; nothing is served on
+        // the inbound port itself.
+        env("TRELLIS_INBOUND_ADDR", "0.0.0.0:15006"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_NAME", "metadata.name"),
+    ];
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        env.push(self::env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
+    }
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..VolumeMount::default()
+    }];
+    if mesh {
+        volumes.push(Volume {
+            name: "identity-token".into(),
+            projected: Some(ProjectedVolumeSource {
+                default_mode: Some(0o444),
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".into(),
+                        audience: Some(trellis_identity::api::TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(3600),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "identity-token".into(),
+            mount_path: crate::render::IDENTITY_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    let q = |v: &str| Quantity(v.into());
+    let container = Container {
+        name: "gateway".into(),
+        image: Some(settings.image.clone()),
+        env: Some(env),
+        ports: Some(
+            ports
+                .iter()
+                .map(|p| ContainerPort {
+                    container_port: *p,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                })
+                .chain(std::iter::once(ContainerPort {
+                    name: Some("admin".into()),
+                    container_port: ADMIN_PORT,
+                    ..ContainerPort::default()
+                }))
+                .collect(),
+        ),
+        readiness_probe: Some(probe("/readyz", 2)),
+        liveness_probe: Some(probe("/livez", 10)),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), q("50m")),
+                ("memory".into(), q("32Mi")),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), q("128Mi"))])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta,
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(selector(gw_name)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..DeploymentStrategy::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(gw_name)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name.to_owned()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        // Listener ports below 1024 without root or a
+                        // capability: a namespaced sysctl Kubernetes
+                        // counts as safe.
+                        sysctls: Some(vec![Sysctl {
+                            name: "net.ipv4.ip_unprivileged_port_start".into(),
+                            value: "0".into(),
+                        }]),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    termination_grace_period_seconds: Some(15),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
