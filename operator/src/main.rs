@@ -105,6 +105,17 @@ struct Args {
     )]
     gateway_discovery_role: String,
 
+    /// Which address Gateways report: `service` (the gateway Service's
+    /// load-balancer ingress, else its cluster IP) or `pod` (a ready gateway
+    /// pod's IP, for a node whose clients reach pods but not Services).
+    #[arg(
+        long,
+        env = "TRELLIS_GATEWAY_ADDRESS_FROM",
+        value_enum,
+        default_value = "service"
+    )]
+    gateway_address_from: trellis_operator::gateway::AddressFrom,
+
     /// Log line format.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -251,6 +262,7 @@ async fn main() -> anyhow::Result<()> {
                         args.lease_namespace.clone(),
                     )
                 }),
+                address_from: args.gateway_address_from,
             },
         ))
     });

@@ -55,10 +55,12 @@ fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} rendered"))
 }
 
+/// Whether a rendered object belongs to the identity service, or is the
+/// ClusterRole the operator binds each gateway to: not the operator's own.
 fn is_identity(doc: &Value) -> bool {
     doc["metadata"]["name"]
         .as_str()
-        .is_some_and(|n| n.contains("-identity"))
+        .is_some_and(|n| n.contains("-identity") || n.ends_with("-operator-gateway"))
 }
 
 /// One grant of the operator's ClusterRole and the test that fails without it.
@@ -94,6 +96,7 @@ const FOREIGN: &str = "operator::a_foreign_object_with_a_child_name_is_left_alon
 const CHART_RBAC: &str = "chart::helm_install_runs_the_operator_with_the_charts_rbac";
 const CROSS_NAMESPACE: &str =
     "grants::a_dependency_in_another_namespace_is_granted_used_and_revoked";
+const GATEWAY: &str = "gateway::a_gateway_serves_its_routes_and_reports_their_status";
 
 /// Why the operator's ClusterRole grants each verb: the test that needs it.
 /// Children: server-side apply of a new object needs `create` as well as
@@ -102,6 +105,90 @@ const CROSS_NAMESPACE: &str =
 /// The sidecar's Role grants get/list/watch on ConfigMaps and EndpointSlices,
 /// and RBAC lets the operator grant only what it holds (it has no `escalate`).
 const GRANTS: &[Grant] = &[
+    grant(
+        "gateway.networking.k8s.io",
+        "gatewayclasses",
+        &["list", "watch"],
+        GATEWAY,
+        "the gateway controller serves the classes naming it",
+    ),
+    grant(
+        "gateway.networking.k8s.io",
+        "gateways",
+        &["list", "watch"],
+        GATEWAY,
+        "each Gateway of those classes becomes a data plane",
+    ),
+    grant(
+        "gateway.networking.k8s.io",
+        "httproutes",
+        &["list", "watch"],
+        GATEWAY,
+        "routes program the gateways they attach to",
+    ),
+    grant(
+        "gateway.networking.k8s.io",
+        "grpcroutes",
+        &["list", "watch"],
+        GATEWAY,
+        "routes program the gateways they attach to",
+    ),
+    grant(
+        "gateway.networking.k8s.io",
+        "referencegrants",
+        &["list", "watch"],
+        GATEWAY,
+        "cross-namespace backends and certificates need a grant",
+    ),
+    grant(
+        "gateway.networking.k8s.io",
+        "gatewayclasses/status",
+        &["patch"],
+        GATEWAY,
+        "a class served is Accepted",
+    ),
+    grant(
+        "gateway.networking.k8s.io",
+        "gateways/status",
+        &["patch"],
+        GATEWAY,
+        "addresses, conditions and listeners",
+    ),
+    grant(
+        "gateway.networking.k8s.io",
+        "httproutes/status",
+        &["patch"],
+        GATEWAY,
+        "each parent's Accepted and ResolvedRefs",
+    ),
+    grant(
+        "gateway.networking.k8s.io",
+        "grpcroutes/status",
+        &["patch"],
+        GATEWAY,
+        "each parent's Accepted and ResolvedRefs",
+    ),
+    grant(
+        "",
+        "namespaces",
+        &["list", "watch"],
+        GATEWAY,
+        "allowedRoutes selects namespaces by label",
+    ),
+    grant(
+        "",
+        "secrets",
+        &["create", "patch"],
+        GATEWAY,
+        "a gateway's configuration holds its listeners' TLS keys",
+    ),
+    grant(
+        "rbac.authorization.k8s.io",
+        "clusterrolebindings",
+        &["list", "create", "patch", "delete"],
+        GATEWAY,
+        "each gateway reads EndpointSlices in its backends' namespaces; stale bindings are deleted",
+    ),
     grant(
         "trellis.dev",
         "microservices",

@@ -27,7 +27,15 @@ const CONTROL_PLANE_TESTS: &[&str] = &[
 ];
 /// Integration test targets of the full-node tier. `shop` is the end-to-end
 /// suite (also `cargo xtask e2e`), with the short soak.
-const NODE_TESTS: &[&str] = &["node", "chart", "cli", "security", "traces_on_node", "shop"];
+const NODE_TESTS: &[&str] = &[
+    "node",
+    "chart",
+    "cli",
+    "security",
+    "traces_on_node",
+    "gateway",
+    "shop",
+];
 /// Integration test targets that disrupt the whole cluster
 /// (tests/tests/control_plane_faults.rs restarts the apiserver and pauses
 /// etcd): run last, with nothing else running.

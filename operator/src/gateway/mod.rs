@@ -18,6 +18,8 @@
 pub mod api;
 pub mod deploy;
 pub mod model;
+#[cfg(test)]
+mod model_tests;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -28,8 +30,8 @@ use std::{
 use futures::{StreamExt, future::BoxFuture};
 use k8s_openapi::{
     api::{
-        apps::v1::Deployment,
         core::v1::{ConfigMap, Namespace, Secret, Service},
+        discovery::v1::EndpointSlice,
         rbac::v1::ClusterRoleBinding,
     },
     apimachinery::pkg::apis::meta::v1::Condition,
@@ -65,6 +67,18 @@ pub struct GatewaySettings {
     /// (the identity service's address, the trust domain, the namespace
     /// of the `trellis-trust-bundle` ConfigMap).
     pub identity: Option<(String, String, String)>,
+    /// Which address a Gateway's status gives.
+    pub address_from: AddressFrom,
+}
+
+/// Which address a Gateway's status gives: where clients reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AddressFrom {
+    /// The gateway Service's load-balancer ingress, else its cluster IP.
+    Service,
+    /// A ready gateway pod's IP: for clusters where clients outside reach
+    /// pods but not Services (a single local node).
+    Pod,
 }
 
 /// The caches of everything the model reads.
@@ -77,7 +91,9 @@ struct Stores {
     grants: reflector::Store<ReferenceGrant>,
     services: reflector::Store<Service>,
     namespaces: reflector::Store<Namespace>,
-    deployments: reflector::Store<Deployment>,
+    /// The gateways' own EndpointSlices: which gateway pods are ready, and
+    /// their addresses.
+    slices: reflector::Store<EndpointSlice>,
 }
 
 /// Starts a reflector of `K` that wakes `changed` on every event.
@@ -135,7 +151,7 @@ pub async fn run(client: Client, settings: GatewaySettings) {
         grants: store!(Api::all(client.clone()), watcher::Config::default()),
         services: store!(Api::all(client.clone()), watcher::Config::default()),
         namespaces: store!(Api::all(client.clone()), watcher::Config::default()),
-        deployments: store!(Api::all(client.clone()), managed),
+        slices: store!(Api::all(client.clone()), managed),
     };
     // TLS Secrets, metadata only: a change wakes the controller, which then
     // reads the Secrets its listeners name, and only those.
@@ -187,7 +203,12 @@ fn hash<T: Serialize>(v: &T) -> String {
     hex::encode(Sha256::digest(serde_json::to_vec(v).unwrap_or_default()))
 }
 
-fn world(stores: &Stores, controller: &str, secrets: BTreeMap<Key, TlsPair>) -> World {
+fn world(
+    stores: &Stores,
+    controller: &str,
+    address_from: AddressFrom,
+    secrets: BTreeMap<Key, TlsPair>,
+) -> World {
     let services = stores
         .services
         .state()
@@ -205,34 +226,63 @@ fn world(stores: &Stores, controller: &str, secrets: BTreeMap<Key, TlsPair>) -> 
             )
         })
         .collect::<BTreeMap<_, _>>();
-    let deployments: BTreeMap<Key, bool> = stores
-        .deployments
-        .state()
-        .iter()
-        .filter_map(|d| {
-            let gw = d.labels().get(deploy::GATEWAY_LABEL)?.clone();
-            let ready = d
-                .status
-                .as_ref()
-                .and_then(|s| s.available_replicas)
-                .unwrap_or(0)
-                > 0;
-            Some(((d.namespace().unwrap_or_default(), gw), ready))
-        })
-        .collect();
+    // Ready gateway pods' addresses, by Gateway (the slices carry the
+    // Service's labels, the Gateway's name among them).
+    let mut pods: BTreeMap<Key, Vec<String>> = BTreeMap::new();
+    for slice in stores.slices.state() {
+        let Some(gw) = slice.labels().get(deploy::GATEWAY_LABEL) else {
+            continue;
+        };
+        let key = (slice.namespace().unwrap_or_default(), gw.clone());
+        let ready = slice
+            .endpoints
+            .iter()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .flat_map(|e| e.addresses.iter().cloned());
+        pods.entry(key).or_default().extend(ready);
+    }
     let deployed = stores
         .gateways
         .state()
         .iter()
         .map(|g| {
             let key = (g.namespace().unwrap_or_default(), g.name_any());
-            let address = stores
-                .services
-                .get(&reflector::ObjectRef::new(&deploy::child_name(&key.1)).within(&key.0))
-                .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
-                .filter(|ip| ip != "None");
-            let ready = deployments.get(&key).copied().unwrap_or(false);
-            (key, Deployed { address, ready })
+            let ready_pods = pods.get(&key).cloned().unwrap_or_default();
+            let address = match address_from {
+                AddressFrom::Pod => ready_pods.iter().min().cloned(),
+                AddressFrom::Service => stores
+                    .services
+                    .get(&reflector::ObjectRef::new(&deploy::child_name(&key.1)).within(&key.0))
+                    .and_then(|s| {
+                        let ingress = s
+                            .status
+                            .as_ref()?
+                            .load_balancer
+                            .as_ref()?
+                            .ingress
+                            .as_ref()?
+                            .first()?
+                            .clone();
+                        ingress.ip.or(ingress.hostname)
+                    })
+                    .or_else(|| {
+                        stores
+                            .services
+                            .get(
+                                &reflector::ObjectRef::new(&deploy::child_name(&key.1))
+                                    .within(&key.0),
+                            )
+                            .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
+                            .filter(|ip| ip != "None")
+                    }),
+            };
+            (
+                key,
+                Deployed {
+                    address,
+                    ready: !ready_pods.is_empty(),
+                },
+            )
         })
         .collect();
     World {
@@ -398,7 +448,12 @@ impl Writer {
             .filter(|g| classes.contains(&g.spec.gateway_class_name))
             .collect();
         let secrets = certificates(&self.client, &ours).await;
-        let world = world(stores, &self.settings.controller_name, secrets);
+        let world = world(
+            stores,
+            &self.settings.controller_name,
+            self.settings.address_from,
+            secrets,
+        );
         let outcome = world.outcome();
         let mesh = self.mesh().await;
 

@@ -3,7 +3,8 @@
 //!
 //! Opt-in, not a tier of `cargo xtask test`: the suite takes tens of minutes
 //! and CI's budget is 45. It ensures the cluster (with the CRDs), imports the
-//! suite's backend images ([`super::backends`]), refuses early unless the
+//! suite's backend images ([`super::backends`]), builds Trellis's images and
+//! installs its chart for every namespace, refuses early unless the
 //! GatewayClass `trellis` is Accepted (the chart creates it; the suite itself
 //! would wait three minutes and then fail), then runs the suite's `go test`
 //! binary, compiled once into the tool cache with `go test -c`.
@@ -80,6 +81,7 @@ pub fn run(opts: &Conformance) -> Result<()> {
     let tools = Tools::ensure()?;
     let release = Release::resolve()?;
     backends::ensure(&release, &tools)?;
+    install_trellis(&tools)?;
     gateway_class_accepted(&tools)?;
     let suite = suite_binary(&release)?;
 
@@ -314,6 +316,31 @@ fn report(release: &Release, written: &Path, subset: bool) -> Result<()> {
         .with_context(|| format!("copying the report to {}", dest.display()))?;
     eprintln!("    report: {} (commit it)", dest.display());
     Ok(())
+}
+
+/// The release the suite runs against, installed for every namespace.
+const RELEASE: &str = "trellis";
+/// Its namespace.
+const RELEASE_NAMESPACE: &str = "trellis-system";
+
+/// Builds the images (what changed since the last build) and installs the
+/// chart as `trellis` in `trellis-system` for every namespace, with the
+/// Gateways' addresses taken from their pods: this host reaches pod IPs
+/// but not Service IPs.
+fn install_trellis(tools: &Tools) -> Result<()> {
+    crate::images::build(true)?;
+    eprintln!(
+        "==> helm upgrade --install {RELEASE} charts/trellis -n {RELEASE_NAMESPACE} (gateway.addressFrom=pod)"
+    );
+    run::status(
+        Command::new(tools.helm())
+            .env("KUBECONFIG", paths::admin_kubeconfig())
+            .args(["upgrade", "--install", RELEASE])
+            .arg(paths::workspace().join("charts/trellis"))
+            .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace"])
+            .args(["--set", "gateway.addressFrom=pod"])
+            .args(["--wait", "--timeout", "180s"]),
+    )
 }
 
 /// Waits a little for the GatewayClass to be Accepted by Trellis's

@@ -1,0 +1,262 @@
+//! The edge on the local node: the chart installed for every namespace,
+//! a Gateway of its class and an HTTPRoute, reached from the host at the
+//! address the Gateway's status gives, as a client outside the cluster
+//! would.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use trellis_tests::{
+    TestNamespace, eventually, kubectl,
+    shop::{apply, install_chart_with, run, uninstall_chart},
+};
+
+const RELEASE: &str = "trellis-gw";
+const RELEASE_NAMESPACE: &str = "trellis-gw-system";
+const CLASS: &str = "trellis-e2e";
+
+/// The chart for every namespace, uninstalled when dropped.
+struct Installed;
+
+impl Installed {
+    fn new() -> Self {
+        install_chart_with(
+            RELEASE,
+            RELEASE_NAMESPACE,
+            "",
+            &[
+                "gateway.addressFrom=pod",
+                &format!("gateway.className={CLASS}"),
+                "identity.enabled=false",
+            ],
+        )
+        .expect("the chart installs for every namespace");
+        Self
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if let Err(e) = uninstall_chart(RELEASE, RELEASE_NAMESPACE) {
+            eprintln!("could not uninstall {RELEASE}: {e}");
+        }
+        let _ = run(kubectl().args([
+            "delete",
+            "namespace",
+            RELEASE_NAMESPACE,
+            "--ignore-not-found",
+            "--wait=false",
+        ]));
+    }
+}
+
+/// A Deployment of the smoke server and its Service, `name` on port 8080.
+fn backend(ns: &str, name: &str) -> Vec<Value> {
+    let security = json!({
+        "runAsNonRoot": true, "runAsUser": 65532, "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+    });
+    vec![
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{
+                        "name": "serve", "image": trellis_tests::callers::IMAGE,
+                        "args": ["serve", "8080"], "securityContext": security,
+                        "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                    }]},
+                },
+            },
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"app": name}, "ports": [{"port": 8080, "targetPort": 8080}]},
+        }),
+    ]
+}
+
+fn get_json(args: &[&str]) -> Value {
+    serde_json::from_str(&run(kubectl().args(args).args(["-o", "json"])).unwrap()).unwrap()
+}
+
+fn condition<'a>(conditions: &'a Value, t: &str) -> Option<(&'a str, &'a str)> {
+    conditions
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == t)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or(""),
+                c["reason"].as_str().unwrap_or(""),
+            )
+        })
+}
+
+#[tokio::test]
+#[ignore = "needs the full local node: cargo xtask test"]
+async fn a_gateway_serves_its_routes_and_reports_their_status() {
+    let ns = TestNamespace::on_node("gw").await;
+    let _chart = Installed::new();
+    let n = ns.name.as_str();
+    let mut items = backend(n, "alpha");
+    items.extend(backend(n, "beta"));
+    items.push(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "edge", "namespace": n},
+        "spec": {"gatewayClassName": CLASS, "listeners": [
+            {"name": "http", "port": 80, "protocol": "HTTP", "hostname": "*.example.com"},
+        ]},
+    }));
+    items.push(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "shop", "namespace": n},
+        "spec": {
+            "parentRefs": [{"name": "edge"}],
+            "hostnames": ["shop.example.com"],
+            "rules": [
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/alpha"}}],
+                 "backendRefs": [{"name": "alpha", "port": 8080}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/beta"}}],
+                 "backendRefs": [{"name": "beta", "port": 8080}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/moved"}}],
+                 "filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https", "statusCode": 302}}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/missing"}}],
+                 "backendRefs": [{"name": "nothing", "port": 8080}]},
+            ],
+        },
+    }));
+    apply(&json!({"apiVersion": "v1", "kind": "List", "items": items})).unwrap();
+
+    // The class is Accepted; the Gateway gets an address and is Programmed.
+    eventually("GatewayClass Accepted", Duration::from_secs(60), || async {
+        let c = get_json(&["get", "gatewayclass", CLASS]);
+        (condition(&c["status"]["conditions"], "Accepted") == Some(("True", "Accepted")))
+            .then_some(())
+    })
+    .await;
+    let address = eventually(
+        "Gateway edge Programmed with an address",
+        Duration::from_secs(120),
+        || async {
+            let gw = get_json(&["get", "gateway", "edge", "-n", n]);
+            let status = &gw["status"];
+            let programmed =
+                condition(&status["conditions"], "Programmed") == Some(("True", "Programmed"));
+            let current =
+                status["conditions"][0]["observedGeneration"] == gw["metadata"]["generation"];
+            (programmed && current)
+                .then(|| status["addresses"][0]["value"].as_str().map(str::to_owned))
+                .flatten()
+        },
+    )
+    .await;
+
+    // The route is attached, and says which backend does not resolve.
+    let route = get_json(&["get", "httproute", "shop", "-n", n]);
+    let parent = &route["status"]["parents"][0];
+    assert_eq!(parent["controllerName"], "trellis.dev/gateway-controller");
+    assert_eq!(
+        condition(&parent["conditions"], "Accepted"),
+        Some(("True", "Accepted")),
+        "{parent}"
+    );
+    assert_eq!(
+        condition(&parent["conditions"], "ResolvedRefs"),
+        Some(("False", "BackendNotFound")),
+        "{parent}"
+    );
+    let gw = get_json(&["get", "gateway", "edge", "-n", n]);
+    assert_eq!(gw["status"]["listeners"][0]["attachedRoutes"], 1, "{gw}");
+
+    // From the host, as a client at the edge.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let send = |host: &'static str, path: &'static str| {
+        let (http, url) = (http.clone(), format!("http://{address}{path}"));
+        async move {
+            let rsp = http.get(&url).header("host", host).send().await.ok()?;
+            let status = rsp.status().as_u16();
+            let location = rsp
+                .headers()
+                .get("location")
+                .map(|v| v.to_str().unwrap_or("").to_owned());
+            Some((status, location, rsp.text().await.ok()?))
+        }
+    };
+    let alpha = eventually(
+        "the gateway routes /alpha",
+        Duration::from_secs(60),
+        || async {
+            send("shop.example.com", "/alpha/x")
+                .await
+                .filter(|(s, _, _)| *s == 200)
+        },
+    )
+    .await;
+    assert!(alpha.2.starts_with("hello from alpha-"), "{alpha:?}");
+    let beta = send("shop.example.com", "/beta").await.unwrap();
+    assert!(beta.2.starts_with("hello from beta-"), "{beta:?}");
+    let moved = send("shop.example.com", "/moved/here").await.unwrap();
+    assert_eq!(
+        (moved.0, moved.1.as_deref()),
+        (302, Some("https://shop.example.com/moved/here"))
+    );
+    assert_eq!(send("shop.example.com", "/missing").await.unwrap().0, 500);
+    assert_eq!(send("other.example.com", "/alpha").await.unwrap().0, 404);
+
+    // A fix to the route reaches status and traffic.
+    run(kubectl().args([
+        "patch",
+        "httproute",
+        "shop",
+        "-n",
+        n,
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op": "remove", "path": "/spec/rules/3"}]"#,
+    ]))
+    .unwrap();
+    eventually(
+        "ResolvedRefs True after the fix",
+        Duration::from_secs(60),
+        || async {
+            let r = get_json(&["get", "httproute", "shop", "-n", n]);
+            (condition(&r["status"]["parents"][0]["conditions"], "ResolvedRefs")
+                == Some(("True", "ResolvedRefs")))
+            .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "/missing answered 404 once its rule is gone",
+        Duration::from_secs(30),
+        || async {
+            send("shop.example.com", "/missing")
+                .await
+                .filter(|(s, _, _)| *s == 404)
+        },
+    )
+    .await;
+
+    // The Gateway's data plane goes with it, its cluster-wide binding too.
+    run(kubectl().args(["delete", "gateway", "edge", "-n", n, "--wait"])).unwrap();
+    eventually("the discovery binding removed", Duration::from_secs(60), || async {
+        let out = run(kubectl().args([
+            "get", "clusterrolebinding", "-l", "app.kubernetes.io/managed-by=trellis-gateway,gateway.networking.k8s.io/gateway-name=edge",
+            "-o", "name",
+        ]))
+        .ok()?;
+        out.trim().is_empty().then_some(())
+    })
+    .await;
+}
