@@ -108,6 +108,16 @@ pub struct RouteOutcome {
     pub parents: Vec<RouteParentStatus>,
 }
 
+/// The routes attached to each listener (Gateway, listener index): each
+/// route (by index) with the hostnames it serves there.
+type Attachments = BTreeMap<(Key, usize), Vec<(usize, Vec<Option<String>>)>>;
+
+/// A port's certificates and rules by hostname, while they are collected.
+type PortRules = (
+    Vec<Certificate>,
+    BTreeMap<Option<String>, Vec<(SortKey, RouteRule)>>,
+);
+
 const HTTP_ROUTE: &str = "HTTPRoute";
 const GRPC_ROUTE: &str = "GRPCRoute";
 
@@ -456,7 +466,7 @@ impl World {
                 let ns = r.namespace.clone().unwrap_or_else(|| gw_ns.clone());
                 let group = r.group.as_deref().unwrap_or("");
                 let kind = r.kind.as_deref().unwrap_or("Secret");
-                if group != "" || kind != "Secret" {
+                if !group.is_empty() || kind != "Secret" {
                     check.unresolved = Some((
                         "InvalidCertificateRef",
                         format!(
@@ -537,7 +547,7 @@ impl World {
     ) -> Result<BackendService, (&'static str, String)> {
         let group = b.group.as_deref().unwrap_or("");
         let kind = b.kind.as_deref().unwrap_or("Service");
-        if group != "" || kind != "Service" {
+        if !group.is_empty() || kind != "Service" {
             return Err((
                 "InvalidKind",
                 format!(
@@ -636,8 +646,7 @@ impl World {
             .chain(self.grpc_routes.iter().map(|r| view_grpc(r)))
             .collect();
         // (gateway, listener index) → (route index, effective hostnames).
-        let mut attachments: BTreeMap<(Key, usize), Vec<(usize, Vec<Option<String>>)>> =
-            BTreeMap::new();
+        let mut attachments: Attachments = BTreeMap::new();
         let mut backends_of: BTreeMap<Key, BTreeSet<BackendService>> = BTreeMap::new();
         for (ri, route) in routes.iter().enumerate() {
             let resolved = self.resolve_refs(route);
@@ -885,7 +894,7 @@ impl World {
         checks: &[ListenerCheck],
         deployed: &Deployed,
         routes: &[RouteView],
-        attachments: &BTreeMap<(Key, usize), Vec<(usize, Vec<Option<String>>)>>,
+        attachments: &Attachments,
         backends: BTreeSet<BackendService>,
     ) -> GatewayOutcome {
         let generation = gw.metadata.generation;
@@ -1050,15 +1059,9 @@ impl World {
         gw: &Gateway,
         checks: &[ListenerCheck],
         routes: &[RouteView],
-        attachments: &BTreeMap<(Key, usize), Vec<(usize, Vec<Option<String>>)>>,
+        attachments: &Attachments,
     ) -> Vec<PortConfig> {
-        let mut ports: BTreeMap<
-            u16,
-            (
-                Vec<Certificate>,
-                BTreeMap<Option<String>, Vec<(SortKey, RouteRule)>>,
-            ),
-        > = BTreeMap::new();
+        let mut ports: BTreeMap<u16, PortRules> = BTreeMap::new();
         for (li, l) in gw.spec.listeners.iter().enumerate() {
             let c = &checks[li];
             if !c.serves_routes() || (l.protocol == "HTTPS" && c.certificates.is_empty()) {

@@ -241,7 +241,9 @@ impl PortRoutes {
                 },
             }
         }
-        routes.wildcards.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+        routes
+            .wildcards
+            .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         Ok(routes)
     }
 

@@ -74,7 +74,9 @@ pub fn server_config(certificates: &[Certificate]) -> Result<Arc<ServerConfig>, 
             },
         }
     }
-    by_sni.wildcards.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+    by_sni
+        .wildcards
+        .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
