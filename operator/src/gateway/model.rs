@@ -983,6 +983,7 @@ impl World {
                     }
                 })
                 .collect();
+        let invalid = checks.iter().filter(|c| !c.serves_routes()).count();
         let accepted = if !gw.spec.addresses.is_empty() {
             condition(
                 "Accepted",
@@ -991,12 +992,20 @@ impl World {
                 "Trellis assigns the gateway's address itself: spec.addresses is not supported",
                 generation,
             )
-        } else if checks.iter().all(|c| c.unsupported.is_some()) && !checks.is_empty() {
+        } else if !checks.is_empty() && invalid == checks.len() {
             condition(
                 "Accepted",
                 false,
                 "ListenersNotValid",
-                "no listener can be served",
+                "no listener can be served: see the listeners' conditions",
+                generation,
+            )
+        } else if invalid > 0 {
+            condition(
+                "Accepted",
+                true,
+                "ListenersNotValid",
+                "some listeners cannot be served: see the listeners' conditions",
                 generation,
             )
         } else {
@@ -1009,6 +1018,13 @@ impl World {
             )
         };
         let programmed_condition = match (&deployed.address, deployed.ready) {
+            _ if accepted.status == "False" => condition(
+                "Programmed",
+                false,
+                "Invalid",
+                "the Gateway is not accepted",
+                generation,
+            ),
             (None, _) => condition(
                 "Programmed",
                 false,

@@ -340,7 +340,22 @@ fn install_trellis(tools: &Tools) -> Result<()> {
             .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace"])
             .args(["--set", "gateway.addressFrom=pod"])
             .args(["--wait", "--timeout", "180s"]),
-    )
+    )?;
+    // The images keep their tags when rebuilt: restart, so the operator
+    // runs the binary just imported.
+    let kubectl = || {
+        let mut c = Command::new(tools.kube("kubectl"));
+        c.env("KUBECONFIG", paths::admin_kubeconfig())
+            .args(["-n", RELEASE_NAMESPACE]);
+        c
+    };
+    run::status(kubectl().args(["rollout", "restart", "deployment/trellis-operator"]))?;
+    run::status(kubectl().args([
+        "rollout",
+        "status",
+        "deployment/trellis-operator",
+        "--timeout=120s",
+    ]))
 }
 
 /// Waits a little for the GatewayClass to be Accepted by Trellis's
