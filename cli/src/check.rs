@@ -93,10 +93,49 @@ pub const OPERATOR_PERMISSIONS: &[(&str, &str, &[&str])] = &[
 ];
 
 /// What the chart grants besides when the operator watches every namespace:
-/// removing the grants in other namespaces that no dependency names any more.
+/// removing the grants in other namespaces that no dependency names any
+/// more, and the gateway controller (the Gateway API objects and their
+/// status, namespaces for route selectors, each gateway's configuration
+/// Secret and its binding to the discovery ClusterRole).
 pub const CLUSTER_WIDE_PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("rbac.authorization.k8s.io", "roles", &["delete"]),
     ("rbac.authorization.k8s.io", "rolebindings", &["delete"]),
+    (
+        "gateway.networking.k8s.io",
+        "gatewayclasses",
+        &["list", "watch"],
+    ),
+    ("gateway.networking.k8s.io", "gateways", &["list", "watch"]),
+    (
+        "gateway.networking.k8s.io",
+        "httproutes",
+        &["list", "watch"],
+    ),
+    (
+        "gateway.networking.k8s.io",
+        "grpcroutes",
+        &["list", "watch"],
+    ),
+    (
+        "gateway.networking.k8s.io",
+        "referencegrants",
+        &["list", "watch"],
+    ),
+    (
+        "gateway.networking.k8s.io",
+        "gatewayclasses/status",
+        &["patch"],
+    ),
+    ("gateway.networking.k8s.io", "gateways/status", &["patch"]),
+    ("gateway.networking.k8s.io", "httproutes/status", &["patch"]),
+    ("gateway.networking.k8s.io", "grpcroutes/status", &["patch"]),
+    ("", "namespaces", &["list", "watch"]),
+    ("", "secrets", &["create", "patch"]),
+    (
+        "rbac.authorization.k8s.io",
+        "clusterrolebindings",
+        &["list", "create", "patch", "delete"],
+    ),
 ];
 
 /// The outcome of one check.

@@ -14,6 +14,9 @@ use trellis_tests::{
 const RELEASE: &str = "trellis-gw";
 const RELEASE_NAMESPACE: &str = "trellis-gw-system";
 const CLASS: &str = "trellis-e2e";
+/// Its own controller name, so a release installed beside it (the
+/// conformance run's) serves only its own class.
+const CONTROLLER: &str = "trellis.dev/gateway-controller-e2e";
 
 /// The chart for every namespace, uninstalled when dropped.
 struct Installed;
@@ -27,6 +30,7 @@ impl Installed {
             &[
                 "gateway.addressFrom=pod",
                 &format!("gateway.className={CLASS}"),
+                &format!("gateway.controllerName={CONTROLLER}"),
                 "identity.enabled=false",
             ],
         )
@@ -159,7 +163,7 @@ async fn a_gateway_serves_its_routes_and_reports_their_status() {
     // The route is attached, and says which backend does not resolve.
     let route = get_json(&["get", "httproute", "shop", "-n", n]);
     let parent = &route["status"]["parents"][0];
-    assert_eq!(parent["controllerName"], "trellis.dev/gateway-controller");
+    assert_eq!(parent["controllerName"], CONTROLLER);
     assert_eq!(
         condition(&parent["conditions"], "Accepted"),
         Some(("True", "Accepted")),
