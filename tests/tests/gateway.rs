@@ -101,6 +101,48 @@ fn condition<'a>(conditions: &'a Value, t: &str) -> Option<(&'a str, &'a str)> {
         })
 }
 
+/// The address of Gateway `edge` once it is Programmed at its current
+/// generation, other than `not` (the address of a pod since replaced).
+async fn programmed_address(n: &str, not: Option<&str>) -> String {
+    eventually(
+        "Gateway edge Programmed with an address",
+        Duration::from_secs(120),
+        || async {
+            let gw = get_json(&["get", "gateway", "edge", "-n", n]);
+            let status = &gw["status"];
+            let programmed =
+                condition(&status["conditions"], "Programmed") == Some(("True", "Programmed"));
+            let current =
+                status["conditions"][0]["observedGeneration"] == gw["metadata"]["generation"];
+            let address = status["addresses"][0]["value"].as_str()?.to_owned();
+            (programmed && current && Some(address.as_str()) != not).then_some(address)
+        },
+    )
+    .await
+}
+
+/// `GET http://<address><path>` with `Host: <host>`: the status, the
+/// Location header and the body.
+async fn fetch(
+    http: &reqwest::Client,
+    address: &str,
+    host: &str,
+    path: &str,
+) -> Option<(u16, Option<String>, String)> {
+    let rsp = http
+        .get(format!("http://{address}{path}"))
+        .header("host", host)
+        .send()
+        .await
+        .ok()?;
+    let status = rsp.status().as_u16();
+    let location = rsp
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap_or("").to_owned());
+    Some((status, location, rsp.text().await.ok()?))
+}
+
 #[tokio::test]
 #[ignore = "needs the full local node: cargo xtask test"]
 async fn a_gateway_serves_its_routes_and_reports_their_status() {
@@ -143,22 +185,7 @@ async fn a_gateway_serves_its_routes_and_reports_their_status() {
             .then_some(())
     })
     .await;
-    let address = eventually(
-        "Gateway edge Programmed with an address",
-        Duration::from_secs(120),
-        || async {
-            let gw = get_json(&["get", "gateway", "edge", "-n", n]);
-            let status = &gw["status"];
-            let programmed =
-                condition(&status["conditions"], "Programmed") == Some(("True", "Programmed"));
-            let current =
-                status["conditions"][0]["observedGeneration"] == gw["metadata"]["generation"];
-            (programmed && current)
-                .then(|| status["addresses"][0]["value"].as_str().map(str::to_owned))
-                .flatten()
-        },
-    )
-    .await;
+    let address = programmed_address(n, None).await;
 
     // The route is attached, and says which backend does not resolve.
     let route = get_json(&["get", "httproute", "shop", "-n", n]);
@@ -184,18 +211,7 @@ async fn a_gateway_serves_its_routes_and_reports_their_status() {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let send = |host: &'static str, path: &'static str| {
-        let (http, url) = (http.clone(), format!("http://{address}{path}"));
-        async move {
-            let rsp = http.get(&url).header("host", host).send().await.ok()?;
-            let status = rsp.status().as_u16();
-            let location = rsp
-                .headers()
-                .get("location")
-                .map(|v| v.to_str().unwrap_or("").to_owned());
-            Some((status, location, rsp.text().await.ok()?))
-        }
-    };
+    let send = |host: &'static str, path: &'static str| fetch(&http, &address, host, path);
     let alpha = eventually(
         "the gateway routes /alpha",
         Duration::from_secs(60),
@@ -248,6 +264,28 @@ async fn a_gateway_serves_its_routes_and_reports_their_status() {
             send("shop.example.com", "/missing")
                 .await
                 .filter(|(s, _, _)| *s == 404)
+        },
+    )
+    .await;
+
+    // A data plane deleted by hand is put back.
+    run(kubectl().args([
+        "delete",
+        "deployment",
+        "edge-trellis-gateway",
+        "-n",
+        n,
+        "--wait",
+    ]))
+    .unwrap();
+    let moved = programmed_address(n, Some(&address)).await;
+    eventually(
+        "the gateway Deployment put back and serving",
+        Duration::from_secs(90),
+        || async {
+            fetch(&http, &moved, "shop.example.com", "/beta")
+                .await
+                .filter(|(s, _, _)| *s == 200)
         },
     )
     .await;

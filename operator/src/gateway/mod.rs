@@ -30,6 +30,7 @@ use std::{
 use futures::{StreamExt, future::BoxFuture};
 use k8s_openapi::{
     api::{
+        apps::v1::Deployment,
         core::v1::{ConfigMap, Namespace, Secret, Service},
         discovery::v1::EndpointSlice,
         rbac::v1::ClusterRoleBinding,
@@ -94,6 +95,8 @@ struct Stores {
     /// The gateways' own EndpointSlices: which gateway pods are ready, and
     /// their addresses.
     slices: reflector::Store<EndpointSlice>,
+    /// The gateways' Deployments: one deleted by hand is applied again.
+    deployments: reflector::Store<Deployment>,
 }
 
 /// Starts a reflector of `K` that wakes `changed` on every event.
@@ -151,7 +154,8 @@ pub async fn run(client: Client, settings: GatewaySettings) {
         grants: store!(Api::all(client.clone()), watcher::Config::default()),
         services: store!(Api::all(client.clone()), watcher::Config::default()),
         namespaces: store!(Api::all(client.clone()), watcher::Config::default()),
-        slices: store!(Api::all(client.clone()), managed),
+        slices: store!(Api::all(client.clone()), managed.clone()),
+        deployments: store!(Api::all(client.clone()), managed),
     };
     // TLS Secrets, metadata only: a change wakes the controller, which then
     // reads the Secrets its listeners name, and only those.
@@ -492,6 +496,16 @@ impl Writer {
                 &self.settings.deploy,
             );
             live_bindings.push(deploy::binding_name(ns, name));
+            // What was applied and is gone (deleted by hand) is applied again.
+            let child = deploy::child_name(name);
+            let deployment = reflector::ObjectRef::new(&child).within(ns);
+            if stores.deployments.get(&deployment).is_none() {
+                self.applied.remove(&format!("Deployment/{ns}/{child}"));
+            }
+            let service = reflector::ObjectRef::new(&child).within(ns);
+            if stores.services.get(&service).is_none() {
+                self.applied.remove(&format!("Service/{ns}/{child}"));
+            }
             let c = self.client.clone();
             self.apply(Api::namespaced(c.clone(), ns), &children.service_account)
                 .await?;

@@ -180,16 +180,19 @@ fn view_http(r: &HTTPRoute) -> RouteView {
                 },
                 filters: rule.filters.clone(),
                 backend_refs: rule.backend_refs.clone(),
+                // `0s` turns a timeout off.
                 timeout_ms: rule
                     .timeouts
                     .as_ref()
                     .and_then(|t| t.request.as_deref())
-                    .and_then(duration_ms),
+                    .and_then(duration_ms)
+                    .filter(|ms| *ms > 0),
                 backend_timeout_ms: rule
                     .timeouts
                     .as_ref()
                     .and_then(|t| t.backend_request.as_deref())
-                    .and_then(duration_ms),
+                    .and_then(duration_ms)
+                    .filter(|ms| *ms > 0),
             })
             .collect(),
     }

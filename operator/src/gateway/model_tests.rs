@@ -306,3 +306,35 @@ fn durations_follow_the_gateway_api_format() {
     assert_eq!(duration_ms("10"), None);
     assert_eq!(duration_ms("1d"), None);
 }
+
+#[test]
+fn a_zero_request_timeout_turns_the_timeout_off() {
+    let r = route(
+        "infra",
+        "r",
+        json!({
+            "parentRefs": [{"name": "edge"}],
+            "rules": [
+                {"matches": [{"path": {"value": "/off"}}], "timeouts": {"request": "0s"},
+                 "backendRefs": [{"name": "local", "port": 8080}]},
+                {"matches": [{"path": {"value": "/on"}}], "timeouts": {"request": "1500ms"},
+                 "backendRefs": [{"name": "local", "port": 8080}]},
+            ],
+        }),
+    );
+    let out = world(json!([http_all("http")]), vec![r]).outcome();
+    let rules = &out.gateways[0].ports[0].hosts[0].rules;
+    let timeout_of = |path: &str| {
+        rules
+            .iter()
+            .find(|r| r.matches.path == Some(PathMatch::Prefix(path.into())))
+            .unwrap()
+            .timeout_ms
+    };
+    assert_eq!(
+        timeout_of("/off"),
+        None,
+        "0s is no timeout, not an immediate 504"
+    );
+    assert_eq!(timeout_of("/on"), Some(1500));
+}
