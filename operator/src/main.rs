@@ -254,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
                     cluster_domain: args.cluster_domain.clone(),
                     otlp_endpoint: args.otlp_endpoint.clone(),
                     discovery_role: args.gateway_discovery_role.clone(),
+                    controller_name: args.gateway_controller_name.clone(),
                 },
                 identity: args.identity_address.clone().map(|addr| {
                     (

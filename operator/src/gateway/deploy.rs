@@ -54,6 +54,20 @@ pub struct DeploySettings {
     pub otlp_endpoint: Option<String>,
     /// The ClusterRole that lets a gateway read EndpointSlices.
     pub discovery_role: String,
+    /// The controller name, whose hash labels the cluster-wide bindings
+    /// (see [`CONTROLLER_LABEL`]).
+    pub controller_name: String,
+}
+
+/// The label on a gateway's ClusterRoleBinding naming (by hash) the
+/// controller that made it: each controller deletes only its own stale
+/// bindings, so two releases in one cluster leave each other's alone.
+pub const CONTROLLER_LABEL: &str = "trellis.dev/gateway-controller";
+
+/// The value of [`CONTROLLER_LABEL`] for `controller` (a label value is at
+/// most 63 characters and has no `/`).
+pub fn controller_label(controller: &str) -> String {
+    hex::encode(&Sha256::digest(controller.as_bytes())[..8])
 }
 
 /// A Gateway's data-plane objects.
@@ -223,6 +237,10 @@ pub fn render(
                 labels: Some({
                     let mut l = labels(&gw_name);
                     l.insert("trellis.dev/gateway-namespace".into(), namespace.clone());
+                    l.insert(
+                        CONTROLLER_LABEL.into(),
+                        controller_label(&settings.controller_name),
+                    );
                     l
                 }),
                 ..ObjectMeta::default()

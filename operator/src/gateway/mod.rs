@@ -176,6 +176,7 @@ pub async fn run(client: Client, settings: GatewaySettings) {
         settings,
         applied: HashMap::new(),
     };
+    let mut forgotten = std::time::Instant::now();
     loop {
         // A quiet period: a burst of events (a test applying ten objects)
         // is one recompute.
@@ -184,6 +185,13 @@ pub async fn run(client: Client, settings: GatewaySettings) {
             () = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
+        // Every ten minutes everything is applied again, whatever was last
+        // applied: puts back what someone changed or deleted by hand where
+        // no watch would tell (a cluster-wide binding, a Role).
+        if forgotten.elapsed() > Duration::from_secs(600) {
+            writer.applied.clear();
+            forgotten = std::time::Instant::now();
+        }
         let started = std::time::Instant::now();
         if let Err(error) = writer.sync(&stores).await {
             tracing::warn!(%error, "gateway sync failed; retrying");
@@ -593,9 +601,12 @@ impl Writer {
 
         // Cluster-wide bindings have no owner to be collected with.
         let bindings: Api<ClusterRoleBinding> = Api::all(self.client.clone());
-        let stale = bindings
-            .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}")))
-            .await?;
+        let ours = format!(
+            "{MANAGED_BY_LABEL}={MANAGER},{}={}",
+            deploy::CONTROLLER_LABEL,
+            deploy::controller_label(&self.settings.controller_name)
+        );
+        let stale = bindings.list(&ListParams::default().labels(&ours)).await?;
         for b in stale.items {
             let name = b.name_any();
             if !live_bindings.contains(&name) {
