@@ -9,11 +9,10 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy},
         core::v1::{
-            Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-            HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-            Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, Secret,
-            SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort,
-            ServiceSpec, Sysctl, Volume, VolumeMount, VolumeProjection,
+            Container, ContainerPort, EmptyDirVolumeSource, PodSecurityContext, PodSpec,
+            PodTemplateSpec, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, Secret,
+            Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec,
+            Sysctl, Volume, VolumeMount, VolumeProjection,
         },
         rbac::v1::{ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject},
     },
@@ -31,6 +30,7 @@ use trellis_policy::{
 };
 
 use super::api::Gateway;
+use crate::render::{admin_probe, env_var, field_env, restricted_security_context};
 
 /// The label naming the Gateway a data-plane object belongs to.
 pub const GATEWAY_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
@@ -40,8 +40,6 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "trellis-gateway";
 /// The gateway's admin port: health, metrics, status.
 pub const ADMIN_PORT: i32 = 15020;
-/// The user the gateway runs as.
-const RUN_AS: i64 = 65532;
 
 /// What every Gateway's data plane is built with.
 #[derive(Clone, Debug)]
@@ -283,42 +281,6 @@ pub fn render(
     }
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    }
-}
-
-fn field_env(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                ..ObjectFieldSelector::default()
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    }
-}
-
-fn probe(path: &str, period: i32) -> Probe {
-    Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::Int(ADMIN_PORT),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(period),
-        timeout_seconds: Some(1),
-        failure_threshold: Some(3),
-        ..Probe::default()
-    }
-}
-
 fn deployment(
     meta: ObjectMeta,
     gw_name: &str,
@@ -328,18 +290,18 @@ fn deployment(
     settings: &DeploySettings,
 ) -> Deployment {
     let mut env = vec![
-        env("TRELLIS_GATEWAY_SECRET", name),
-        env("TRELLIS_SERVICE", gw_name),
-        env("TRELLIS_SERVICE_ACCOUNT", name),
-        env("TRELLIS_CLUSTER_DOMAIN", settings.cluster_domain.clone()),
+        env_var("TRELLIS_GATEWAY_SECRET", name),
+        env_var("TRELLIS_SERVICE", gw_name),
+        env_var("TRELLIS_SERVICE_ACCOUNT", name),
+        env_var("TRELLIS_CLUSTER_DOMAIN", settings.cluster_domain.clone()),
         // The gateway's ports bind on this address; nothing is served on
         // the inbound port itself.
-        env("TRELLIS_INBOUND_ADDR", "0.0.0.0:15006"),
+        env_var("TRELLIS_INBOUND_ADDR", "0.0.0.0:15006"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("POD_NAME", "metadata.name"),
     ];
     if let Some(endpoint) = &settings.otlp_endpoint {
-        env.push(self::env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
+        env.push(env_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
     }
     let mut volumes = vec![Volume {
         name: "tmp".into(),
@@ -394,8 +356,8 @@ fn deployment(
                 }))
                 .collect(),
         ),
-        readiness_probe: Some(probe("/readyz", 2)),
-        liveness_probe: Some(probe("/livez", 10)),
+        readiness_probe: Some(admin_probe("/readyz", 2, 3)),
+        liveness_probe: Some(admin_probe("/livez", 10, 3)),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
                 ("cpu".into(), q("50m")),
@@ -404,23 +366,7 @@ fn deployment(
             limits: Some(BTreeMap::from([("memory".into(), q("128Mi"))])),
             ..ResourceRequirements::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
-            privileged: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS),
-            run_as_group: Some(RUN_AS),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..SeccompProfile::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted_security_context()),
         volume_mounts: Some(mounts),
         ..Container::default()
     };
@@ -467,5 +413,76 @@ fn deployment(
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gateway_runs_restricted_and_reads_only_its_own_configuration() {
+        let gw: Gateway = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "edge", "namespace": "shop", "uid": "u-1"},
+            "spec": {"gatewayClassName": "trellis", "listeners": [
+                {"name": "http", "port": 80, "protocol": "HTTP"},
+                {"name": "https", "port": 443, "protocol": "HTTPS"},
+            ]},
+        }))
+        .unwrap();
+        let settings = DeploySettings {
+            image: "trellis/sidecar:0.1.0".into(),
+            cluster_domain: "cluster.local".into(),
+            otlp_endpoint: None,
+            discovery_role: "trellis-operator-gateway".into(),
+            controller_name: "trellis.dev/gateway-controller".into(),
+        };
+        let c = render(&gw, &[], &BTreeSet::new(), None, &settings);
+        let pod = c.deployment.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            pod.containers[0].security_context,
+            Some(restricted_security_context())
+        );
+        let sysctls = pod.security_context.unwrap().sysctls.unwrap();
+        assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
+        let ports: Vec<i32> = c
+            .service
+            .unwrap()
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()
+            .iter()
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(ports, [80, 443]);
+        let rules = c.role.rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].resource_names,
+            Some(vec!["edge-trellis-gateway".to_owned()])
+        );
+        let config = &c.config.data.unwrap()[GATEWAY_CONFIG_KEY];
+        let parsed = GatewayConfig::from_json(std::str::from_utf8(&config.0).unwrap()).unwrap();
+        assert_eq!(parsed.gateway, "shop/edge");
+        assert_eq!(
+            parsed.policy.egress,
+            Egress::Deny,
+            "a gateway reaches its backends only"
+        );
+        assert_eq!(
+            c.discovery.metadata.name.as_deref(),
+            Some("trellis-gateway-shop-edge")
+        );
+        assert_eq!(c.discovery.role_ref.name, "trellis-operator-gateway");
+    }
+
+    #[test]
+    fn long_names_are_bounded_and_stay_distinct() {
+        let a = child_name(&"a".repeat(70));
+        let b = child_name(&format!("{}b", "a".repeat(69)));
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b);
     }
 }

@@ -40,63 +40,70 @@ pub fn default_app_resources() -> ResourceRequirements {
     }
 }
 
+/// The container security context of the restricted Pod Security level:
+/// non-root, no privilege escalation, no capabilities, a read-only root,
+/// the runtime's seccomp profile. Every container the operator renders
+/// (the sidecar, the app, a gateway) runs with it.
+pub fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(strings(&["ALL"])),
+            ..Capabilities::default()
+        }),
+        privileged: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: s("RuntimeDefault"),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// An HTTP probe of `path` on the sidecar's admin port.
+pub fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(s(path)),
+            port: IntOrString::Int(ADMIN_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(1),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// An env var with a value.
+pub fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: s(name),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+/// An env var from a field of the pod (`metadata.namespace`).
+pub fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: s(name),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: s(path),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 impl Renderer<'_> {
-    fn security_context() -> SecurityContext {
-        SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(strings(&["ALL"])),
-                ..Capabilities::default()
-            }),
-            privileged: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS),
-            run_as_group: Some(RUN_AS),
-            seccomp_profile: Some(SeccompProfile {
-                type_: s("RuntimeDefault"),
-                ..SeccompProfile::default()
-            }),
-            ..SecurityContext::default()
-        }
-    }
-
-    fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
-        Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some(s(path)),
-                port: IntOrString::Int(ADMIN_PORT),
-                ..HTTPGetAction::default()
-            }),
-            period_seconds: Some(period),
-            timeout_seconds: Some(1),
-            failure_threshold: Some(failures),
-            ..Probe::default()
-        }
-    }
-
-    fn env(name: &str, value: impl Into<String>) -> EnvVar {
-        EnvVar {
-            name: s(name),
-            value: Some(value.into()),
-            ..EnvVar::default()
-        }
-    }
-
-    fn field_env(name: &str, path: &str) -> EnvVar {
-        EnvVar {
-            name: s(name),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: s(path),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        }
-    }
-
     fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
         VolumeMount {
             name: s(name),
@@ -110,15 +117,15 @@ impl Renderer<'_> {
     /// the version its spans carry when tracing is on.
     fn sidecar_env(&self) -> Vec<EnvVar> {
         let mut env = vec![
-            Self::env("TRELLIS_SERVICE", self.name.clone()),
-            Self::env("TRELLIS_POLICY_CONFIGMAP", sidecar_name(&self.name)),
-            Self::field_env("POD_NAMESPACE", "metadata.namespace"),
-            Self::field_env("POD_NAME", "metadata.name"),
+            env_var("TRELLIS_SERVICE", self.name.clone()),
+            env_var("TRELLIS_POLICY_CONFIGMAP", sidecar_name(&self.name)),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            field_env("POD_NAME", "metadata.name"),
         ];
         if let Some(endpoint) = &self.cfg.otlp_endpoint {
-            env.push(Self::env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
+            env.push(env_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
             if let Some(version) = image_version(&self.ms.spec.image) {
-                env.push(Self::env("TRELLIS_SERVICE_VERSION", version));
+                env.push(env_var("TRELLIS_SERVICE_VERSION", version));
             }
         }
         env
@@ -170,9 +177,9 @@ impl Renderer<'_> {
                 },
             ]),
             env: Some(self.sidecar_env()),
-            startup_probe: Some(Self::http_probe("/livez", 1, 60)),
-            readiness_probe: Some(Self::http_probe("/readyz", 5, 3)),
-            liveness_probe: Some(Self::http_probe("/livez", 10, 3)),
+            startup_probe: Some(admin_probe("/livez", 1, 60)),
+            readiness_probe: Some(admin_probe("/readyz", 5, 3)),
+            liveness_probe: Some(admin_probe("/livez", 10, 3)),
             resources: Some(ResourceRequirements {
                 requests: Some(BTreeMap::from([
                     (s("cpu"), Quantity(s("10m"))),
@@ -181,7 +188,7 @@ impl Renderer<'_> {
                 limits: Some(BTreeMap::from([(s("memory"), Quantity(s("256Mi")))])),
                 ..ResourceRequirements::default()
             }),
-            security_context: Some(Self::security_context()),
+            security_context: Some(restricted_security_context()),
             volume_mounts: Some(self.sidecar_mounts()),
             ..Container::default()
         }
@@ -194,10 +201,10 @@ impl Renderer<'_> {
             image: Some(self.ms.spec.image.clone()),
             image_pull_policy: Some(s("IfNotPresent")),
             env: Some(vec![
-                Self::env("PORT", self.ms.spec.port.to_string()),
-                Self::env("HTTP_PROXY", outbound.clone()),
-                Self::env("TRELLIS_OUTBOUND", outbound),
-                Self::env("NO_PROXY", "localhost,127.0.0.1"),
+                env_var("PORT", self.ms.spec.port.to_string()),
+                env_var("HTTP_PROXY", outbound.clone()),
+                env_var("TRELLIS_OUTBOUND", outbound),
+                env_var("NO_PROXY", "localhost,127.0.0.1"),
             ]),
             // The config first, then the Secrets: a later source wins a
             // key both have, and `env` above wins over all of them.
@@ -212,7 +219,7 @@ impl Renderer<'_> {
                 .chain(self.secret_env_sources())
                 .collect(),
             ),
-            readiness_probe: Some(Self::http_probe("/readyz", 5, 3)),
+            readiness_probe: Some(admin_probe("/readyz", 5, 3)),
             resources: Some(
                 self.ms
                     .spec
@@ -220,7 +227,7 @@ impl Renderer<'_> {
                     .clone()
                     .unwrap_or_else(default_app_resources),
             ),
-            security_context: Some(Self::security_context()),
+            security_context: Some(restricted_security_context()),
             volume_mounts: Some(
                 std::iter::once(Self::mount("config", CONFIG_MOUNT, true))
                     .chain(self.secret_mounts())

@@ -48,7 +48,9 @@ mod secrets;
 mod service;
 
 pub use app_config::config_checksum;
-pub use containers::default_app_resources;
+pub use containers::{
+    admin_probe, default_app_resources, env_var, field_env, restricted_security_context,
+};
 pub use labels::{image_version, selector_labels};
 pub use pod::IDENTITY_TOKEN_DIR;
 pub use policy::sidecar_policy;
