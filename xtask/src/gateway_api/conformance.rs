@@ -162,7 +162,13 @@ pub fn run(opts: &Conformance) -> Result<()> {
     eprintln!("    features claimed: {}", features.join(", "));
     eprintln!("    full output: {}", log_path.display());
     let started = Instant::now();
-    let outcome = stream(cmd, &log_path, opts.verbose)?;
+    let outcome = stream(cmd, &log_path, opts.verbose);
+    // A release for every namespace would also reconcile the MicroServices
+    // of the test tiers' own (namespaced) operators: it does not stay.
+    if !opts.keep {
+        uninstall_trellis(&tools);
+    }
+    let outcome = outcome?;
     eprintln!(
         "==> {} passed, {} failed, {} skipped in {}",
         outcome.passed,
@@ -379,6 +385,27 @@ fn install_trellis(tools: &Tools) -> Result<()> {
         "deployment/trellis-operator",
         "--timeout=120s",
     ]))
+}
+
+/// Uninstalls what [`install_trellis`] installed, saying so if it cannot.
+fn uninstall_trellis(tools: &Tools) {
+    eprintln!("==> helm uninstall {RELEASE} -n {RELEASE_NAMESPACE} (--keep keeps it)");
+    let done = run::status(
+        Command::new(tools.helm())
+            .env("KUBECONFIG", paths::admin_kubeconfig())
+            .args([
+                "uninstall",
+                RELEASE,
+                "--namespace",
+                RELEASE_NAMESPACE,
+                "--wait",
+            ]),
+    );
+    if let Err(error) = done {
+        eprintln!(
+            "    could not uninstall {RELEASE} ({error}); run: helm uninstall {RELEASE} -n {RELEASE_NAMESPACE}"
+        );
+    }
 }
 
 /// Waits a little for the GatewayClass to be Accepted by Trellis's
