@@ -85,7 +85,8 @@ pub struct Conformance {
     /// e.g. `HTTPRouteQueryParamMatching,HTTPRouteMethodMatching`).
     #[arg(long, value_delimiter = ',', value_name = "FEATURES")]
     pub features: Vec<String>,
-    /// Leave the suite's namespaces, Gateways and backends in place afterwards
+    /// Leave the suite's namespaces, Gateways and backends, and the Trellis
+    /// release, in place afterwards
     /// (to look at them, and for a quicker next run).
     #[arg(long)]
     pub keep: bool,
