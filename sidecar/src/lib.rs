@@ -24,6 +24,7 @@ mod process;
 mod reload;
 mod resilience;
 mod server;
+mod shared;
 mod shutdown;
 mod stack;
 mod trace;
