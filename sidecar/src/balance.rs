@@ -7,9 +7,9 @@
 //! traffic. The endpoint set comes from discovery as a stream of tower
 //! [`Change`]s, computed here by diffing each new set against the last.
 //!
-//! The balancer is a single `&mut` service, so it sits behind a tower
-//! [`Buffer`]: one task owns it and every request reaches it through a
-//! bounded channel, the same structure as Linkerd's proxy.
+//! The balancer is a single `&mut` service, shared by every request through
+//! [`Shared`]: each request takes it in turn, in its own task, to pick an
+//! endpoint, with no task or channel between the two.
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -26,7 +26,6 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tower::{
     Service,
     balance::p2c::Balance,
-    buffer::Buffer,
     discover::Change,
     load::{PeakEwmaDiscover, completion::TrackCompletion, peak_ewma},
     util::BoxCloneSyncService,
@@ -36,6 +35,7 @@ use crate::{
     discovery::{Discovered, EndpointsWatch},
     http::{Body, BoxError, boxed},
     outbound::ServiceStack,
+    shared::Shared,
 };
 
 /// Tuning of the balancer.
@@ -45,8 +45,6 @@ pub struct BalanceConfig {
     pub default_rtt: Duration,
     /// How fast the latency estimate forgets the past.
     pub decay: Duration,
-    /// Requests that may wait for the balancer at once.
-    pub buffer: usize,
 }
 
 impl Default for BalanceConfig {
@@ -56,7 +54,6 @@ impl Default for BalanceConfig {
             // gets tried, and the estimate decays over 10 s.
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
-            buffer: 1024,
         }
     }
 }
@@ -77,7 +74,7 @@ where
         CompleteOnBodyEnd,
     );
     let balance = Balance::new(Box::pin(discover));
-    BoxCloneSyncService::new(Buffer::new(balance, cfg.buffer))
+    BoxCloneSyncService::new(Shared::new(balance))
 }
 
 /// Turns a watch of endpoint sets into the insert/remove stream tower's

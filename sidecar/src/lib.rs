@@ -25,6 +25,7 @@ mod process;
 mod reload;
 mod resilience;
 mod server;
+mod shared;
 mod shutdown;
 mod stack;
 mod trace;

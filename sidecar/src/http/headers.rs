@@ -6,8 +6,12 @@
 //! (`Transfer-Encoding`). hyper re-frames every message it writes, so the
 //! proxy removes these fields on each side and lets hyper set its own.
 
-use std::task::{Context, Poll};
+use std::{
+    net::IpAddr,
+    task::{Context, Poll},
+};
 
+use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
 use tower::{Layer, Service};
@@ -25,6 +29,14 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`]; a name is always lowercase.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "proxy-connection" | "keep-alive" | "te" | "transfer-encoding" | "upgrade"
+    )
+}
+
 /// What stripping found that the forwarder still needs to know.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stripped {
@@ -37,6 +49,12 @@ pub struct Stripped {
 /// Removes hop-by-hop fields: the fixed set, and every field that a
 /// `Connection` header names (its connection options).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
+    // Most messages carry none of these fields, and then `Connection` names
+    // nothing either: one pass over the names settles it, where removing
+    // each field of the set would hash its name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return Stripped::default();
+    }
     // Collect the names listed in Connection before removing Connection itself.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -63,22 +81,65 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Stripped {
 }
 
 /// Appends the client's address to `x-forwarded-for`, keeping any earlier hops.
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    let earlier: Vec<&str> = headers
-        .get_all(&XFF)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let value = if earlier.is_empty() {
-        client.to_string()
+    let mut buf = [0; MAX_IP_LEN];
+    let ip = ip_text(client, &mut buf);
+    let earlier = || headers.get_all(&XFF).iter().filter_map(|v| v.to_str().ok());
+    let earlier_len: usize = earlier().map(|v| v.len() + ", ".len()).sum();
+    let value = if earlier_len == 0 {
+        HeaderValue::from_bytes(ip)
     } else {
-        format!("{}, {client}", earlier.join(", "))
+        // Sized exactly, so the bytes become the header value without a copy.
+        let mut value = Vec::with_capacity(earlier_len + ip.len());
+        for v in earlier() {
+            value.extend_from_slice(v.as_bytes());
+            value.extend_from_slice(b", ");
+        }
+        value.extend_from_slice(ip);
+        HeaderValue::from_maybe_shared(Bytes::from(value))
     };
     // An IP address and commas are always a valid header value.
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    if let Ok(value) = value {
         headers.insert(XFF, value);
     }
+}
+
+/// The longest text form of an IP address (an IPv4-mapped IPv6 one).
+const MAX_IP_LEN: usize = 45;
+
+/// `ip` in its usual text form, written into `buf`; an IPv4 address (every
+/// peer on an IPv4 pod network) without going through `fmt`.
+fn ip_text(ip: IpAddr, buf: &mut [u8; MAX_IP_LEN]) -> &[u8] {
+    let len = match ip {
+        IpAddr::V4(v4) => {
+            let mut len = 0;
+            let mut push = |b: u8| {
+                buf[len] = b;
+                len += 1;
+            };
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    push(b'.');
+                }
+                if octet >= 100 {
+                    push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    push(b'0' + octet / 10 % 10);
+                }
+                push(b'0' + octet % 10);
+            }
+            len
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write;
+            let mut rest = &mut buf[..];
+            write!(rest, "{v6}").expect("45 bytes hold any IPv6 address");
+            MAX_IP_LEN - rest.len()
+        }
+    };
+    &buf[..len]
 }
 
 /// A layer adding [`StripHopByHop`].
@@ -230,5 +291,36 @@ mod tests {
         append_forwarded_for(&mut h, "::1".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn writes_addresses_as_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.1",
+            "10.244.19.255",
+            "100.64.9.99",
+            "255.255.255.255",
+            "::1",
+            "fd00::a:1",
+            "::ffff:10.1.2.3",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "1:2:3:4:5:6:7:8",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut buf = [0; MAX_IP_LEN];
+            assert_eq!(ip_text(ip, &mut buf), ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn the_fixed_set_is_what_the_fast_check_looks_for() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        assert!(!is_hop_by_hop(&header::CONTENT_TYPE));
+        let mut h = map(&[("content-type", "text/plain"), ("x-custom", "1")]);
+        assert_eq!(strip_hop_by_hop(&mut h), Stripped::default());
+        assert_eq!(h.len(), 2);
     }
 }

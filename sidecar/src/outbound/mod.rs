@@ -15,6 +15,7 @@ use crate::http::{Body, BoxError};
 pub mod egress;
 pub mod endpoint;
 pub mod no_endpoints;
+pub mod route_cache;
 pub mod router;
 pub mod target;
 

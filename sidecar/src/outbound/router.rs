@@ -16,6 +16,10 @@
 //! estimates and warm connections survive policy changes; the policy layers
 //! above it are rebuilt when a new policy is applied. Requests already in
 //! flight keep the stack they started with.
+//!
+//! A route once worked out is kept in a [`RouteCache`] for the authority
+//! and policy generation it was made for, so the requests after the first
+//! skip parsing and lookups.
 
 use std::{
     collections::HashMap,
@@ -34,6 +38,7 @@ use trellis_policy::SidecarPolicy;
 use super::{
     ServiceStack,
     egress::{EgressForwarder, External},
+    route_cache::{Route, RouteCache, authority_key},
     target::{NameRules, ServiceName, ServiceTarget, authority_of, is_host},
 };
 use crate::{
@@ -72,6 +77,7 @@ struct Inner {
     discovery_timeout: Duration,
     egress: EgressForwarder,
     services: Mutex<HashMap<ServiceName, ServiceStacks>>,
+    routes: RouteCache,
 }
 
 /// Sends each request to the stack of the service it names; answers itself
@@ -107,6 +113,7 @@ impl Router {
             discovery_timeout: parts.discovery_timeout,
             egress: parts.egress,
             services: Mutex::default(),
+            routes: RouteCache::default(),
         }))
     }
 }
@@ -178,6 +185,7 @@ impl Inner {
         external: External,
         req: Request<Body>,
     ) -> (Arc<str>, Result<Response<Body>, BoxError>) {
+        let key: Option<Box<[u8]>> = authority_key(&req).map(Into::into);
         let target = {
             let state = self.policy.borrow();
             ServiceTarget::new(name, state.policy.as_deref(), state.generation)
@@ -213,12 +221,41 @@ impl Inner {
             // "nobody serving" and answers for it while open.
             Discovered::Ready(_) => {}
         }
-        // Boxed and named: spelling out the 'static future here avoids a
-        // rustc limitation with boxed-error lifetimes inside async blocks.
-        let call: BoxFuture<'static, Result<Response<Body>, BoxError>> =
-            Box::pin(self.stack_for(&target, endpoints).oneshot(req));
-        (label, call.await)
+        let stack = self.stack_for(&target, endpoints.clone());
+        if let Some(key) = key {
+            self.routes.insert(
+                &key,
+                Route {
+                    target,
+                    endpoints,
+                    stack: stack.clone(),
+                },
+            );
+        }
+        (label, call(stack, req).await)
     }
+
+    /// The route kept for `req`'s authority under the policy in force, when
+    /// its service is serving; `None` sends the request the full way.
+    fn cached(&self, req: &Request<Body>) -> Option<Arc<Route>> {
+        let key = authority_key(req)?;
+        let generation = self.policy.borrow().generation;
+        let route = self.routes.get(key, generation)?;
+        // Anything but a known endpoint set (loading, or gone) is decided
+        // afresh by `to_service`.
+        let serving = matches!(*route.endpoints.borrow(), Discovered::Ready(_));
+        serving.then_some(route)
+    }
+}
+
+/// Sends `req` through `stack`.
+fn call(
+    stack: ServiceStack,
+    req: Request<Body>,
+) -> BoxFuture<'static, Result<Response<Body>, BoxError>> {
+    // Boxed and named: spelling out the 'static future here avoids a rustc
+    // limitation with boxed-error lifetimes inside async blocks.
+    Box::pin(stack.oneshot(req))
 }
 
 impl Service<Request<Body>> for Router {
@@ -243,15 +280,22 @@ impl Service<Request<Body>> for Router {
                 );
                 return Ok(e.into_response());
             }
-            let (label, res) = match inner.destination(&req) {
-                Ok(Destination::Mesh(name, external)) => {
-                    inner.to_service(name, external, req).await
-                }
-                Ok(Destination::External(external)) => (
-                    external.label().into(),
-                    inner.egress.forward(&external, req).await,
+            let cached = inner.cached(&req);
+            let (label, res) = match cached {
+                Some(route) => (
+                    route.target.label.clone(),
+                    call(route.stack.clone(), req).await,
                 ),
-                Err(e) => return Ok(e.into_response()),
+                None => match inner.destination(&req) {
+                    Ok(Destination::Mesh(name, external)) => {
+                        inner.to_service(name, external, req).await
+                    }
+                    Ok(Destination::External(external)) => (
+                        external.label().into(),
+                        inner.egress.forward(&external, req).await,
+                    ),
+                    Err(e) => return Ok(e.into_response()),
+                },
             };
             let mut rsp = match res {
                 Ok(rsp) => rsp,
