@@ -337,15 +337,17 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, Refusal> {
 }
 
 /// Whether `claim` holds `want`: equal, one space-separated word of a
-/// string (an OAuth `scope`), or an element of an array.
+/// string (an OAuth `scope`), or an element of an array. A number or a
+/// boolean is equal to `want` read as JSON (`3`, `true`).
 fn holds(claim: &Value, want: &str) -> bool {
+    let same = |v: &Value| match v {
+        Value::String(s) => s == want,
+        other => serde_json::from_str::<Value>(want).is_ok_and(|w| w == *other),
+    };
     match claim {
         Value::String(s) => s == want || s.split(' ').any(|w| w == want),
-        Value::Array(items) => items.iter().any(|i| match i {
-            Value::String(s) => s == want,
-            other => other.to_string() == want,
-        }),
-        other => other.to_string() == want,
+        Value::Array(items) => items.iter().any(same),
+        other => same(other),
     }
 }
 
@@ -687,6 +689,17 @@ mod tests {
         assert!(r.description.contains("scope=orders:read"), "{r:?}");
         let as_array = f.rsa.sign(&claims(json!({"scope": ["orders:read"]})));
         assert!(f.check.check(&bearer(&as_array), now()).is_ok());
+    }
+
+    #[test]
+    fn a_required_claim_matches_by_value_word_or_element() {
+        assert!(holds(&json!("admin"), "admin"));
+        assert!(holds(&json!("read write"), "write"));
+        assert!(!holds(&json!("readwrite"), "write"));
+        assert!(holds(&json!(["a", 7]), "7"));
+        assert!(holds(&json!(true), "true"));
+        assert!(!holds(&json!(3), "\"3\""));
+        assert!(!holds(&json!({"admin": true}), "admin"));
     }
 
     #[test]
