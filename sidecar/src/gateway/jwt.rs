@@ -121,7 +121,10 @@ impl JwtCheck {
     }
 
     /// Checks the bearer token in `headers` at time `now`: the headers to
-    /// set from its claims, or why the request is refused.
+    /// set from its claims, or why the request is refused. A string claim
+    /// is copied as its UTF-8 bytes, any other as JSON text; a claim that
+    /// is absent, or holds a control character (which no header value
+    /// may), sets no header.
     pub fn check(
         &self,
         headers: &HeaderMap,
@@ -142,8 +145,8 @@ impl JwtCheck {
             .iter()
             .filter_map(|(claim, name)| {
                 let value = match claims.get(claim)? {
-                    Value::String(s) => HeaderValue::from_str(s).ok()?,
-                    other => HeaderValue::from_str(&other.to_string()).ok()?,
+                    Value::String(s) => HeaderValue::from_bytes(s.as_bytes()).ok()?,
+                    other => HeaderValue::from_bytes(other.to_string().as_bytes()).ok()?,
                 };
                 Some((name.clone(), value))
             })
@@ -711,6 +714,14 @@ mod tests {
         f.check.authenticate(&mut h, now()).unwrap();
         assert_eq!(h.get_all("x-user").iter().collect::<Vec<_>>(), ["alice"]);
         assert!(h.get("x-tier").is_none(), "the token has no tier claim");
+
+        // A non-ASCII name is copied as UTF-8; a control character cannot
+        // be in a header, so that claim sets none.
+        let mut h = bearer(&f.ec.sign(&claims(json!({"sub": "Zoë", "tier": "a\nb"}))));
+        h.insert("x-tier", HeaderValue::from_static("gold"));
+        f.check.authenticate(&mut h, now()).unwrap();
+        assert_eq!(h["x-user"].as_bytes(), "Zoë".as_bytes());
+        assert!(h.get("x-tier").is_none());
         assert!(
             h.contains_key(header::AUTHORIZATION),
             "kept for the backend"
