@@ -215,3 +215,180 @@ async fn a_bad_configuration_keeps_the_last_good_one_and_ports_follow_the_config
         "port {port} still accepts after it left the configuration"
     );
 }
+
+/// A token signed by `key` (algorithm `alg`, key id `kid`) with the
+/// standard claims of issuer `https://issuer.example`, audience `shop`,
+/// valid for five minutes from now, and `extra` merged in.
+fn token(
+    key: &jsonwebtoken::EncodingKey,
+    alg: jsonwebtoken::Algorithm,
+    kid: &str,
+    extra: Value,
+) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut claims = json!({
+        "iss": "https://issuer.example",
+        "aud": "shop",
+        "sub": "alice",
+        "exp": now + 300,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        claims[k] = v.clone();
+    }
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+#[tokio::test]
+async fn a_jwt_rule_lets_good_tokens_through_with_their_claims_and_answers_bad_ones() {
+    use jsonwebtoken::{Algorithm, EncodingKey, jwk::Jwk};
+
+    let a = upstream("echo-a").await;
+    let port = free_port();
+    let rsa = EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt/rsa-a.pem")).unwrap();
+    let other_rsa = EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt/rsa-b.pem")).unwrap();
+    let ec_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let ec = EncodingKey::from_ec_pem(ec_pair.serialize_pem().as_bytes()).unwrap();
+    let public = |key: &EncodingKey, alg: Algorithm, kid: &str| {
+        let mut jwk = Jwk::from_encoding_key(key, alg).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        jwk
+    };
+    let jwks = json!({"keys": [public(&rsa, Algorithm::RS256, "rsa-1"), public(&ec, Algorithm::ES256, "ec-1")]});
+    let hosts = json!([{"rules": [
+        {"route": "HTTPRoute/shop/orders", "matches": {"path": {"type": "prefix", "value": "/api/v1/orders"}},
+         "jwt": {
+            "issuer": "https://issuer.example",
+            "audiences": ["shop"],
+            "jwks": jwks.to_string(),
+            "requiredClaims": [["scope", "orders:read"]],
+            "claimsToHeaders": [["sub", "x-user-id"]],
+         },
+         "backends": [backend("echo-a", "default", 1)]},
+        {"route": "HTTPRoute/shop/open", "matches": {"path": {"type": "prefix", "value": "/"}},
+         "backends": [backend("echo-a", "default", 1)]},
+    ]}]);
+    let (_gw, _) = gateway(&config(port, hosts), &[("echo-a", &[a.addr])]).await;
+    until(port, "shop.test", "/open", StatusCode::OK).await;
+
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let call = |auth: Option<String>, forged_user: Option<&'static str>| async move {
+        let mut req = Request::get("/api/v1/orders/7").header("host", "shop.test");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        if let Some(u) = forged_user {
+            req = req.header("x-user-id", u);
+        }
+        h1(addr, req.body(full("")).unwrap()).await
+    };
+    let bearer = |t: String| Some(format!("Bearer {t}"));
+    let read = json!({"scope": "orders:read"});
+
+    // Valid, RS256 and ES256: the claim reaches the backend as a header,
+    // replacing the one the client forged.
+    for (key, alg, kid) in [
+        (&rsa, Algorithm::RS256, "rsa-1"),
+        (&ec, Algorithm::ES256, "ec-1"),
+    ] {
+        let r = call(bearer(token(key, alg, kid, read.clone())), Some("mallory")).await;
+        assert_eq!(r.status, StatusCode::OK, "{alg:?}: {}", r.text());
+        let seen = &r.json()["headers"];
+        assert_eq!(seen["x-user-id"], json!(["alice"]), "{seen}");
+        assert!(
+            seen.get("authorization").is_some(),
+            "the backend gets the token too"
+        );
+    }
+
+    // No token: a bare challenge.
+    let r = call(None, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"trellis\"");
+
+    // Each bad token: 401 with an invalid_token challenge naming why, and
+    // the backend never sees it.
+    let hits = a.hits();
+    let now = jsonwebtoken::get_current_timestamp();
+    let good = token(&rsa, Algorithm::RS256, "rsa-1", read.clone());
+    let payload = good.split('.').nth(1).unwrap().to_owned();
+    let bad = [
+        (
+            "expired",
+            token(
+                &rsa,
+                Algorithm::RS256,
+                "rsa-1",
+                json!({"scope": "orders:read", "exp": now - 600}),
+            ),
+        ),
+        (
+            "wrong issuer",
+            token(
+                &rsa,
+                Algorithm::RS256,
+                "rsa-1",
+                json!({"scope": "orders:read", "iss": "https://evil.example"}),
+            ),
+        ),
+        (
+            "wrong audience",
+            token(
+                &ec,
+                Algorithm::ES256,
+                "ec-1",
+                json!({"scope": "orders:read", "aud": "billing"}),
+            ),
+        ),
+        (
+            "bad signature",
+            token(&other_rsa, Algorithm::RS256, "rsa-1", read.clone()),
+        ),
+        // {"alg":"none","typ":"JWT"}, unsigned.
+        (
+            "never accepted",
+            format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}."),
+        ),
+        ("malformed", "this.is-not.a-token".to_owned()),
+    ];
+    for (why, t) in bad {
+        let r = call(bearer(t), None).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{why}: {}", r.text());
+        let challenge = r.headers["www-authenticate"].to_str().unwrap();
+        assert!(
+            challenge.starts_with("Bearer realm=\"trellis\", error=\"invalid_token\"")
+                && challenge.contains(why),
+            "{why}: {challenge}"
+        );
+        assert!(r.text().contains(why), "{why}: {}", r.text());
+    }
+    assert_eq!(a.hits(), hits, "no refused request reached the backend");
+
+    // A valid token without the required claim: 403.
+    let r = call(
+        bearer(token(
+            &ec,
+            Algorithm::ES256,
+            "ec-1",
+            json!({"scope": "orders:write"}),
+        )),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert!(
+        r.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("error=\"insufficient_scope\""),
+        "{:?}",
+        r.headers
+    );
+
+    // A rule without a jwt check is open.
+    assert_eq!(
+        send(port, "shop.test", "/open").await.status,
+        StatusCode::OK
+    );
+}

@@ -11,12 +11,14 @@
 //!
 //! [`serve_ports`] keeps one listener per configured port. Each serves
 //! [`crate::stack::gateway`]: the route table picks a rule, the rule's
-//! filters change the request (or answer with a redirect), a weighted draw
+//! bearer token check (if any) lets the request through or answers it,
+//! the rule's filters change the request (or answer with a redirect), a weighted draw
 //! picks a backend, and the request goes on through the same per-service
 //! stacks the outbound listener uses (retries, breaker, balancer, mutual
 //! TLS to meshed backends).
 
 pub mod filters;
+pub mod jwt;
 pub mod routes;
 mod tls;
 
@@ -26,7 +28,7 @@ use std::{
     path::PathBuf,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use futures::{
@@ -344,6 +346,14 @@ async fn route(
         return ProxyError::NoRoute { host, path }.into_response();
     };
     let spec = &rule.spec;
+    // Authentication comes first: a refused request is neither redirected
+    // nor forwarded.
+    if let Some(jwt) = &rule.jwt
+        && let Err(refusal) = jwt.authenticate(req.headers_mut(), SystemTime::now())
+    {
+        tracing::debug!(route = %spec.route, reason = %refusal.description, "bearer token refused");
+        return refusal.into_response();
+    }
     // The client's authority, kept as the Host the backend sees: the URI
     // is about to name the backend Service instead.
     let mut authority: Option<HeaderValue> =

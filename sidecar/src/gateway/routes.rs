@@ -13,6 +13,8 @@ use trellis_policy::gateway::{
     Backend, PathMatch, PortConfig, RequestMatch, RouteRule, ValueMatch, VirtualHost,
 };
 
+use super::jwt::JwtCheck;
+
 /// The compiled rules of one port.
 #[derive(Debug, Default)]
 pub struct PortRoutes {
@@ -39,6 +41,8 @@ pub struct Rule {
     query: Vec<Value>,
     /// The sum of the backends' weights.
     pub total_weight: u64,
+    /// The bearer token check, when the rule requires one.
+    pub jwt: Option<JwtCheck>,
 }
 
 #[derive(Debug)]
@@ -124,8 +128,14 @@ impl Rule {
             .iter()
             .map(|q| value(q, &at("query parameter")))
             .collect::<Result<_, String>>()?;
+        let jwt = spec
+            .jwt
+            .as_ref()
+            .map(|j| JwtCheck::compile(j, &spec.route))
+            .transpose()?;
         Ok(Self {
             total_weight: spec.backends.iter().map(|b| u64::from(b.weight)).sum(),
+            jwt,
             spec: spec.clone(),
             path,
             method,
@@ -278,6 +288,7 @@ mod tests {
             backends: vec![],
             timeout_ms: None,
             backend_timeout_ms: None,
+            jwt: None,
         }
     }
 
