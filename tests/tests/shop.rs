@@ -1408,6 +1408,27 @@ async fn identity_service_stopped(shop: &Shop, system: &str, release: &str) {
     }
     scale(1);
     shop::wait_ready(&shop.namespace, Duration::from_secs(180)).unwrap();
+    // The outage opened order's breakers (calls failed while certificates
+    // had expired); a breaker stays open for its open duration and then
+    // lets a probe through, so the first orders after Ready may still be
+    // answered by it. Orders succeed again within that, then all of them.
+    let recovered = Instant::now();
+    trellis_tests::eventually(
+        "an order succeeding after the identity service is back",
+        Duration::from_secs(60),
+        || async {
+            shop.orders(1, 1)
+                .await
+                .first()
+                .is_some_and(|o| o.status == 201)
+                .then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "orders succeed again {:.1?} after the shop was Ready",
+        recovered.elapsed()
+    );
     let outcomes = shop.orders(5, 1).await;
     assert!(
         outcomes.iter().all(|o| o.status == 201),
