@@ -117,9 +117,13 @@ type MeshPool = Client<HttpsConnector<HttpConnector>, Body>;
 /// The pools by (peer, HTTP/2), each with the credentials generation it uses.
 type MeshPoolMap = HashMap<(SpiffeId, bool), (u64, MeshPool)>;
 
-/// The pooled client.
+/// The pooled client. Cloned for every request (each endpoint's call and
+/// the inbound forwarder take one), so its parts sit behind one `Arc`:
+/// a clone is one reference count, not one per pool, connector and timer.
 #[derive(Clone)]
-pub struct UpstreamClient {
+pub struct UpstreamClient(Arc<Clients>);
+
+struct Clients {
     h1: Client<HttpConnector, Body>,
     h2: Client<HttpConnector, Body>,
     mesh: MeshPools,
@@ -196,7 +200,7 @@ impl UpstreamClient {
             .http2_keep_alive_timeout(Duration::from_secs(5))
             .http2_adaptive_window(true);
         let h2 = b.build(connector);
-        Self {
+        Self(Arc::new(Clients {
             h1,
             h2,
             mesh: MeshPools {
@@ -205,7 +209,7 @@ impl UpstreamClient {
                 connector: tls_connector,
                 pools: Arc::default(),
             },
-        }
+        }))
     }
 
     /// Sends `req` to `addr`, rewriting its URI to the endpoint and its version
@@ -259,10 +263,11 @@ impl UpstreamClient {
             }
         }
         let h2 = protocol == UpstreamProtocol::H2c;
+        let clients = &*self.0;
         let sent = match peer {
-            None if h2 => self.h2.request(req).await,
-            None => self.h1.request(req).await,
-            Some(peer) => match self.mesh.get(peer, h2) {
+            None if h2 => clients.h2.request(req).await,
+            None => clients.h1.request(req).await,
+            Some(peer) => match clients.mesh.get(peer, h2) {
                 Ok(pool) => pool.request(req).await,
                 Err(source) => return Err(ClientError::Connect { addr, source }),
             },

@@ -14,7 +14,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::future::{BoxFuture, FutureExt};
+use futures::future::{BoxFuture, Either, Ready};
 use http::{Request, Response};
 use tower::Service;
 
@@ -55,21 +55,24 @@ impl FailFast {
 impl Service<Request<Body>> for FailFast {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
+    type Future = Either<
+        Ready<Result<Response<Body>, BoxError>>,
+        BoxFuture<'static, Result<Response<Body>, BoxError>>,
+    >;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // The balancer's readiness is awaited in `call`, once we know there
-        // is someone to wait for.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The balancer is ready at once: it waits for an endpoint inside
+        // its call's future (see `crate::shared`), so only once we know
+        // there is someone to wait for.
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         if !self.has_endpoints() {
             let e: BoxError = ProxyError::NoEndpoints(self.service.to_string()).into();
-            return futures::future::ready(Err(e)).boxed();
+            return Either::Left(futures::future::ready(Err(e)));
         }
-        let inner = self.inner.clone();
-        tower::ServiceExt::oneshot(inner, req).boxed()
+        Either::Right(self.inner.call(req))
     }
 }
 

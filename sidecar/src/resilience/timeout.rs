@@ -20,7 +20,7 @@ use std::{
 use futures::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use crate::http::{
     Body, BoxError,
@@ -180,17 +180,18 @@ pub fn try_deadline(
 
 impl<S> Service<Request<Body>> for TryTimeout<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = BoxError;
     type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Readiness (the balancer's queue) is awaited inside the try, so the
-        // wait counts against the try's deadline.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The balancer underneath is ready at once and waits for an
+        // endpoint inside its call's future (see `crate::shared`), so that
+        // wait is inside the try and counts against its deadline.
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
@@ -199,19 +200,12 @@ where
             self.per_try,
             &self.service,
         );
-        let inner = self.inner.clone();
         let Some(deadline) = deadline else {
-            return inner.oneshot(req).boxed();
+            return Box::pin(self.inner.call(req));
         };
         req.extensions_mut().insert(deadline.clone());
-        let call: BoxFuture<'static, Result<Response<Body>, BoxError>> =
-            Box::pin(inner.oneshot(req));
-        async move {
-            match tokio::time::timeout_at(deadline.at, call).await {
-                Ok(res) => res,
-                Err(_) => Err(deadline.error().into()),
-            }
-        }
-        .boxed()
+        tokio::time::timeout_at(deadline.at, self.inner.call(req))
+            .map(move |res| res.unwrap_or_else(|_| Err(deadline.error().into())))
+            .boxed()
     }
 }
