@@ -123,6 +123,49 @@ pub struct RouteRule {
     /// request through unauthenticated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtRule>,
+    /// A token bucket per client for the rule's requests; `None` limits
+    /// nothing. Applied after the bearer token check, so a limit keyed on
+    /// a claim reads a verified token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitRule>,
+}
+
+/// A per-client rate limit: each client (by [`RateLimitKey`]) has its own
+/// token bucket, refilled at `per_second` and holding at most
+/// `max(burst, 1)` tokens. A request finding its bucket empty is answered
+/// 429 with `Retry-After` by the gateway.
+///
+/// Rules that carry the same `id` and settings share their buckets (a
+/// policy attached to a Gateway limits a client across all the rules it
+/// governs), and the buckets outlive a new configuration while the id and
+/// settings are unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitRule {
+    /// Which limit this is, for sharing and metrics: the policy that set
+    /// it, as `kind/namespace/name`.
+    pub id: String,
+    /// Tokens added to each bucket per second.
+    pub per_second: u32,
+    /// The most tokens a bucket holds: how many requests a client may
+    /// send at once after being idle. At least 1 is used.
+    pub burst: u32,
+    /// What tells clients apart.
+    #[serde(default)]
+    pub key: RateLimitKey,
+}
+
+/// What a per-client rate limit keys its buckets on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type", content = "claim")]
+pub enum RateLimitKey {
+    /// The client's IP address, as the gateway's connection sees it.
+    #[default]
+    ClientAddress,
+    /// A claim of the rule's verified bearer token (the rule must have a
+    /// `jwt` check). A token without the claim is keyed on the client's
+    /// address instead.
+    Claim(String),
 }
 
 /// JWT authentication of a rule's requests: each must carry
@@ -360,6 +403,12 @@ mod tests {
                 claims_to_headers: vec![("sub".into(), "x-user".into())],
                 clock_skew_secs: 60,
             }),
+            rate_limit: Some(RateLimitRule {
+                id: "EdgePolicy/shop/api".into(),
+                per_second: 10,
+                burst: 20,
+                key: RateLimitKey::Claim("sub".into()),
+            }),
         };
         let json = serde_json::to_string(&rule).unwrap();
         assert!(
@@ -373,6 +422,13 @@ mod tests {
             json.contains(r#""claimsToHeaders":[["sub","x-user"]]"#),
             "{json}"
         );
+        assert!(
+            json.contains(r#""key":{"type":"claim","claim":"sub"}"#),
+            "{json}"
+        );
+        let by_address: RateLimitRule =
+            serde_json::from_str(r#"{"id": "x", "perSecond": 1, "burst": 2}"#).unwrap();
+        assert_eq!(by_address.key, RateLimitKey::ClientAddress);
         let redirect: Redirect = serde_json::from_str("{}").unwrap();
         assert_eq!(redirect.status, 301, "a redirect without a status is 301");
     }
@@ -387,6 +443,11 @@ mod tests {
         assert!(rule.required_claims.is_empty() && rule.claims_to_headers.is_empty());
         let plain: RouteRule = serde_json::from_str(r#"{"route": "HTTPRoute/a/b"}"#).unwrap();
         assert_eq!(plain.jwt, None);
-        assert!(!serde_json::to_string(&plain).unwrap().contains("jwt"));
+        assert_eq!(plain.rate_limit, None);
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(
+            !text.contains("jwt") && !text.contains("rateLimit"),
+            "{text}"
+        );
     }
 }

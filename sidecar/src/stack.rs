@@ -14,7 +14,8 @@
 //!                        mTLS required / authorization (403) → rate limit
 //!                        → concurrency limit (shed) → timeout → app (x-forwarded-for)
 //! gateway (each port):   server span → metrics → gRPC form of the proxy's errors → request id
-//!                        → hop-by-hop → routes (host, match, filters, weighted backend)
+//!                        → hop-by-hop → routes (host, match, bearer token, per-client
+//!                        rate limit, filters, weighted backend)
 //!                        → the outbound router's per-service stacks, as above
 //! admin:                 /livez /readyz /healthz /metrics /status
 //! ```
@@ -139,6 +140,7 @@ pub fn gateway(
         tables,
         BoxCloneSyncService::new(router.clone()),
         &parts.rules.cluster_domain,
+        parts.metrics.clone(),
     );
     BoxCloneSyncService::new(
         ServiceBuilder::new()

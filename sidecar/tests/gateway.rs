@@ -392,3 +392,125 @@ async fn a_jwt_rule_lets_good_tokens_through_with_their_claims_and_answers_bad_o
         StatusCode::OK
     );
 }
+
+/// A GET of `path` on the gateway's `port`, from source address `from`,
+/// with `Authorization: Bearer <token>` when there is one.
+async fn get_from(from: [u8; 4], port: u16, path: &str, token: Option<&str>) -> Answer {
+    let mut req = Request::get(path).header("host", "shop.test");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    h1_from(
+        from.into(),
+        ([127, 0, 0, 1], port).into(),
+        req.body(full("")).unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_per_client_rate_limit_refuses_one_client_and_serves_the_others() {
+    use jsonwebtoken::{Algorithm, EncodingKey, jwk::Jwk};
+
+    let a = upstream("echo-a").await;
+    let port = free_port();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("ec-1".into());
+    let limit = |id: &str, key: Value| json!({"id": id, "perSecond": 1, "burst": 2, "key": key});
+    let hosts = json!([{"rules": [
+        {"route": "HTTPRoute/shop/api", "matches": {"path": {"type": "prefix", "value": "/api"}},
+         "jwt": {
+            "issuer": "https://issuer.example",
+            "audiences": ["shop"],
+            "jwks": json!({"keys": [jwk]}).to_string(),
+            "claimsToHeaders": [["sub", "x-user-id"]],
+         },
+         "rateLimit": limit("EdgePolicy/shop/per-user", json!({"type": "claim", "claim": "sub"})),
+         "backends": [backend("echo-a", "default", 1)]},
+        {"route": "HTTPRoute/shop/open", "matches": {"path": {"type": "prefix", "value": "/"}},
+         "rateLimit": limit("EdgePolicy/shop/per-address", json!({"type": "clientAddress"})),
+         "backends": [backend("echo-a", "default", 1)]},
+    ]}]);
+    let (gw, _) = gateway(&config(port, hosts), &[("echo-a", &[a.addr])]).await;
+    // A request without a token is refused before the limit: it spends
+    // no token, so waiting with it changes nothing below.
+    until(port, "shop.test", "/api", StatusCode::UNAUTHORIZED).await;
+
+    // By claim: each `sub` has its own bucket of two, refilled at one a second.
+    let token_of = |sub: &str| token(&key, Algorithm::ES256, "ec-1", json!({"sub": sub}));
+    let (alice, bob) = (token_of("a"), token_of("b"));
+    let local = [127, 0, 0, 1];
+    for _ in 0..2 {
+        let r = get_from(local, port, "/api/x", Some(alice.as_str())).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.json()["headers"]["x-user-id"], json!(["a"]));
+    }
+    let hits = a.hits();
+    let r = get_from(local, port, "/api/x", Some(alice.as_str())).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(r.headers["x-trellis-proxy-error"], "rate-limited");
+    assert!(
+        r.text().contains("EdgePolicy/shop/per-user"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        a.hits(),
+        hits,
+        "the refused request never reached the backend"
+    );
+    // Same address, another subject: its own bucket.
+    for _ in 0..2 {
+        let r = get_from(local, port, "/api/x", Some(bob.as_str())).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.json()["headers"]["x-user-id"], json!(["b"]));
+    }
+    // A refilled token lets a back in, one request's worth.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        get_from(local, port, "/api/x", Some(alice.as_str()))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_from(local, port, "/api/x", Some(alice.as_str()))
+            .await
+            .status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // By address: 127.0.0.1 spends its burst, 127.0.0.2 still passes.
+    for _ in 0..2 {
+        assert_eq!(
+            get_from(local, port, "/open", None).await.status,
+            StatusCode::OK
+        );
+    }
+    let r = get_from(local, port, "/open", None).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    assert!(r.headers.contains_key("retry-after"));
+    let other = get_from([127, 0, 0, 2], port, "/open", None).await;
+    assert_eq!(other.status, StatusCode::OK, "{}", other.text());
+
+    let m = metrics(&gw).await;
+    assert_eq!(
+        metric(
+            &m,
+            "trellis_gateway_rate_limited_total{limit=\"EdgePolicy/shop/per-user\"}"
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "trellis_gateway_rate_limited_total{limit=\"EdgePolicy/shop/per-address\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+}

@@ -1257,8 +1257,9 @@ fn compile_rule(
             .collect(),
         timeout_ms: rule.timeout_ms,
         backend_timeout_ms: rule.backend_timeout_ms,
-        // JWT authentication comes from a policy attached to the route,
-        // which the operator does not read yet.
+        // JWT authentication and per-client rate limits come from a policy
+        // attached to the route, which the operator does not read yet.
         jwt: None,
+        rate_limit: None,
     }
 }

@@ -33,7 +33,7 @@ use crate::http::{
 const REALM: &str = "trellis";
 
 /// The claims of a verified token.
-type Claims = Map<String, Value>;
+pub type Claims = Map<String, Value>;
 
 /// One rule's compiled JWT check.
 pub struct JwtCheck {
@@ -121,15 +121,24 @@ impl JwtCheck {
     }
 
     /// Checks the bearer token in `headers` at time `now`: the headers to
-    /// set from its claims, or why the request is refused. A string claim
+    /// set from its claims, or why the request is refused (what
+    /// `authenticate` sets, without setting it). A string claim
     /// is copied as its UTF-8 bytes, any other as JSON text; a claim that
     /// is absent, or holds a control character (which no header value
     /// may), sets no header.
+    #[cfg(test)]
     pub fn check(
         &self,
         headers: &HeaderMap,
         now: SystemTime,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
+        let claims = self.verified(headers, now)?;
+        Ok(self.claim_headers(&claims))
+    }
+
+    /// The claims of the bearer token in `headers` once it passed every
+    /// check at time `now`.
+    fn verified(&self, headers: &HeaderMap, now: SystemTime) -> Result<Claims, Refusal> {
         let token = bearer_token(headers)?;
         let claims = self.verify(token)?;
         self.check_times(&claims, now)?;
@@ -140,8 +149,11 @@ impl JwtCheck {
                 )));
             }
         }
-        Ok(self
-            .claims_to_headers
+        Ok(claims)
+    }
+
+    fn claim_headers(&self, claims: &Claims) -> Vec<(HeaderName, HeaderValue)> {
+        self.claims_to_headers
             .iter()
             .filter_map(|(claim, name)| {
                 let value = match claims.get(claim)? {
@@ -150,22 +162,27 @@ impl JwtCheck {
                 };
                 Some((name.clone(), value))
             })
-            .collect())
+            .collect()
     }
 
-    /// [`check`](Self::check)s `headers` and, when the token is good,
+    /// Checks the bearer token in `headers` and, when the token is good,
     /// replaces every claim header with what the token says: a claim
     /// header the client sent is removed even when the token lacks the
-    /// claim, so only the gateway ever sets one.
-    pub fn authenticate(&self, headers: &mut HeaderMap, now: SystemTime) -> Result<(), Refusal> {
-        let set = self.check(headers, now)?;
+    /// claim, so only the gateway ever sets one. Returns the token's
+    /// claims (a per-client rate limit may key on one).
+    pub fn authenticate(
+        &self,
+        headers: &mut HeaderMap,
+        now: SystemTime,
+    ) -> Result<Claims, Refusal> {
+        let claims = self.verified(headers, now)?;
         for (_, name) in &self.claims_to_headers {
             headers.remove(name);
         }
-        for (name, value) in set {
+        for (name, value) in self.claim_headers(&claims) {
             headers.append(name, value);
         }
-        Ok(())
+        Ok(claims)
     }
 
     /// Verifies the token's signature, algorithm, issuer and audience.

@@ -12,13 +12,15 @@
 //! [`serve_ports`] keeps one listener per configured port. Each serves
 //! [`crate::stack::gateway`]: the route table picks a rule, the rule's
 //! bearer token check (if any) lets the request through or answers it,
-//! the rule's filters change the request (or answer with a redirect), a weighted draw
+//! then its per-client rate limit (if any, [`rate_limit`]) takes a token
+//! from the client's bucket or answers 429, the rule's filters change the request (or answer with a redirect), a weighted draw
 //! picks a backend, and the request goes on through the same per-service
 //! stacks the outbound listener uses (retries, breaker, balancer, mutual
 //! TLS to meshed backends).
 
 pub mod filters;
 pub mod jwt;
+pub mod rate_limit;
 pub mod routes;
 mod tls;
 
@@ -47,6 +49,7 @@ use trellis_policy::gateway::{Filter, GATEWAY_CONFIG_KEY, GatewayConfig};
 
 use self::{
     filters::{RedirectFrom, modify_headers, redirect, rewrite_path, with_path},
+    rate_limit::Limiters,
     routes::PortRoutes,
 };
 use crate::{
@@ -54,7 +57,7 @@ use crate::{
     metrics::{Metrics, ServiceLabel},
     outbound::target::authority_of,
     policy_watch::PolicyStore,
-    server::{self, ServerLimits, ServerTls},
+    server::{self, ClientAddr, ServerLimits, ServerTls},
     stack::ListenerService,
 };
 
@@ -70,13 +73,15 @@ pub struct PortTable {
 /// Every port's table, by port.
 pub type Tables = BTreeMap<u16, Arc<PortTable>>;
 
-/// Compiles a configuration; the error names what is wrong.
-pub fn compile(config: &GatewayConfig) -> Result<Tables, String> {
+/// Compiles a configuration, its rate limits from `limiters`; the error
+/// names what is wrong.
+pub fn compile(config: &GatewayConfig, limiters: &Limiters) -> Result<Tables, String> {
     config
         .ports
         .iter()
         .map(|p| {
-            let routes = PortRoutes::compile(p).map_err(|e| format!("port {}: {e}", p.port))?;
+            let routes =
+                PortRoutes::compile(p, limiters).map_err(|e| format!("port {}: {e}", p.port))?;
             let tls = if p.certificates.is_empty() {
                 None
             } else {
@@ -96,6 +101,9 @@ pub fn compile(config: &GatewayConfig) -> Result<Tables, String> {
 pub struct GatewayStore {
     tables: watch::Sender<Arc<Tables>>,
     policy: PolicyStore,
+    /// The per-client buckets, kept across configurations while a limit
+    /// is unchanged.
+    limiters: Limiters,
 }
 
 impl GatewayStore {
@@ -104,6 +112,7 @@ impl GatewayStore {
         Self {
             tables: watch::Sender::new(Arc::default()),
             policy,
+            limiters: Limiters::default(),
         }
     }
 
@@ -118,7 +127,7 @@ impl GatewayStore {
         let result = GatewayConfig::from_json(text)
             .map_err(|e| format!("not a gateway configuration: {e}"))
             .and_then(|config| {
-                let tables = compile(&config)?;
+                let tables = compile(&config, &self.limiters)?;
                 self.policy
                     .offer(&config.policy.to_json(), source)
                     .map_err(|e| e.to_string())?;
@@ -280,6 +289,7 @@ pub struct GatewayRoutes {
     /// The outbound router: the per-service stacks.
     router: ListenerService,
     cluster_domain: Arc<str>,
+    metrics: Metrics,
 }
 
 impl GatewayRoutes {
@@ -289,12 +299,14 @@ impl GatewayRoutes {
         tables: watch::Receiver<Arc<Tables>>,
         router: ListenerService,
         cluster_domain: &str,
+        metrics: Metrics,
     ) -> Self {
         Self {
             port,
             tables,
             router,
             cluster_domain: cluster_domain.into(),
+            metrics,
         }
     }
 }
@@ -311,6 +323,7 @@ impl Service<Request<Body>> for GatewayRoutes {
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let table = self.tables.borrow().get(&self.port).cloned();
         let (router, domain, port) = (self.router.clone(), self.cluster_domain.clone(), self.port);
+        let metrics = self.metrics.clone();
         async move {
             let Some(table) = table else {
                 let e = ProxyError::NoRoute {
@@ -319,7 +332,7 @@ impl Service<Request<Body>> for GatewayRoutes {
                 };
                 return Ok(e.into_response());
             };
-            Ok(route(&table, port, req, router, &domain).await)
+            Ok(route(&table, port, req, router, &domain, &metrics).await)
         }
         .boxed()
     }
@@ -332,6 +345,7 @@ async fn route(
     mut req: Request<Body>,
     router: ListenerService,
     domain: &str,
+    metrics: &Metrics,
 ) -> Response<Body> {
     let host = match authority_of(&req) {
         Ok((host, _)) => host,
@@ -347,12 +361,28 @@ async fn route(
     };
     let spec = &rule.spec;
     // Authentication comes first: a refused request is neither redirected
-    // nor forwarded.
-    if let Some(jwt) = &rule.jwt
-        && let Err(refusal) = jwt.authenticate(req.headers_mut(), SystemTime::now())
-    {
-        tracing::debug!(route = %spec.route, reason = %refusal.description, "bearer token refused");
-        return refusal.into_response();
+    // nor forwarded, nor does it spend a token of the client it claims to be.
+    let claims = match &rule.jwt {
+        None => None,
+        Some(jwt) => match jwt.authenticate(req.headers_mut(), SystemTime::now()) {
+            Ok(claims) => Some(claims),
+            Err(refusal) => {
+                tracing::debug!(route = %spec.route, reason = %refusal.description, "bearer token refused");
+                return refusal.into_response();
+            }
+        },
+    };
+    if let Some(limit) = &rule.rate_limit {
+        let client = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+        if let Err(wait) = limit.try_take(limit.key(client, claims.as_ref())) {
+            let id = &limit.spec().id;
+            metrics.gateway_rate_limited(id);
+            return ProxyError::ClientRateLimited {
+                limit: id.clone(),
+                retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+            }
+            .into_response();
+        }
     }
     // The client's authority, kept as the Host the backend sees: the URI
     // is about to name the backend Service instead.

@@ -5,15 +5,18 @@
 //! a configuration with one that does not compile is refused as a whole,
 //! so the last good table stays in force.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use http::{HeaderMap, Method, Uri};
 use regex::Regex;
 use trellis_policy::gateway::{
-    Backend, PathMatch, PortConfig, RequestMatch, RouteRule, ValueMatch, VirtualHost,
+    Backend, PathMatch, PortConfig, RateLimitKey, RequestMatch, RouteRule, ValueMatch, VirtualHost,
 };
 
-use super::jwt::JwtCheck;
+use super::{
+    jwt::JwtCheck,
+    rate_limit::{KeyedLimiter, Limiters},
+};
 
 /// The compiled rules of one port.
 #[derive(Debug, Default)]
@@ -43,6 +46,9 @@ pub struct Rule {
     pub total_weight: u64,
     /// The bearer token check, when the rule requires one.
     pub jwt: Option<JwtCheck>,
+    /// The per-client rate limit, when the rule has one (shared with the
+    /// other rules of the same limit).
+    pub rate_limit: Option<Arc<KeyedLimiter>>,
 }
 
 #[derive(Debug)]
@@ -93,7 +99,7 @@ fn value(m: &ValueMatch, what: &str) -> Result<Value, String> {
 }
 
 impl Rule {
-    fn compile(spec: &RouteRule) -> Result<Self, String> {
+    fn compile(spec: &RouteRule, limiters: &Limiters) -> Result<Self, String> {
         let at = |what: &str| format!("{} {what}", spec.route);
         let m: &RequestMatch = &spec.matches;
         let path = match &m.path {
@@ -133,8 +139,17 @@ impl Rule {
             .as_ref()
             .map(|j| JwtCheck::compile(j, &spec.route))
             .transpose()?;
+        if let Some(limit) = &spec.rate_limit
+            && let RateLimitKey::Claim(claim) = &limit.key
+            && jwt.is_none()
+        {
+            return Err(at(&format!(
+                "rate limit: keyed on claim {claim:?}, but the rule checks no bearer token"
+            )));
+        }
         Ok(Self {
             total_weight: spec.backends.iter().map(|b| u64::from(b.weight)).sum(),
+            rate_limit: spec.rate_limit.as_ref().map(|l| limiters.get(l)),
             jwt,
             spec: spec.clone(),
             path,
@@ -219,12 +234,12 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 }
 
 impl Host {
-    fn compile(vhost: &VirtualHost) -> Result<Self, String> {
+    fn compile(vhost: &VirtualHost, limiters: &Limiters) -> Result<Self, String> {
         Ok(Self {
             rules: vhost
                 .rules
                 .iter()
-                .map(Rule::compile)
+                .map(|r| Rule::compile(r, limiters))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -236,11 +251,12 @@ impl Host {
 }
 
 impl PortRoutes {
-    /// Compiles a port's virtual hosts.
-    pub fn compile(port: &PortConfig) -> Result<Self, String> {
+    /// Compiles a port's virtual hosts; their rate limits come from
+    /// `limiters`, so an unchanged limit keeps its buckets.
+    pub fn compile(port: &PortConfig, limiters: &Limiters) -> Result<Self, String> {
         let mut routes = Self::default();
         for vhost in &port.hosts {
-            let host = Host::compile(vhost)?;
+            let host = Host::compile(vhost, limiters)?;
             match vhost.hostname.as_deref().map(str::to_ascii_lowercase) {
                 None => routes.any = Some(host),
                 Some(h) => match h.strip_prefix('*') {
@@ -289,6 +305,7 @@ mod tests {
             timeout_ms: None,
             backend_timeout_ms: None,
             jwt: None,
+            rate_limit: None,
         }
     }
 
@@ -300,17 +317,20 @@ mod tests {
     }
 
     fn table(hosts: Vec<(Option<&str>, Vec<RouteRule>)>) -> PortRoutes {
-        PortRoutes::compile(&PortConfig {
-            port: 80,
-            certificates: vec![],
-            hosts: hosts
-                .into_iter()
-                .map(|(h, rules)| VirtualHost {
-                    hostname: h.map(Into::into),
-                    rules,
-                })
-                .collect(),
-        })
+        PortRoutes::compile(
+            &PortConfig {
+                port: 80,
+                certificates: vec![],
+                hosts: hosts
+                    .into_iter()
+                    .map(|(h, rules)| VirtualHost {
+                        hostname: h.map(Into::into),
+                        rules,
+                    })
+                    .collect(),
+            },
+            &Limiters::default(),
+        )
         .unwrap()
     }
 
@@ -401,16 +421,45 @@ mod tests {
             path: Some(PathMatch::RegularExpression("([".into())),
             ..RequestMatch::default()
         };
-        let err = PortRoutes::compile(&PortConfig {
-            port: 80,
-            certificates: vec![],
-            hosts: vec![VirtualHost {
-                hostname: None,
-                rules: vec![rule("HTTPRoute/ns/broken", m)],
-            }],
-        })
+        let err = PortRoutes::compile(
+            &PortConfig {
+                port: 80,
+                certificates: vec![],
+                hosts: vec![VirtualHost {
+                    hostname: None,
+                    rules: vec![rule("HTTPRoute/ns/broken", m)],
+                }],
+            },
+            &Limiters::default(),
+        )
         .unwrap_err();
         assert!(err.contains("HTTPRoute/ns/broken path"), "{err}");
+    }
+
+    #[test]
+    fn a_limit_on_a_claim_needs_a_token_check_and_rules_share_a_limit() {
+        use trellis_policy::gateway::RateLimitRule;
+        let limit = |key| RateLimitRule {
+            id: "EdgePolicy/ns/p".into(),
+            per_second: 1,
+            burst: 1,
+            key,
+        };
+        let limiters = Limiters::default();
+        let mut spec = rule("HTTPRoute/ns/r", prefix("/"));
+        spec.rate_limit = Some(limit(RateLimitKey::Claim("sub".into())));
+        let err = Rule::compile(&spec, &limiters).unwrap_err();
+        assert!(
+            err.contains("HTTPRoute/ns/r rate limit: keyed on claim \"sub\""),
+            "{err}"
+        );
+        spec.rate_limit = Some(limit(RateLimitKey::ClientAddress));
+        let one = Rule::compile(&spec, &limiters).unwrap();
+        let two = Rule::compile(&spec, &limiters).unwrap();
+        assert!(Arc::ptr_eq(
+            one.rate_limit.as_ref().unwrap(),
+            two.rate_limit.as_ref().unwrap()
+        ));
     }
 
     #[test]
@@ -427,7 +476,7 @@ mod tests {
         };
         let mut spec = rule("w", prefix("/"));
         spec.backends = vec![backend("a", 1), backend("zero", 0), backend("b", 3)];
-        let r = Rule::compile(&spec).unwrap();
+        let r = Rule::compile(&spec, &Limiters::default()).unwrap();
         assert_eq!(r.total_weight, 4);
         let names: Vec<_> = (0..4)
             .map(|d| r.backend(d).unwrap().service.as_ref().unwrap().name.clone())

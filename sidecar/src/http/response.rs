@@ -127,6 +127,15 @@ pub enum ProxyError {
         /// Seconds until a request would be let through.
         retry_after: u64,
     },
+    /// A gateway's per-client rate limit refused the request: this client's
+    /// bucket is empty.
+    #[error("this client is over the rate limit of {limit}: retry after {retry_after}s")]
+    ClientRateLimited {
+        /// The limit, as the policy that set it (`kind/namespace/name`).
+        limit: String,
+        /// Seconds until this client's next request would be let through.
+        retry_after: u64,
+    },
     /// The inbound concurrency limit is full: the request is shed, not queued.
     #[error("service {service:?} is at its concurrency limit ({limit}): request shed")]
     Overloaded {
@@ -192,7 +201,9 @@ impl ProxyError {
             | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } | Self::TryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::ClientRateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::InvalidBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -210,7 +221,7 @@ impl ProxyError {
             Self::Timeout { .. } => "timeout",
             Self::TryTimeout { .. } => "per-try-timeout",
             Self::CircuitOpen { .. } => "circuit-open",
-            Self::RateLimited { .. } => "rate-limited",
+            Self::RateLimited { .. } | Self::ClientRateLimited { .. } => "rate-limited",
             Self::Overloaded { .. } => "overloaded",
             Self::NoRoute { .. } => "no-route",
             Self::InvalidBackend(_) => "invalid-backend",
@@ -238,7 +249,7 @@ impl ProxyError {
                     h.insert(X_BREAKER, v);
                 }
             }
-            Self::RateLimited { retry_after, .. } => {
+            Self::RateLimited { retry_after, .. } | Self::ClientRateLimited { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}

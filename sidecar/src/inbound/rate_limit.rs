@@ -27,7 +27,7 @@ use crate::{
 
 /// One token, in the millionths the bucket counts in (exact arithmetic:
 /// a rate of `r` per second adds exactly `r` millionths per microsecond).
-const TOKEN: u64 = 1_000_000;
+pub(crate) const TOKEN: u64 = 1_000_000;
 
 /// A token bucket.
 #[derive(Debug)]
@@ -52,21 +52,37 @@ impl TokenBucket {
     /// Takes a token, or says how long until one is there.
     pub fn try_take(&self) -> Result<(), Duration> {
         let mut s = self.state.lock().expect("bucket lock");
-        let now = Instant::now();
-        let (tokens, at) = *s;
-        let micros =
-            u64::try_from(now.saturating_duration_since(at).as_micros()).unwrap_or(u64::MAX);
-        let tokens = tokens
-            .saturating_add(micros.saturating_mul(self.rate))
-            .min(self.capacity);
-        if tokens >= TOKEN {
-            *s = (tokens - TOKEN, now);
-            Ok(())
-        } else {
-            *s = (tokens, now);
-            Err(Duration::from_micros((TOKEN - tokens).div_ceil(self.rate)))
-        }
+        take(&mut s, Instant::now(), self.rate, self.capacity)
     }
+}
+
+/// The bucket arithmetic, shared with the gateway's per-client buckets:
+/// refills `state` (tokens in millionths, last update) to `now` at `rate`
+/// tokens per second up to `capacity` millionths, then takes a token or
+/// says how long until one is there.
+pub(crate) fn take(
+    state: &mut (u64, Instant),
+    now: Instant,
+    rate: u64,
+    capacity: u64,
+) -> Result<(), Duration> {
+    let tokens = refilled(*state, now, rate, capacity);
+    if tokens >= TOKEN {
+        *state = (tokens - TOKEN, now);
+        Ok(())
+    } else {
+        *state = (tokens, now);
+        Err(Duration::from_micros((TOKEN - tokens).div_ceil(rate)))
+    }
+}
+
+/// The tokens (millionths) of a bucket last at `state`, refilled to `now`.
+pub(crate) fn refilled(state: (u64, Instant), now: Instant, rate: u64, capacity: u64) -> u64 {
+    let (tokens, at) = state;
+    let micros = u64::try_from(now.saturating_duration_since(at).as_micros()).unwrap_or(u64::MAX);
+    tokens
+        .saturating_add(micros.saturating_mul(rate))
+        .min(capacity)
 }
 
 /// Refuses requests the bucket has no token for.

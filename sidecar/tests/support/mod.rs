@@ -340,6 +340,23 @@ where
     collect(send.send_request(req).await.unwrap()).await
 }
 
+/// One HTTP/1.1 request to `addr` on a connection from address `source`
+/// (any of 127.0.0.0/8 on loopback), as another client would send it.
+pub async fn h1_from(source: std::net::IpAddr, addr: SocketAddr, req: Request<TestBody>) -> Answer {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    collect(send.send_request(req).await.unwrap()).await
+}
+
 /// An HTTP/1.1 connection to `addr`, kept alive for as many requests as
 /// are sent on it.
 pub async fn h1_connect<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
