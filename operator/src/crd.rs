@@ -467,7 +467,8 @@ pub fn crd() -> CustomResourceDefinition {
     crd
 }
 
-fn tidy(schema: &mut JSONSchemaProps) {
+/// Drops the `uint*` formats schemars writes, which Kubernetes does not know.
+pub(crate) fn tidy(schema: &mut JSONSchemaProps) {
     if matches!(
         schema.format.as_deref(),
         Some("uint8" | "uint16" | "uint32" | "uint64")

@@ -7,6 +7,7 @@
 //! - [`model`]: the specification's reasoning, a pure function from what
 //!   the controller sees to every status and configuration.
 //! - [`deploy`]: a Gateway's data-plane objects.
+//! - [`edge_policy`]: the EdgePolicy CRD.
 //!
 //! Gateway API objects refer to each other in every direction (a route
 //! to Gateways and Services, a Gateway to Secrets, a ReferenceGrant to
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod deploy;
+pub mod edge_policy;
 pub mod model;
 #[cfg(test)]
 mod model_tests;
