@@ -7,7 +7,9 @@
 //! - [`model`]: the specification's reasoning, a pure function from what
 //!   the controller sees to every status and configuration.
 //! - [`deploy`]: a Gateway's data-plane objects.
-//! - [`edge_policy`]: the EdgePolicy CRD.
+//! - [`edge_policy`]: the EdgePolicy CRD; [`policy_model`] applies
+//!   policies to rules, [`policy_sync`] watches them, reads their key sets
+//!   and writes their status.
 //!
 //! Gateway API objects refer to each other in every direction (a route
 //! to Gateways and Services, a Gateway to Secrets, a ReferenceGrant to
@@ -22,6 +24,8 @@ pub mod edge_policy;
 pub mod model;
 #[cfg(test)]
 mod model_tests;
+pub mod policy_model;
+pub mod policy_sync;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -99,6 +103,8 @@ struct Stores {
     slices: reflector::Store<EndpointSlice>,
     /// The gateways' Deployments: one deleted by hand is applied again.
     deployments: reflector::Store<Deployment>,
+    /// EdgePolicies.
+    edge_policies: policy_sync::PolicyStore,
 }
 
 /// Starts a reflector of `K` that wakes `changed` on every event.
@@ -158,6 +164,7 @@ pub async fn run(client: Client, settings: GatewaySettings) {
         namespaces: store!(Api::all(client.clone()), watcher::Config::default()),
         slices: store!(Api::all(client.clone()), managed.clone()),
         deployments: store!(Api::all(client.clone()), managed),
+        edge_policies: policy_sync::watch(&client, changed.clone(), &mut tasks).await,
     };
     // TLS Secrets, metadata only: a change wakes the controller, which then
     // reads the Secrets its listeners name, and only those.
@@ -177,6 +184,7 @@ pub async fn run(client: Client, settings: GatewaySettings) {
         client: client.clone(),
         settings,
         applied: HashMap::new(),
+        edge_in_force: BTreeMap::new(),
     };
     let mut forgotten = std::time::Instant::now();
     loop {
@@ -211,6 +219,9 @@ struct Writer {
     settings: GatewaySettings,
     /// Hash of what was last applied, by object (kind/namespace/name).
     applied: HashMap<String, String>,
+    /// The JWT check of each EdgePolicy last in force, kept while its key
+    /// set cannot be read or used.
+    edge_in_force: BTreeMap<Key, trellis_policy::gateway::JwtRule>,
 }
 
 fn hash<T: Serialize>(v: &T) -> String {
@@ -222,6 +233,7 @@ fn world(
     controller: &str,
     address_from: AddressFrom,
     secrets: BTreeMap<Key, TlsPair>,
+    edge: policy_model::EdgeInputs,
 ) -> World {
     let services = stores
         .services
@@ -315,6 +327,7 @@ fn world(
             .collect(),
         secrets,
         deployed,
+        edge,
     }
 }
 
@@ -462,13 +475,17 @@ impl Writer {
             .filter(|g| classes.contains(&g.spec.gateway_class_name))
             .collect();
         let secrets = certificates(&self.client, &ours).await;
+        let edge =
+            policy_sync::inputs(&self.client, &stores.edge_policies, &self.edge_in_force).await?;
         let world = world(
             stores,
             &self.settings.controller_name,
             self.settings.address_from,
             secrets,
+            edge,
         );
         let outcome = world.outcome();
+        self.edge_in_force = outcome.edge.good.clone();
         let mesh = self.mesh().await;
 
         for (name, mut status) in outcome.classes {
@@ -600,6 +617,14 @@ impl Writer {
             )
             .await?;
         }
+
+        policy_sync::write_status(
+            &self.client,
+            &stores.edge_policies,
+            &outcome.edge,
+            &self.settings.controller_name,
+        )
+        .await?;
 
         // Cluster-wide bindings have no owner to be collected with.
         let bindings: Api<ClusterRoleBinding> = Api::all(self.client.clone());

@@ -18,7 +18,10 @@ use trellis_policy::gateway::{
     PortConfig, Redirect, RequestMatch, Rewrite, RouteRule, ValueMatch, VirtualHost,
 };
 
-use super::api::*;
+use super::{
+    api::*,
+    policy_model::{self, Attached, EdgeInputs, EdgeOutcome, Targets},
+};
 
 /// A namespace and a name.
 pub type Key = (String, String);
@@ -71,6 +74,8 @@ pub struct World {
     pub secrets: BTreeMap<Key, TlsPair>,
     /// The data plane of each Gateway served, by namespace and name.
     pub deployed: BTreeMap<Key, Deployed>,
+    /// EdgePolicies and the key sets they name.
+    pub edge: EdgeInputs,
 }
 
 /// What the controller writes.
@@ -82,6 +87,8 @@ pub struct Outcome {
     pub gateways: Vec<GatewayOutcome>,
     /// Each route with a parent served: this controller's parent entries.
     pub routes: Vec<RouteOutcome>,
+    /// Each EdgePolicy's status, and the JWT checks to remember.
+    pub edge: EdgeOutcome,
 }
 
 /// One Gateway's status and configuration.
@@ -648,6 +655,9 @@ impl World {
             .map(|r| view_http(r))
             .chain(self.grpc_routes.iter().map(|r| view_grpc(r)))
             .collect();
+        let (attached, edge) =
+            policy_model::resolve(&self.edge, &self.targets(&ours), &self.controller);
+        out.edge = edge;
         // (gateway, listener index) → (route index, effective hostnames).
         let mut attachments: Attachments = BTreeMap::new();
         let mut backends_of: BTreeMap<Key, BTreeSet<BackendService>> = BTreeMap::new();
@@ -733,6 +743,7 @@ impl World {
                 &deployed,
                 &routes,
                 &attachments,
+                &attached,
                 backends_of.remove(key).unwrap_or_default(),
             ));
         }
@@ -898,6 +909,7 @@ impl World {
         deployed: &Deployed,
         routes: &[RouteView],
         attachments: &Attachments,
+        attached: &Attached,
         backends: BTreeSet<BackendService>,
     ) -> GatewayOutcome {
         let generation = gw.metadata.generation;
@@ -1065,13 +1077,44 @@ impl World {
         GatewayOutcome {
             key: key.clone(),
             status,
-            ports: self.ports(key, gw, checks, routes, attachments),
+            ports: self.ports(key, gw, checks, routes, attachments, attached),
             backends,
         }
     }
 
+    /// What EdgePolicies may target: every Gateway (whether one of `ours`
+    /// classes serves it, its listeners) and every route.
+    fn targets(&self, ours: &BTreeSet<String>) -> Targets {
+        Targets {
+            gateways: self
+                .gateways
+                .iter()
+                .map(|g| {
+                    (
+                        (g.namespace().unwrap_or_default(), g.name_any()),
+                        (
+                            ours.contains(&g.spec.gateway_class_name),
+                            g.spec.listeners.iter().map(|l| l.name.clone()).collect(),
+                        ),
+                    )
+                })
+                .collect(),
+            http_routes: self
+                .http_routes
+                .iter()
+                .map(|r| (r.namespace().unwrap_or_default(), r.name_any()))
+                .collect(),
+            grpc_routes: self
+                .grpc_routes
+                .iter()
+                .map(|r| (r.namespace().unwrap_or_default(), r.name_any()))
+                .collect(),
+        }
+    }
+
     /// The data plane's ports: the listeners that can be served, with the
-    /// rules of their routes by hostname in precedence order.
+    /// rules of their routes by hostname in precedence order, each with
+    /// the EdgePolicies that apply to it.
     fn ports(
         &self,
         key: &Key,
@@ -1079,6 +1122,7 @@ impl World {
         checks: &[ListenerCheck],
         routes: &[RouteView],
         attachments: &Attachments,
+        attached: &Attached,
     ) -> Vec<PortConfig> {
         let mut ports: BTreeMap<u16, PortRules> = BTreeMap::new();
         for (li, l) in gw.spec.listeners.iter().enumerate() {
@@ -1094,15 +1138,16 @@ impl World {
             for (ri, hosts) in attachments.get(&(key.clone(), li)).into_iter().flatten() {
                 let route = &routes[*ri];
                 let resolved = self.resolve_refs(route);
+                let policy = attached.for_rule(key, &l.name, route.kind, &route.key);
                 for host in hosts {
                     let rules = entry.1.entry(host.clone()).or_default();
                     for (rule_i, rule) in route.rules.iter().enumerate() {
                         for (match_i, m) in rule.matches.iter().enumerate() {
                             let sort = SortKey::new(m, route, rule_i, match_i);
-                            rules.push((
-                                sort,
-                                compile_rule(route, rule, m, &resolved.per_rule[rule_i]),
-                            ));
+                            let mut compiled =
+                                compile_rule(route, rule, m, &resolved.per_rule[rule_i]);
+                            policy.apply(&mut compiled);
+                            rules.push((sort, compiled));
                         }
                     }
                 }
@@ -1257,8 +1302,7 @@ fn compile_rule(
             .collect(),
         timeout_ms: rule.timeout_ms,
         backend_timeout_ms: rule.backend_timeout_ms,
-        // JWT authentication and per-client rate limits come from a policy
-        // attached to the route, which the operator does not read yet.
+        // EdgePolicies fill these in (`policy_model::Effective::apply`).
         jwt: None,
         rate_limit: None,
     }
