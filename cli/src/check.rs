@@ -96,7 +96,8 @@ pub const OPERATOR_PERMISSIONS: &[(&str, &str, &[&str])] = &[
 /// removing the grants in other namespaces that no dependency names any
 /// more, and the gateway controller (the Gateway API objects and their
 /// status, namespaces for route selectors, each gateway's configuration
-/// Secret and its binding to the discovery ClusterRole).
+/// Secret and its binding to the discovery ClusterRole, EdgePolicies and
+/// their status).
 pub const CLUSTER_WIDE_PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("rbac.authorization.k8s.io", "roles", &["delete"]),
     ("rbac.authorization.k8s.io", "rolebindings", &["delete"]),
@@ -136,6 +137,8 @@ pub const CLUSTER_WIDE_PERMISSIONS: &[(&str, &str, &[&str])] = &[
         "clusterrolebindings",
         &["list", "create", "patch", "delete"],
     ),
+    ("trellis.dev", "edgepolicies", &["list", "watch"]),
+    ("trellis.dev", "edgepolicies/status", &["patch"]),
 ];
 
 /// The outcome of one check.

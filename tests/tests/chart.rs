@@ -103,6 +103,8 @@ const CHART_RBAC: &str = "chart::helm_install_runs_the_operator_with_the_charts_
 const CROSS_NAMESPACE: &str =
     "grants::a_dependency_in_another_namespace_is_granted_used_and_revoked";
 const GATEWAY: &str = "gateway::a_gateway_serves_its_routes_and_reports_their_status";
+const EDGE_POLICY: &str =
+    "gateway::an_edge_policy_requires_a_token_at_the_gateway_and_reports_accepted";
 
 /// Why the operator's ClusterRole grants each verb: the test that needs it.
 /// Children: server-side apply of a new object needs `create` as well as
@@ -194,6 +196,20 @@ const GRANTS: &[Grant] = &[
         &["list", "create", "patch", "delete"],
         GATEWAY,
         "each gateway reads EndpointSlices in its backends' namespaces; stale bindings are deleted",
+    ),
+    grant(
+        "trellis.dev",
+        "edgepolicies",
+        &["list", "watch"],
+        EDGE_POLICY,
+        "policies attached to Gateways and routes program their rules",
+    ),
+    grant(
+        "trellis.dev",
+        "edgepolicies/status",
+        &["patch"],
+        EDGE_POLICY,
+        "each target's Accepted and ResolvedRefs",
     ),
     grant(
         "trellis.dev",
