@@ -42,6 +42,34 @@ pub struct Run {
     pub errors: u64,
     pub elapsed: Duration,
     pub hist: Histogram<u64>,
+    /// The most frequent errors (up to three) and how often each was seen
+    /// (gRPC runs).
+    pub top_errors: Vec<(String, u64)>,
+}
+
+/// Errors by reason: the report names the most frequent, which usually
+/// says why a run failed (the first failures' reason is often second to
+/// an open breaker's).
+#[derive(Clone, Default)]
+struct ErrorKinds(Arc<Mutex<std::collections::BTreeMap<String, u64>>>);
+
+impl ErrorKinds {
+    fn add(&self, reason: String) {
+        *self.0.lock().unwrap().entry(reason).or_default() += 1;
+    }
+
+    fn top(&self) -> Vec<(String, u64)> {
+        let mut kinds: Vec<(String, u64)> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect();
+        kinds.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        kinds.truncate(3);
+        kinds
+    }
 }
 
 impl Run {
@@ -158,6 +186,7 @@ fn collect(workers: Vec<thread::JoinHandle<(Histogram<u64>, u64)>>, start: Insta
         errors,
         elapsed: start.elapsed(),
         hist,
+        top_errors: Vec::new(),
     })
 }
 
@@ -189,13 +218,21 @@ async fn grpc_clients(addr: SocketAddr, channels: usize) -> Result<Vec<HealthCli
     Ok(out)
 }
 
-async fn check(client: &mut HealthClient<Channel>) -> bool {
+/// One `Health/Check`; on failure, its status code and message.
+async fn check(client: &mut HealthClient<Channel>) -> Result<(), String> {
     client
         .check(HealthCheckRequest {
             service: String::new(),
         })
         .await
-        .is_ok()
+        .map(drop)
+        .map_err(|s| {
+            let mut m: String = s.message().chars().take(120).collect();
+            if m.is_empty() {
+                m = std::error::Error::source(&s).map_or_else(String::new, |e| e.to_string());
+            }
+            format!("{:?}: {m}", s.code())
+        })
 }
 
 /// One gRPC call through `addr`: fails with the reason.
@@ -224,24 +261,29 @@ pub fn grpc_open_loop(
     let clients = rt.block_on(grpc_clients(addr, channels))?;
     let hist = Arc::new(Mutex::new(histogram()));
     let errors = Arc::new(AtomicU64::new(0));
+    let kinds = ErrorKinds::default();
     let in_flight = Arc::new(AtomicU64::new(0));
     let total = rate * duration.as_secs().max(1);
     let start = Instant::now() + Duration::from_millis(100);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let dispatcher = rt.spawn({
         let (hist, errors, in_flight) = (hist.clone(), errors.clone(), in_flight.clone());
+        let kinds = kinds.clone();
         async move {
             let mut k = 0usize;
             while let Some(intended) = rx.recv().await {
                 let mut client = clients[k % clients.len()].clone();
                 k += 1;
                 let (hist, errors, in_flight) = (hist.clone(), errors.clone(), in_flight.clone());
+                let kinds = kinds.clone();
                 in_flight.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    if check(&mut client).await {
-                        record(&mut hist.lock().unwrap(), intended.elapsed());
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    match check(&mut client).await {
+                        Ok(()) => record(&mut hist.lock().unwrap(), intended.elapsed()),
+                        Err(why) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            kinds.add(why);
+                        }
                     }
                     in_flight.fetch_sub(1, Ordering::Relaxed);
                 });
@@ -263,12 +305,21 @@ pub fn grpc_open_loop(
         }
     });
     let lost = in_flight.load(Ordering::Relaxed);
+    if lost > 0 {
+        *kinds
+            .0
+            .lock()
+            .unwrap()
+            .entry("no answer within 15 s of the last send".into())
+            .or_default() += lost;
+    }
     let hist = std::mem::replace(&mut *hist.lock().unwrap(), histogram());
     Ok(Run {
         requests: hist.len(),
         errors: errors.load(Ordering::Relaxed) + lost,
         elapsed: start.elapsed(),
         hist,
+        top_errors: kinds.top(),
     })
 }
 
@@ -285,18 +336,22 @@ pub fn grpc_closed_loop(
         let clients = grpc_clients(addr, channels).await?;
         let start = Instant::now();
         let deadline = start + duration;
+        let kinds = ErrorKinds::default();
         let tasks: Vec<_> = (0..concurrency)
             .map(|i| {
                 let mut client = clients[i % clients.len()].clone();
+                let kinds = kinds.clone();
                 tokio::spawn(async move {
                     let mut hist = histogram();
                     let mut errors = 0u64;
                     while Instant::now() < deadline {
                         let t0 = Instant::now();
-                        if check(&mut client).await {
-                            record(&mut hist, t0.elapsed());
-                        } else {
-                            errors += 1;
+                        match check(&mut client).await {
+                            Ok(()) => record(&mut hist, t0.elapsed()),
+                            Err(why) => {
+                                errors += 1;
+                                kinds.add(why);
+                            }
                         }
                     }
                     (hist, errors)
@@ -315,6 +370,7 @@ pub fn grpc_closed_loop(
             errors,
             elapsed: start.elapsed(),
             hist,
+            top_errors: kinds.top(),
         })
     })
 }
@@ -372,6 +428,7 @@ pub fn wrk(addr: SocketAddr, duration: Duration, connections: usize) -> Result<R
         errors,
         elapsed,
         hist,
+        top_errors: Vec::new(),
     })
 }
 

@@ -268,6 +268,8 @@ pub struct Setup<'a> {
     /// The root and identity service of the mutual-TLS setups (started
     /// only when one of them runs).
     pub mesh: Option<&'a Mesh>,
+    /// More environment for each Trellis sidecar (`KEY=VALUE`).
+    pub sidecar_env: &'a [String],
 }
 
 /// Starts a pair, up to three times: a port [`free_addr`] handed out can
@@ -659,11 +661,18 @@ fn trellis(
         .args(["--admin-addr", &admin.to_string()])
         .arg("--policy-file")
         .arg(&policy_path)
-        .args(["--log", "warn"])
+        .envs(s.sidecar_env.iter().filter_map(|kv| kv.split_once('=')))
         .args([
             "--static-endpoints",
             &format!("{}={endpoints}", loadgen::SERVICE),
         ]);
+    if !s
+        .sidecar_env
+        .iter()
+        .any(|kv| kv.starts_with("TRELLIS_LOG="))
+    {
+        cmd.args(["--log", "warn"]);
+    }
     if mesh.is_some() {
         let account = if dependency.is_some() {
             CLIENT_ACCOUNT

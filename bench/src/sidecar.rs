@@ -21,7 +21,9 @@ use anyhow::{Result, bail};
 use serde_json::json;
 
 use super::{
-    RssSampler, commit, cpu_seconds, ensure_packages, loadavg, loadgen, machine,
+    RssSampler, commit, cpu_seconds, ensure_packages, loadavg, loadgen,
+    loadgen::Run,
+    machine,
     mesh::Mesh,
     mib, ms, now_utc,
     proxies::{self, Kind, Proto, Setup, Tracing},
@@ -74,6 +76,10 @@ pub struct SidecarBench {
     /// runs by default, and alone with `--only collector-down`.
     #[arg(long)]
     pub no_collector_down: bool,
+    /// More environment for each Trellis sidecar, `KEY=VALUE`, repeatable
+    /// (`TRELLIS_PROXY_THREADS=1`; `TRELLIS_LOG` is the `--log` flag's).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub sidecar_env: Vec<String>,
 }
 
 /// The `--only` name of the collector-down comparison.
@@ -173,6 +179,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                 callgrind: opts.callgrind.then_some(callgrind_dir.as_path()),
                 tracing: Tracing::REALISTIC,
                 mesh: mesh.as_ref(),
+                sidecar_env: &opts.sidecar_env,
             };
             // A fresh pair for every phase: what one phase leaves behind (an
             // open circuit breaker after an overload, a grown pool) must not
@@ -215,10 +222,11 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
             let peaks = sampler.stop();
             let handshakes = pair.mtls_connections();
             eprintln!(
-                "   closed loop: {:.0} req/s, p50 {} ms, {} errors{}",
+                "   closed loop: {:.0} req/s, p50 {} ms, {} errors{}{}",
                 run.rate(),
                 ms(run.ms(0.5)),
                 run.errors,
+                error_note(&run),
                 handshakes.map_or(String::new(), |n| format!(
                     ", {n} mutual-TLS connections A → B"
                 )),
@@ -232,6 +240,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                     "requests_per_s": run.rate(),
                     "requests": run.requests,
                     "errors": run.errors,
+                    "top_errors": run.top_errors,
                     "p50_ms": run.ms(0.5),
                     "p99_ms": run.ms(0.99),
                     "proxy_cpu_s": cpu,
@@ -263,6 +272,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                     callgrind: opts.callgrind.then_some(callgrind_dir.as_path()),
                     tracing: *variant,
                     mesh: None,
+                    sidecar_env: &opts.sidecar_env,
                 };
                 row.push(fixed_rate(
                     Kind::Trellis,
@@ -324,6 +334,19 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
     Ok(())
 }
 
+/// ` (n: reason; m: reason)` for the most frequent errors of a run.
+fn error_note(run: &Run) -> String {
+    if run.top_errors.is_empty() {
+        return String::new();
+    }
+    let kinds: Vec<String> = run
+        .top_errors
+        .iter()
+        .map(|(why, n)| format!("{n}: {why}"))
+        .collect();
+    format!(" ({})", kinds.join("; "))
+}
+
 /// One fixed-rate phase on a fresh pair: latency, errors, CPU, peak RSS,
 /// and for Trellis the span outcomes (and, under `--callgrind`, the
 /// instructions per request of A and B).
@@ -358,11 +381,12 @@ fn fixed_rate(
     let spans = pair.trace_spans();
     let handshakes = pair.mtls_connections();
     eprintln!(
-        "   {rate:>6} req/s: p50 {} p99 {} p99.9 {} ms, {} errors{}{}",
+        "   {rate:>6} req/s: p50 {} p99 {} p99.9 {} ms, {} errors{}{}{}",
         ms(run.ms(0.5)),
         ms(run.ms(0.99)),
         ms(run.ms(0.999)),
         run.errors,
+        error_note(&run),
         handshakes.map_or(String::new(), |n| format!(
             ", {n} mutual-TLS connections A → B"
         )),
@@ -388,6 +412,7 @@ fn fixed_rate(
         "rate": rate,
         "requests": run.requests,
         "errors": run.errors,
+        "top_errors": run.top_errors,
         "p50_ms": run.ms(0.5),
         "p99_ms": run.ms(0.99),
         "p999_ms": run.ms(0.999),
