@@ -22,6 +22,7 @@ mod loadgen;
 mod mesh;
 mod operator;
 mod proxies;
+mod report;
 mod sidecar;
 mod upstream;
 
@@ -334,6 +335,81 @@ impl RssSampler {
             .iter()
             .map(|p| p.load(Ordering::Relaxed))
             .collect()
+    }
+}
+
+/// What a phase cost the proxies under test while `load` ran.
+struct Measured {
+    run: loadgen::Run,
+    /// utime + stime of every process of every instance, in seconds.
+    cpu_s: f64,
+    /// Each instance's peak RSS, in KiB.
+    rss_peak_kib: Vec<u64>,
+}
+
+/// Runs `load` while sampling the CPU time and peak RSS of `instances`
+/// (each a group of pids: nginx's master and workers are one instance).
+fn measure(
+    instances: Vec<Vec<u32>>,
+    load: impl FnOnce() -> Result<loadgen::Run>,
+) -> Result<Measured> {
+    let pids = instances.concat();
+    let sampler = RssSampler::start(instances);
+    let cpu0 = cpu_seconds(&pids);
+    let run = load();
+    let cpu_s = cpu_seconds(&pids) - cpu0;
+    let rss_peak_kib = sampler.stop();
+    Ok(Measured {
+        run: run?,
+        cpu_s,
+        rss_peak_kib,
+    })
+}
+
+impl Measured {
+    /// Proxy CPU seconds per 10,000 requests.
+    fn cpu_per_10k(&self) -> f64 {
+        per_10k(self.cpu_s, self.run.requests)
+    }
+
+    /// A fixed-rate phase's row (the sidecar bench adds to it).
+    fn rate_row(&self, rate: u64) -> serde_json::Value {
+        let run = &self.run;
+        serde_json::json!({
+            "rate": rate,
+            "requests": run.requests,
+            "errors": run.errors,
+            "p50_ms": run.ms(0.5),
+            "p99_ms": run.ms(0.99),
+            "p999_ms": run.ms(0.999),
+            "max_ms": run.ms(1.0),
+            "proxy_cpu_s": self.cpu_s,
+            "proxy_cpu_s_per_10k": self.cpu_per_10k(),
+            "rss_peak_kib": self.rss_peak_kib,
+        })
+    }
+
+    /// The closed loop's row (wrk reports p50 and p99 only).
+    fn max_row(&self) -> serde_json::Value {
+        let run = &self.run;
+        serde_json::json!({
+            "requests_per_s": run.rate(),
+            "requests": run.requests,
+            "errors": run.errors,
+            "p50_ms": run.ms(0.5),
+            "p99_ms": run.ms(0.99),
+            "proxy_cpu_s": self.cpu_s,
+            "proxy_cpu_s_per_10k": self.cpu_per_10k(),
+            "rss_peak_kib": self.rss_peak_kib,
+        })
+    }
+}
+
+fn per_10k(cpu: f64, requests: u64) -> f64 {
+    if requests == 0 {
+        f64::NAN
+    } else {
+        cpu * 10_000.0 / requests as f64
     }
 }
 
