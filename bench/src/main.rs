@@ -1,4 +1,4 @@
-//! `trellis-bench sidecar|operator`, run by `cargo xtask bench`: benchmarks
+//! `trellis-bench sidecar|gateway|operator`, run by `cargo xtask bench`: benchmarks
 //! that print and record numbers and assert nothing about speed.
 //!
 //! A binary of its own, built in release when a benchmark runs: the load
@@ -10,6 +10,9 @@
 //!   proxy → inbound proxy → upstream) for no proxy, HAProxy, nginx and the
 //!   Trellis sidecar, over HTTP/1.1 and gRPC (h2c), and for HAProxy and
 //!   Trellis again with mutual TLS between the two proxies;
+//! - [`gateway`]: the edge on loopback (generator → edge proxy → three
+//!   upstreams, by path) for no proxy, HAProxy, nginx and the Trellis
+//!   gateway doing the same routing, with and without a JWT check;
 //! - [`operator`]: 1,000 MicroServices against the real apiserver, compared
 //!   with the same children written straight to the API.
 //!
@@ -17,6 +20,7 @@
 //! the latest tables. Every process a benchmark starts is killed when it
 //! returns, on error too.
 
+mod gateway;
 mod h1;
 mod loadgen;
 mod mesh;
@@ -61,6 +65,9 @@ enum Bench {
     /// The two-hop path on loopback (load → A → B → upstream): Trellis sidecars against
     /// HAProxy, nginx and no proxy; latency at fixed rates, throughput, CPU, RSS.
     Sidecar(SidecarBench),
+    /// The gateway at the edge (load → edge → three upstreams by path): Trellis
+    /// against HAProxy, nginx and no proxy doing the same routing.
+    Gateway(gateway::GatewayBench),
     /// 1,000 MicroServices on the cluster: convergence time against the same children
     /// written straight to the API, RSS, API requests, edit latency, idle writes.
     Operator(OperatorBench),
@@ -69,6 +76,7 @@ enum Bench {
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Bench::Sidecar(opts) => sidecar::sidecar(&opts),
+        Bench::Gateway(opts) => gateway::gateway(&opts),
         Bench::Operator(opts) => operator::operator(&opts),
     };
     match result {
