@@ -107,9 +107,9 @@ pub fn closed_loop(out: &mut String, title: &str, rows: &[&Value], instances: &s
 }
 
 /// `### {title}: {ours} relative to …`: `ours` ÷ each of `others` for the
-/// added p99 at every rate, the maximum throughput, the CPU per request
-/// and the peak RSS at the maximum (`rss` labels it: the sum of every
-/// instance). Nothing when `ours` has no closed-loop row.
+/// p99 and the added p99 at every rate, the maximum throughput, the CPU
+/// per request and the peak RSS at the maximum (`rss` labels it: the sum
+/// of every instance). Nothing when `ours` has no closed-loop row.
 pub fn ratios(
     out: &mut String,
     title: &str,
@@ -143,8 +143,10 @@ pub fn ratios(
     );
     let _ = writeln!(out, "|---|{}", "---:|".repeat(others.len()));
     let other = |name: &str| rows.iter().find(|x| x["setup"] == name).copied();
+    // Only of two positive figures: an added latency at or below zero is
+    // the baseline's noise (a slower `direct` tail), not a proxy's cost.
     let ratio = |a: f64, b: f64| {
-        if b.is_finite() && b > 0.0 && a.is_finite() {
+        if a.is_finite() && b.is_finite() && a > 0.0 && b > 0.0 {
             format!("{:.2}", a / b)
         } else {
             "–".into()
@@ -161,6 +163,8 @@ pub fn ratios(
         format!("| {label} |{cells}\n")
     };
     for (i, x) in our["rates"].as_array().into_iter().flatten().enumerate() {
+        let p99 = |row: &Value| row["rates"].get(i).map_or(f64::NAN, |o| f(&o["p99_ms"]));
+        *out += &line(&format!("p99 at {} req/s", x["rate"]), &p99);
         let added_p99 = |row: &Value| {
             row["rates"].get(i).map_or(f64::NAN, |o| {
                 f(&o["p99_ms"]) - direct_at(rows, &x["rate"], "p99_ms")
