@@ -858,27 +858,22 @@ impl Shop {
         }
     }
 
-    /// The running, not terminating pods of the shop's gateway.
+    /// The running, not terminating pods of the shop's gateway, oldest first.
     pub async fn gateway_pods(&self) -> Result<Vec<Pod>> {
-        Ok(Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
-            .list(
-                &ListParams::default()
-                    .labels(&format!("gateway.networking.k8s.io/gateway-name={GATEWAY}")),
-            )
-            .await?
-            .items
-            .into_iter()
-            .filter(|p| {
-                p.metadata.deletion_timestamp.is_none()
-                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-            })
-            .collect())
+        self.running_pods(&format!("gateway.networking.k8s.io/gateway-name={GATEWAY}"))
+            .await
     }
 
     /// The running, not terminating pods of a service, oldest first.
     pub async fn pods(&self, service: &str) -> Result<Vec<Pod>> {
+        self.running_pods(&format!("{NAME_LABEL}={service}")).await
+    }
+
+    /// The running, not terminating pods with an IP that `selector`
+    /// selects, oldest first.
+    async fn running_pods(&self, selector: &str) -> Result<Vec<Pod>> {
         let mut pods: Vec<Pod> = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
-            .list(&ListParams::default().labels(&format!("{NAME_LABEL}={service}")))
+            .list(&ListParams::default().labels(selector))
             .await?
             .items
             .into_iter()
