@@ -381,17 +381,7 @@ pub fn gateway(opts: &GatewayBench) -> Result<()> {
         "results": results,
     });
     let md = markdown(&report);
-    fs::write(
-        dir.join("gateway.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    fs::write(dir.join("gateway.md"), &md)?;
-    println!("{md}");
-    println!(
-        "written: {} and gateway.md",
-        dir.join("gateway.json").display()
-    );
-    Ok(())
+    report::write(&dir, "gateway", &report, &md, "")
 }
 
 /// What the generator sends to `kind`: GETs for `shop.example` spread over
@@ -839,30 +829,7 @@ pub fn nginx_http(listen: SocketAddr, routes: &[Route]) -> String {
 /// The Markdown tables of a report.
 fn markdown(r: &Value) -> String {
     let mut out = String::new();
-    let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
-    let _ = writeln!(out, "Date: {}; commit `{}`", s(&r["date"]), s(&r["commit"]));
-    let _ = writeln!(out, "Machine: {}", s(&r["machine"]));
-    let _ = writeln!(
-        out,
-        "Load average (1/5/15 min) before: {}, after: {}",
-        s(&r["loadavg_before"]),
-        s(&r["loadavg_after"])
-    );
-    let v = &r["versions"];
-    let _ = writeln!(
-        out,
-        "Versions: {}; {}; {}; {}; {}",
-        s(&v["trellis-sidecar"]),
-        s(&v["haproxy"]),
-        s(&v["nginx"]),
-        s(&v["wrk"]),
-        s(&v["rustc"])
-    );
-    let _ = writeln!(
-        out,
-        "OTLP export requests received by the sink: {}",
-        r["otlp_exports_received"]
-    );
+    report::header(&mut out, r);
     let results = r["results"].as_array().cloned().unwrap_or_default();
     let rows: Vec<&Value> = results.iter().collect();
     if rows.is_empty() {
@@ -889,7 +856,7 @@ fn markdown(r: &Value) -> String {
                 format!(" {} ({}) |", u["served"], u["misdirected"])
             })
             .collect();
-        let _ = writeln!(out, "| {} |{cells}", s(&row["setup"]));
+        let _ = writeln!(out, "| {} |{cells}", row["setup"].as_str().unwrap_or(""));
     }
     report::ratios(
         &mut out,

@@ -3,8 +3,9 @@
 //! (one entry per proxy instance), `rates` (each [`super::Measured::rate_row`])
 //! and `max` ([`super::Measured::max_row`], or `null` under `--fixed-only`).
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, fs, path::Path};
 
+use anyhow::Result;
 use serde_json::Value;
 
 use super::{mib, ms};
@@ -190,4 +191,51 @@ pub fn cpu_cell(row: &Value, v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
+}
+
+/// The lines that open a report: date and commit, machine, load average,
+/// versions, HAProxy's TLS library and the OTLP exports (when recorded).
+pub fn header(out: &mut String, r: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    let _ = writeln!(out, "Date: {}; commit `{}`", s(&r["date"]), s(&r["commit"]));
+    let _ = writeln!(out, "Machine: {}", s(&r["machine"]));
+    let _ = writeln!(
+        out,
+        "Load average (1/5/15 min) before: {}, after: {}",
+        s(&r["loadavg_before"]),
+        s(&r["loadavg_after"])
+    );
+    let v = &r["versions"];
+    let _ = writeln!(
+        out,
+        "Versions: {}; {}; {}; {}; {}",
+        s(&v["trellis-sidecar"]),
+        s(&v["haproxy"]),
+        s(&v["nginx"]),
+        s(&v["wrk"]),
+        s(&v["rustc"])
+    );
+    if !v["haproxy_tls_library"].is_null() {
+        let _ = writeln!(
+            out,
+            "HAProxy's TLS library: {}",
+            s(&v["haproxy_tls_library"])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "OTLP export requests received by the sink: {}",
+        r["otlp_exports_received"]
+    );
+}
+
+/// Writes `<name>.json` and `<name>.md` into `dir`, prints the Markdown
+/// and where both went (with `note` after, when not empty).
+pub fn write(dir: &Path, name: &str, report: &Value, md: &str, note: &str) -> Result<()> {
+    let json = dir.join(format!("{name}.json"));
+    fs::write(&json, serde_json::to_string_pretty(report)?)?;
+    fs::write(dir.join(format!("{name}.md")), md)?;
+    println!("{md}");
+    println!("written: {} and {name}.md{note}", json.display());
+    Ok(())
 }

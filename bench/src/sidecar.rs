@@ -310,17 +310,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         "collector_down": collector,
     });
     let md = markdown(&report);
-    fs::write(
-        dir.join("sidecar.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    fs::write(dir.join("sidecar.md"), &md)?;
-    println!("{md}");
-    println!(
-        "written: {} and sidecar.md",
-        dir.join("sidecar.json").display()
-    );
-    Ok(())
+    report::write(&dir, "sidecar", &report, &md, "")
 }
 
 /// ` (n: reason; m: reason)` for the most frequent errors of a run.
@@ -415,37 +405,7 @@ fn fixed_rate(
 /// The Markdown tables of a report.
 fn markdown(r: &serde_json::Value) -> String {
     let mut out = String::new();
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
-    let _ = writeln!(out, "Date: {}; commit `{}`", s(&r["date"]), s(&r["commit"]));
-    let _ = writeln!(out, "Machine: {}", s(&r["machine"]));
-    let _ = writeln!(
-        out,
-        "Load average (1/5/15 min) before: {}, after: {}",
-        s(&r["loadavg_before"]),
-        s(&r["loadavg_after"])
-    );
-    let v = &r["versions"];
-    let _ = writeln!(
-        out,
-        "Versions: {}; {}; {}; {}; {}",
-        s(&v["trellis-sidecar"]),
-        s(&v["haproxy"]),
-        s(&v["nginx"]),
-        s(&v["wrk"]),
-        s(&v["rustc"])
-    );
-    if !v["haproxy_tls_library"].is_null() {
-        let _ = writeln!(
-            out,
-            "HAProxy's TLS library: {}",
-            s(&v["haproxy_tls_library"])
-        );
-    }
-    let _ = writeln!(
-        out,
-        "OTLP export requests received by the sink: {}",
-        r["otlp_exports_received"]
-    );
+    report::header(&mut out, r);
     if let Some(n) = r["mesh_certificates_issued"].as_u64() {
         let _ = writeln!(
             out,
@@ -476,7 +436,7 @@ fn markdown(r: &serde_json::Value) -> String {
                             .collect();
                         Some(format!(
                             "| {} | {} | {} | {} |",
-                            s(&row["setup"]),
+                            row["setup"].as_str().unwrap_or(""),
                             x["rate"],
                             x["requests"],
                             n.join(" / ")
