@@ -51,7 +51,9 @@ use super::{
     Procs, commit, ensure_packages, free_addr, h1, loadavg,
     loadgen::{self, Target},
     machine, measure, ms, now_utc, process_tree,
-    proxies::{Sidecar, haproxy_preamble, sidecar_command, spawn_haproxy, spawn_nginx},
+    proxies::{
+        Sidecar, haproxy_preamble, sidecar_command, spawn_haproxy, spawn_nginx, start_with_retries,
+    },
     release_binary, report, results_dir, rss_kib,
     upstream::{Expect, Named, Upstreams},
     version_of,
@@ -428,31 +430,16 @@ impl Edge {
 /// not come up (a port [`free_addr`] handed out may be taken before the
 /// proxy binds it); a routing check that fails fails at once.
 fn start(kind: Kind, s: &Setup) -> Result<Edge> {
-    let mut attempt = 1;
-    loop {
-        let edge = start_once(kind, s).and_then(|e| {
-            wait_serving(kind, s, e.front)?;
-            Ok(e)
-        });
-        match edge {
-            Ok(e) => {
-                if kind != Kind::Direct {
-                    check_routes(kind, s, e.front)
-                        .with_context(|| format!("{} does not route as the others", kind.name()))?;
-                }
-                return Ok(e);
-            }
-            Err(e) if attempt < 3 => {
-                let why: String = format!("{e:#}").chars().take(400).collect();
-                eprintln!(
-                    "   {} did not start ({why}); starting it again",
-                    kind.name()
-                );
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
+    let edge = start_with_retries(kind.name(), || {
+        let e = start_once(kind, s)?;
+        wait_serving(kind, s, e.front)?;
+        Ok(e)
+    })?;
+    if kind != Kind::Direct {
+        check_routes(kind, s, edge.front)
+            .with_context(|| format!("{} does not route as the others", kind.name()))?;
     }
+    Ok(edge)
 }
 
 fn start_once(kind: Kind, s: &Setup) -> Result<Edge> {

@@ -273,17 +273,19 @@ pub struct Setup<'a> {
 /// whatever else runs on the machine), and that says nothing about the
 /// proxy. A failure that is the proxy's fails all three.
 pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
+    start_with_retries(kind.name(), || start_once(kind, proto, s))
+}
+
+/// `start` tried up to three times, saying why before each new try.
+pub fn start_with_retries<T>(name: &str, mut start: impl FnMut() -> Result<T>) -> Result<T> {
     let mut attempt = 1;
     loop {
-        match start_once(kind, proto, s) {
-            Ok(pair) => return Ok(pair),
+        match start() {
+            Ok(started) => return Ok(started),
             Err(e) if attempt < 3 => {
                 // The first lines say why; a sidecar's whole log follows.
                 let why: String = format!("{e:#}").chars().take(400).collect();
-                eprintln!(
-                    "   {} did not start ({why}); starting it again",
-                    kind.name()
-                );
+                eprintln!("   {name} did not start ({why}); starting it again");
                 attempt += 1;
             }
             Err(e) => return Err(e),
