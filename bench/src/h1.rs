@@ -79,11 +79,25 @@ pub fn read_body(r: &mut impl BufRead, head: &Head, out: &mut impl Write) -> std
 
 /// One GET on a new connection: status and body.
 pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String)> {
+    get(addr, host, path, &[])
+}
+
+/// One GET with `headers` on a new connection: status and body.
+pub fn get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nhost: {host}\r\n{extra}connection: close\r\n\r\n"
     )?;
     let mut r = BufReader::new(s);
     let head = read_head(&mut r)?.context("no response")?;

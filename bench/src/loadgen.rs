@@ -32,9 +32,67 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use super::h1::{read_body, read_head, status_of};
 use xtask::run;
 
-/// The `Host`/`:authority` every request carries: the service name the
-/// Trellis outbound routes on (HAProxy and nginx ignore it).
+/// The `Host`/`:authority` every request of the sidecar bench carries: the
+/// service name the Trellis outbound routes on (HAProxy and nginx ignore it).
 pub const SERVICE: &str = "bench";
+
+/// What the HTTP/1.1 generators send: GETs with one `Host`, spread evenly
+/// over `paths` (request `i` takes path `i % paths.len()`), with `headers`
+/// added to each.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub host: String,
+    pub paths: Vec<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Target {
+    /// `GET /` with `Host: bench`: the sidecar bench's one request.
+    pub fn service() -> Self {
+        Self {
+            host: SERVICE.into(),
+            paths: vec!["/".into()],
+            headers: Vec::new(),
+        }
+    }
+
+    /// Each path's request, head and all.
+    fn requests(&self) -> Vec<String> {
+        let extra: String = self
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
+        self.paths
+            .iter()
+            .map(|p| format!("GET {p} HTTP/1.1\r\nhost: {}\r\n{extra}\r\n", self.host))
+            .collect()
+    }
+
+    /// A wrk script sending the paths in turn, each request formatted once
+    /// (in `init`, with the `-H` headers) so the Lua run per request is a
+    /// table lookup. None for one path: wrk then sends the URL's path
+    /// without running Lua per request.
+    fn wrk_script(&self) -> Option<String> {
+        if self.paths.len() < 2 {
+            return None;
+        }
+        let paths: Vec<String> = self.paths.iter().map(|p| format!("{p:?}")).collect();
+        Some(format!(
+            "local paths = {{{}}}\n\
+             local requests = {{}}\n\
+             local i = 0\n\
+             init = function(args)\n\
+             \tfor k, p in ipairs(paths) do requests[k] = wrk.format(\"GET\", p) end\n\
+             end\n\
+             request = function()\n\
+             \ti = (i % #requests) + 1\n\
+             \treturn requests[i]\n\
+             end\n",
+            paths.join(", ")
+        ))
+    }
+}
 
 /// What one load run measured. Latencies in microseconds.
 pub struct Run {
@@ -42,6 +100,34 @@ pub struct Run {
     pub errors: u64,
     pub elapsed: Duration,
     pub hist: Histogram<u64>,
+    /// The most frequent errors (up to three) and how often each was seen
+    /// (gRPC runs).
+    pub top_errors: Vec<(String, u64)>,
+}
+
+/// Errors by reason: the report names the most frequent, which usually
+/// says why a run failed (the first failures' reason is often second to
+/// an open breaker's).
+#[derive(Clone, Default)]
+struct ErrorKinds(Arc<Mutex<std::collections::BTreeMap<String, u64>>>);
+
+impl ErrorKinds {
+    fn add(&self, reason: String) {
+        *self.0.lock().unwrap().entry(reason).or_default() += 1;
+    }
+
+    fn top(&self) -> Vec<(String, u64)> {
+        let mut kinds: Vec<(String, u64)> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect();
+        kinds.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        kinds.truncate(3);
+        kinds
+    }
 }
 
 impl Run {
@@ -83,11 +169,13 @@ fn sleep_until(t: Instant) {
     }
 }
 
-/// HTTP/1.1 GETs at `rate` per second for `duration`, spread over
-/// `connections` keep-alive connections (one thread each, each sending every
-/// `connections`-th scheduled request, as wrk2 does).
+/// HTTP/1.1 GETs of `target` at `rate` per second for `duration`, spread
+/// over `connections` keep-alive connections (one thread each, each sending
+/// every `connections`-th scheduled request, as wrk2 does). A request
+/// counts as an error unless it is answered 200 on a connection kept open.
 pub fn h1_open_loop(
     addr: SocketAddr,
+    target: &Target,
     rate: u64,
     duration: Duration,
     connections: usize,
@@ -97,10 +185,10 @@ pub fn h1_open_loop(
     }
     let total = rate * duration.as_secs().max(1);
     let start = Instant::now() + Duration::from_millis(100);
-    let request = format!("GET / HTTP/1.1\r\nhost: {SERVICE}\r\n\r\n");
+    let requests = Arc::new(target.requests());
     let workers: Vec<_> = (0..connections as u64)
         .map(|c| {
-            let request = request.clone();
+            let requests = requests.clone();
             let n = connections as u64;
             thread::spawn(move || {
                 precise_timers();
@@ -115,6 +203,7 @@ pub fn h1_open_loop(
                         conn = connect(addr).ok();
                     }
                     let ok = conn.as_mut().is_some_and(|(w, r)| {
+                        let request = &requests[(i % requests.len() as u64) as usize];
                         w.write_all(request.as_bytes()).is_ok()
                             && matches!(read_head(r), Ok(Some(head))
                                 if read_body(r, &head, &mut std::io::sink()).is_ok()
@@ -158,6 +247,7 @@ fn collect(workers: Vec<thread::JoinHandle<(Histogram<u64>, u64)>>, start: Insta
         errors,
         elapsed: start.elapsed(),
         hist,
+        top_errors: Vec::new(),
     })
 }
 
@@ -189,13 +279,21 @@ async fn grpc_clients(addr: SocketAddr, channels: usize) -> Result<Vec<HealthCli
     Ok(out)
 }
 
-async fn check(client: &mut HealthClient<Channel>) -> bool {
+/// One `Health/Check`; on failure, its status code and message.
+async fn check(client: &mut HealthClient<Channel>) -> Result<(), String> {
     client
         .check(HealthCheckRequest {
             service: String::new(),
         })
         .await
-        .is_ok()
+        .map(drop)
+        .map_err(|s| {
+            let mut m: String = s.message().chars().take(120).collect();
+            if m.is_empty() {
+                m = std::error::Error::source(&s).map_or_else(String::new, |e| e.to_string());
+            }
+            format!("{:?}: {m}", s.code())
+        })
 }
 
 /// One gRPC call through `addr`: fails with the reason.
@@ -224,24 +322,29 @@ pub fn grpc_open_loop(
     let clients = rt.block_on(grpc_clients(addr, channels))?;
     let hist = Arc::new(Mutex::new(histogram()));
     let errors = Arc::new(AtomicU64::new(0));
+    let kinds = ErrorKinds::default();
     let in_flight = Arc::new(AtomicU64::new(0));
     let total = rate * duration.as_secs().max(1);
     let start = Instant::now() + Duration::from_millis(100);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let dispatcher = rt.spawn({
         let (hist, errors, in_flight) = (hist.clone(), errors.clone(), in_flight.clone());
+        let kinds = kinds.clone();
         async move {
             let mut k = 0usize;
             while let Some(intended) = rx.recv().await {
                 let mut client = clients[k % clients.len()].clone();
                 k += 1;
                 let (hist, errors, in_flight) = (hist.clone(), errors.clone(), in_flight.clone());
+                let kinds = kinds.clone();
                 in_flight.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    if check(&mut client).await {
-                        record(&mut hist.lock().unwrap(), intended.elapsed());
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    match check(&mut client).await {
+                        Ok(()) => record(&mut hist.lock().unwrap(), intended.elapsed()),
+                        Err(why) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            kinds.add(why);
+                        }
                     }
                     in_flight.fetch_sub(1, Ordering::Relaxed);
                 });
@@ -263,12 +366,21 @@ pub fn grpc_open_loop(
         }
     });
     let lost = in_flight.load(Ordering::Relaxed);
+    if lost > 0 {
+        *kinds
+            .0
+            .lock()
+            .unwrap()
+            .entry("no answer within 15 s of the last send".into())
+            .or_default() += lost;
+    }
     let hist = std::mem::replace(&mut *hist.lock().unwrap(), histogram());
     Ok(Run {
         requests: hist.len(),
         errors: errors.load(Ordering::Relaxed) + lost,
         elapsed: start.elapsed(),
         hist,
+        top_errors: kinds.top(),
     })
 }
 
@@ -285,18 +397,22 @@ pub fn grpc_closed_loop(
         let clients = grpc_clients(addr, channels).await?;
         let start = Instant::now();
         let deadline = start + duration;
+        let kinds = ErrorKinds::default();
         let tasks: Vec<_> = (0..concurrency)
             .map(|i| {
                 let mut client = clients[i % clients.len()].clone();
+                let kinds = kinds.clone();
                 tokio::spawn(async move {
                     let mut hist = histogram();
                     let mut errors = 0u64;
                     while Instant::now() < deadline {
                         let t0 = Instant::now();
-                        if check(&mut client).await {
-                            record(&mut hist, t0.elapsed());
-                        } else {
-                            errors += 1;
+                        match check(&mut client).await {
+                            Ok(()) => record(&mut hist, t0.elapsed()),
+                            Err(why) => {
+                                errors += 1;
+                                kinds.add(why);
+                            }
                         }
                     }
                     (hist, errors)
@@ -315,22 +431,38 @@ pub fn grpc_closed_loop(
             errors,
             elapsed: start.elapsed(),
             hist,
+            top_errors: kinds.top(),
         })
     })
 }
 
-/// `wrk` closed loop: `connections` keep-alive connections on 2 threads.
-pub fn wrk(addr: SocketAddr, duration: Duration, connections: usize) -> Result<Run> {
+/// `wrk` closed loop on `target`: `connections` keep-alive connections on
+/// 2 threads. A target with several paths needs `script_dir` for the Lua
+/// script that sends them in turn.
+pub fn wrk(
+    addr: SocketAddr,
+    target: &Target,
+    duration: Duration,
+    connections: usize,
+    script_dir: &std::path::Path,
+) -> Result<Run> {
     let start = Instant::now();
-    let out = run::output(
-        Command::new("wrk")
-            .arg("-t2")
-            .arg(format!("-c{connections}"))
-            .arg(format!("-d{}s", duration.as_secs().max(1)))
-            .arg("--latency")
-            .args(["-H", &format!("Host: {SERVICE}")])
-            .arg(format!("http://{addr}/")),
-    )?;
+    let mut cmd = Command::new("wrk");
+    cmd.arg("-t2")
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .arg("--latency")
+        .args(["-H", &format!("Host: {}", target.host)]);
+    for (k, v) in &target.headers {
+        cmd.args(["-H", &format!("{k}: {v}")]);
+    }
+    if let Some(script) = target.wrk_script() {
+        let path = script_dir.join("wrk-paths.lua");
+        std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+        cmd.arg("-s").arg(path);
+    }
+    let first = target.paths.first().map_or("/", String::as_str);
+    let out = run::output(cmd.arg(format!("http://{addr}{first}")))?;
     let line = |prefix: &str| {
         out.lines()
             .find_map(|l| l.trim_start().strip_prefix(prefix).map(str::to_owned))
@@ -372,6 +504,7 @@ pub fn wrk(addr: SocketAddr, duration: Duration, connections: usize) -> Result<R
         errors,
         elapsed,
         hist,
+        top_errors: Vec::new(),
     })
 }
 
@@ -438,7 +571,7 @@ mod tests {
                 }
             }
         });
-        let run = h1_open_loop(addr, 100, Duration::from_secs(1), 1).unwrap();
+        let run = h1_open_loop(addr, &Target::service(), 100, Duration::from_secs(1), 1).unwrap();
         assert_eq!(run.errors, 0);
         assert_eq!(run.requests, 100);
         // About 30 requests were due during the stall; the 10th-slowest of

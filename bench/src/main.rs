@@ -1,4 +1,4 @@
-//! `trellis-bench sidecar|operator`, run by `cargo xtask bench`: benchmarks
+//! `trellis-bench sidecar|gateway|operator`, run by `cargo xtask bench`: benchmarks
 //! that print and record numbers and assert nothing about speed.
 //!
 //! A binary of its own, built in release when a benchmark runs: the load
@@ -10,6 +10,9 @@
 //!   proxy → inbound proxy → upstream) for no proxy, HAProxy, nginx and the
 //!   Trellis sidecar, over HTTP/1.1 and gRPC (h2c), and for HAProxy and
 //!   Trellis again with mutual TLS between the two proxies;
+//! - [`gateway`]: the edge on loopback (generator → edge proxy → three
+//!   upstreams, by path) for no proxy, HAProxy, nginx and the Trellis
+//!   gateway doing the same routing, with and without a JWT check;
 //! - [`operator`]: 1,000 MicroServices against the real apiserver, compared
 //!   with the same children written straight to the API.
 //!
@@ -17,11 +20,13 @@
 //! the latest tables. Every process a benchmark starts is killed when it
 //! returns, on error too.
 
+mod gateway;
 mod h1;
 mod loadgen;
 mod mesh;
 mod operator;
 mod proxies;
+mod report;
 mod sidecar;
 mod upstream;
 
@@ -60,6 +65,9 @@ enum Bench {
     /// The two-hop path on loopback (load → A → B → upstream): Trellis sidecars against
     /// HAProxy, nginx and no proxy; latency at fixed rates, throughput, CPU, RSS.
     Sidecar(SidecarBench),
+    /// The gateway at the edge (load → edge → three upstreams by path): Trellis
+    /// against HAProxy, nginx and no proxy doing the same routing.
+    Gateway(gateway::GatewayBench),
     /// 1,000 MicroServices on the cluster: convergence time against the same children
     /// written straight to the API, RSS, API requests, edit latency, idle writes.
     Operator(OperatorBench),
@@ -68,6 +76,7 @@ enum Bench {
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Bench::Sidecar(opts) => sidecar::sidecar(&opts),
+        Bench::Gateway(opts) => gateway::gateway(&opts),
         Bench::Operator(opts) => operator::operator(&opts),
     };
     match result {
@@ -334,6 +343,83 @@ impl RssSampler {
             .iter()
             .map(|p| p.load(Ordering::Relaxed))
             .collect()
+    }
+}
+
+/// What a phase cost the proxies under test while `load` ran.
+struct Measured {
+    run: loadgen::Run,
+    /// utime + stime of every process of every instance, in seconds.
+    cpu_s: f64,
+    /// Each instance's peak RSS, in KiB.
+    rss_peak_kib: Vec<u64>,
+}
+
+/// Runs `load` while sampling the CPU time and peak RSS of `instances`
+/// (each a group of pids: nginx's master and workers are one instance).
+fn measure(
+    instances: Vec<Vec<u32>>,
+    load: impl FnOnce() -> Result<loadgen::Run>,
+) -> Result<Measured> {
+    let pids = instances.concat();
+    let sampler = RssSampler::start(instances);
+    let cpu0 = cpu_seconds(&pids);
+    let run = load();
+    let cpu_s = cpu_seconds(&pids) - cpu0;
+    let rss_peak_kib = sampler.stop();
+    Ok(Measured {
+        run: run?,
+        cpu_s,
+        rss_peak_kib,
+    })
+}
+
+impl Measured {
+    /// Proxy CPU seconds per 10,000 requests.
+    fn cpu_per_10k(&self) -> f64 {
+        per_10k(self.cpu_s, self.run.requests)
+    }
+
+    /// A fixed-rate phase's row (the sidecar bench adds to it).
+    fn rate_row(&self, rate: u64) -> serde_json::Value {
+        let run = &self.run;
+        serde_json::json!({
+            "rate": rate,
+            "requests": run.requests,
+            "errors": run.errors,
+            "top_errors": run.top_errors,
+            "p50_ms": run.ms(0.5),
+            "p99_ms": run.ms(0.99),
+            "p999_ms": run.ms(0.999),
+            "max_ms": run.ms(1.0),
+            "proxy_cpu_s": self.cpu_s,
+            "proxy_cpu_s_per_10k": self.cpu_per_10k(),
+            "rss_peak_kib": self.rss_peak_kib,
+        })
+    }
+
+    /// The closed loop's row (wrk reports p50 and p99 only).
+    fn max_row(&self) -> serde_json::Value {
+        let run = &self.run;
+        serde_json::json!({
+            "requests_per_s": run.rate(),
+            "requests": run.requests,
+            "errors": run.errors,
+            "top_errors": run.top_errors,
+            "p50_ms": run.ms(0.5),
+            "p99_ms": run.ms(0.99),
+            "proxy_cpu_s": self.cpu_s,
+            "proxy_cpu_s_per_10k": self.cpu_per_10k(),
+            "rss_peak_kib": self.rss_peak_kib,
+        })
+    }
+}
+
+fn per_10k(cpu: f64, requests: u64) -> f64 {
+    if requests == 0 {
+        f64::NAN
+    } else {
+        cpu * 10_000.0 / requests as f64
     }
 }
 

@@ -53,7 +53,7 @@ use trellis_operator::{
 
 use super::{
     Procs, RssSampler, commit, free_addr, loadavg, machine, mib, ms, now_utc, release_binary,
-    results_dir, status_kib, version_of,
+    report, results_dir, status_kib, version_of,
 };
 use xtask::paths;
 
@@ -115,17 +115,13 @@ pub fn operator(opts: &OperatorBench) -> Result<()> {
     });
     let report = result?;
     let md = markdown(&report);
-    fs::write(
-        dir.join("operator.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    fs::write(dir.join("operator.md"), &md)?;
-    println!("{md}");
-    println!(
-        "written: {} and operator.md (namespaces {OPERATOR_NS} and {DIRECT_NS} are being deleted)",
-        dir.join("operator.json").display()
-    );
-    Ok(())
+    report::write(
+        &dir,
+        "operator",
+        &report,
+        &md,
+        &format!(" (namespaces {OPERATOR_NS} and {DIRECT_NS} are being deleted)"),
+    )
 }
 
 async fn admin_client() -> Result<Client> {

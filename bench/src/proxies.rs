@@ -130,11 +130,6 @@ impl Pair {
         self.roots.iter().map(|&r| process_tree(r)).collect()
     }
 
-    /// Every pid of both instances.
-    pub fn all_pids(&self) -> Vec<u32> {
-        self.instances().concat()
-    }
-
     /// Under `--callgrind`: zeroes the sidecars' instruction counts, so the
     /// next dump holds only what follows (the load, not the start-up).
     pub fn callgrind_zero(&self) -> Result<()> {
@@ -268,6 +263,8 @@ pub struct Setup<'a> {
     /// The root and identity service of the mutual-TLS setups (started
     /// only when one of them runs).
     pub mesh: Option<&'a Mesh>,
+    /// More environment for each Trellis sidecar (`KEY=VALUE`).
+    pub sidecar_env: &'a [String],
 }
 
 /// Starts a pair, up to three times: a port [`free_addr`] handed out can
@@ -276,17 +273,19 @@ pub struct Setup<'a> {
 /// whatever else runs on the machine), and that says nothing about the
 /// proxy. A failure that is the proxy's fails all three.
 pub fn start(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
+    start_with_retries(kind.name(), || start_once(kind, proto, s))
+}
+
+/// `start` tried up to three times, saying why before each new try.
+pub fn start_with_retries<T>(name: &str, mut start: impl FnMut() -> Result<T>) -> Result<T> {
     let mut attempt = 1;
     loop {
-        match start_once(kind, proto, s) {
-            Ok(pair) => return Ok(pair),
+        match start() {
+            Ok(started) => return Ok(started),
             Err(e) if attempt < 3 => {
                 // The first lines say why; a sidecar's whole log follows.
                 let why: String = format!("{e:#}").chars().take(400).collect();
-                eprintln!(
-                    "   {} did not start ({why}); starting it again",
-                    kind.name()
-                );
+                eprintln!("   {name} did not start ({why}); starting it again");
                 attempt += 1;
             }
             Err(e) => return Err(e),
@@ -469,24 +468,38 @@ fn haproxy(
             }
         ),
     };
-    // Keep-alive to the client is HAProxy's default (http-keep-alive);
-    // `http-reuse always` shares idle server connections between clients.
     let config = format!(
-        "global\n\
-         \tnbthread 2\n\
-         \tmaxconn 4096\n\
-         defaults\n\
-         \tmode http\n\
-         \ttimeout connect 1s\n\
-         \ttimeout client 30s\n\
-         \ttimeout server 30s\n\
-         \thttp-reuse always\n\
+        "{}\
          frontend fe\n\
          \tbind {bind}\n\
          \tdefault_backend be\n\
          backend be\n\
-         \tserver next {server}\n"
+         \tserver next {server}\n",
+        haproxy_preamble()
     );
+    spawn_haproxy(procs, dir, name, &config)
+}
+
+/// The `global` and `defaults` sections of every HAProxy instance the
+/// benches start: two threads (as many as the machine has cores, like
+/// nginx's two workers and the sidecar's runtime), HTTP mode, keep-alive
+/// to the client (HAProxy's default, http-keep-alive) and `http-reuse
+/// always`, which shares idle server connections between clients.
+pub fn haproxy_preamble() -> &'static str {
+    "global\n\
+     \tnbthread 2\n\
+     \tmaxconn 4096\n\
+     defaults\n\
+     \tmode http\n\
+     \ttimeout connect 1s\n\
+     \ttimeout client 30s\n\
+     \ttimeout server 30s\n\
+     \thttp-reuse always\n"
+}
+
+/// Writes `config` to `<dir>/<name>.haproxy.cfg` and runs HAProxy on it in
+/// the foreground (`-db`), its output in `<name>.log`.
+pub fn spawn_haproxy(procs: &mut Procs, dir: &Path, name: &str, config: &str) -> Result<u32> {
     let path = dir.join(format!("{name}.haproxy.cfg"));
     fs::write(&path, config)?;
     let log = dir.join(format!("{name}.log"));
@@ -505,8 +518,6 @@ fn nginx(
     listen: SocketAddr,
     next: SocketAddr,
 ) -> Result<u32> {
-    let prefix = dir.join(name);
-    fs::create_dir_all(&prefix)?;
     let location = match proto {
         Proto::Http1 => {
             "proxy_pass http://next;\n\
@@ -516,7 +527,28 @@ fn nginx(
         Proto::Grpc => "grpc_pass grpc://next;",
     };
     let h2 = if proto == Proto::Grpc { " http2" } else { "" };
-    let config = format!(
+    let http = format!(
+        "\tupstream next {{\n\
+         \t\tserver {next};\n\
+         \t\tkeepalive 256;\n\
+         \t\tkeepalive_requests 1000000;\n\
+         \t}}\n\
+         \tserver {{\n\
+         \t\tlisten {listen}{h2};\n\
+         \t\tlocation / {{\n\
+         \t\t\t{location}\n\
+         \t\t}}\n\
+         \t}}\n"
+    );
+    spawn_nginx(procs, dir, name, &http)
+}
+
+/// The whole configuration of an nginx instance whose files live under
+/// `prefix`: a master and two workers (as many as the machine has cores),
+/// no access log, unlimited requests per client connection, and `http`
+/// (upstreams and servers) inside the `http` block.
+pub fn nginx_config(prefix: &Path, http: &str) -> String {
+    format!(
         "daemon off;\n\
          master_process on;\n\
          worker_processes 2;\n\
@@ -528,22 +560,19 @@ fn nginx(
          \tclient_body_temp_path {prefix};\n\
          \tproxy_temp_path {prefix};\n\
          \tkeepalive_requests 1000000;\n\
-         \tupstream next {{\n\
-         \t\tserver {next};\n\
-         \t\tkeepalive 256;\n\
-         \t\tkeepalive_requests 1000000;\n\
-         \t}}\n\
-         \tserver {{\n\
-         \t\tlisten {listen}{h2};\n\
-         \t\tlocation / {{\n\
-         \t\t\t{location}\n\
-         \t\t}}\n\
-         \t}}\n\
+         {http}\
          }}\n",
         prefix = prefix.display(),
-    );
+    )
+}
+
+/// Writes [`nginx_config`] to `<dir>/<name>.nginx.conf` (its prefix is
+/// `<dir>/<name>/`) and runs nginx on it in the foreground.
+pub fn spawn_nginx(procs: &mut Procs, dir: &Path, name: &str, http: &str) -> Result<u32> {
+    let prefix = dir.join(name);
+    fs::create_dir_all(&prefix)?;
     let path = dir.join(format!("{name}.nginx.conf"));
-    fs::write(&path, config)?;
+    fs::write(&path, nginx_config(&prefix, http))?;
     let log = dir.join(format!("{name}.log"));
     procs.spawn(
         name,
@@ -562,15 +591,16 @@ fn nginx(
 /// service's name).
 const CLIENT_ACCOUNT: &str = "bench-client";
 
-struct Sidecar {
-    name: String,
-    pid: u32,
-    inbound: SocketAddr,
-    outbound: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
+/// A started `trellis-sidecar`.
+pub struct Sidecar {
+    pub name: String,
+    pub pid: u32,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
     /// The `--callgrind-out-file` prefix (before `.<pid>`), under callgrind.
-    callgrind: Option<PathBuf>,
+    pub callgrind: Option<PathBuf>,
 }
 
 /// A release sidecar in static mode with a realistic policy: retries with a
@@ -641,29 +671,18 @@ fn trellis(
     } else {
         s.otlp
     };
-    let mut words = wrapper.split_whitespace();
-    let mut cmd = match words.next() {
-        Some(w) => {
-            let mut c = Command::new(w);
-            c.args(words).arg(s.sidecar);
-            c
-        }
-        None => Command::new(s.sidecar),
-    };
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
-        .env("OTEL_SERVICE_NAME", name)
-        .args(["--inbound-addr", &inbound.to_string()])
-        .args(["--outbound-addr", &outbound.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .arg("--policy-file")
-        .arg(&policy_path)
-        .args(["--log", "warn"])
-        .args([
-            "--static-endpoints",
-            &format!("{}={endpoints}", loadgen::SERVICE),
-        ]);
+    let mut cmd = sidecar_command(
+        s.sidecar,
+        &wrapper,
+        name,
+        otlp,
+        [inbound, outbound, admin],
+        s.sidecar_env,
+    );
+    cmd.arg("--policy-file").arg(&policy_path).args([
+        "--static-endpoints",
+        &format!("{}={endpoints}", loadgen::SERVICE),
+    ]);
     if mesh.is_some() {
         let account = if dependency.is_some() {
             CLIENT_ACCOUNT
@@ -695,6 +714,42 @@ fn trellis(
     })
 }
 
+/// `sidecar` (under `wrapper`, split on spaces, unless it is empty) with
+/// a clean environment: PATH, the OTLP endpoint `otlp`, service name
+/// `name` for its spans, its inbound, outbound and admin addresses, `env`
+/// (`KEY=VALUE`), and warnings-only logs unless `env` sets `TRELLIS_LOG`.
+pub fn sidecar_command(
+    sidecar: &Path,
+    wrapper: &str,
+    name: &str,
+    otlp: SocketAddr,
+    [inbound, outbound, admin]: [SocketAddr; 3],
+    env: &[String],
+) -> Command {
+    let mut words = wrapper.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(words).arg(sidecar);
+            c
+        }
+        None => Command::new(sidecar),
+    };
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env("OTEL_SERVICE_NAME", name)
+        .args(["--inbound-addr", &inbound.to_string()])
+        .args(["--outbound-addr", &outbound.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .envs(env.iter().filter_map(|kv| kv.split_once('=')));
+    // `--log` would override a `TRELLIS_LOG` given in `env`.
+    if !env.iter().any(|kv| kv.starts_with("TRELLIS_LOG=")) {
+        cmd.args(["--log", "warn"]);
+    }
+    cmd
+}
+
 /// A down collector: a loopback port nothing listens on (the discard port,
 /// never handed out as an ephemeral port), so every export is refused at
 /// once, as when the Collector's pod is gone but its Service still resolves.
@@ -708,7 +763,9 @@ fn closed_port() -> Result<SocketAddr> {
 }
 
 impl Sidecar {
-    fn wait_ready(&self, procs: &mut Procs) -> Result<()> {
+    /// Waits for `/readyz` (60 s at most), failing at once with the log if
+    /// the sidecar exits.
+    pub fn wait_ready(&self, procs: &mut Procs) -> Result<()> {
         // Generous: under a profiler the sidecar starts many times slower.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

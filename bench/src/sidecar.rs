@@ -21,11 +21,13 @@ use anyhow::{Result, bail};
 use serde_json::json;
 
 use super::{
-    RssSampler, commit, cpu_seconds, ensure_packages, loadavg, loadgen, machine,
+    commit, ensure_packages, loadavg,
+    loadgen::{self, Run, Target},
+    machine, measure,
     mesh::Mesh,
-    mib, ms, now_utc,
+    ms, now_utc,
     proxies::{self, Kind, Proto, Setup, Tracing},
-    release_binary, results_dir, rss_kib,
+    release_binary, report, results_dir, rss_kib,
     upstream::Upstreams,
     version_of,
 };
@@ -74,6 +76,10 @@ pub struct SidecarBench {
     /// runs by default, and alone with `--only collector-down`.
     #[arg(long)]
     pub no_collector_down: bool,
+    /// More environment for each Trellis sidecar, `KEY=VALUE`, repeatable
+    /// (`TRELLIS_PROXY_THREADS=1`; `TRELLIS_LOG` is the `--log` flag's).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub sidecar_env: Vec<String>,
 }
 
 /// The `--only` name of the collector-down comparison.
@@ -173,6 +179,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                 callgrind: opts.callgrind.then_some(callgrind_dir.as_path()),
                 tracing: Tracing::REALISTIC,
                 mesh: mesh.as_ref(),
+                sidecar_env: &opts.sidecar_env,
             };
             // A fresh pair for every phase: what one phase leaves behind (an
             // open circuit breaker after an overload, a grown pool) must not
@@ -199,46 +206,37 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                 continue;
             }
             let pair = proxies::start(kind, proto, &setup)?;
-            let pids = pair.all_pids();
-            let sampler = RssSampler::start(pair.instances());
-            let cpu0 = cpu_seconds(&pids);
-            let run = match proto {
-                Proto::Http1 => loadgen::wrk(pair.front, duration, opts.connections)?,
-                Proto::Grpc => loadgen::grpc_closed_loop(
+            let m = measure(pair.instances(), || match proto {
+                Proto::Http1 => loadgen::wrk(
                     pair.front,
+                    &Target::service(),
                     duration,
-                    GRPC_CHANNELS,
-                    GRPC_CONCURRENCY,
-                )?,
-            };
-            let cpu = cpu_seconds(&pids) - cpu0;
-            let peaks = sampler.stop();
+                    opts.connections,
+                    &logs,
+                ),
+                Proto::Grpc => {
+                    loadgen::grpc_closed_loop(pair.front, duration, GRPC_CHANNELS, GRPC_CONCURRENCY)
+                }
+            })?;
             let handshakes = pair.mtls_connections();
             eprintln!(
-                "   closed loop: {:.0} req/s, p50 {} ms, {} errors{}",
-                run.rate(),
-                ms(run.ms(0.5)),
-                run.errors,
+                "   closed loop: {:.0} req/s, p50 {} ms, {} errors{}{}",
+                m.run.rate(),
+                ms(m.run.ms(0.5)),
+                m.run.errors,
+                error_note(&m.run),
                 handshakes.map_or(String::new(), |n| format!(
                     ", {n} mutual-TLS connections A → B"
                 )),
             );
+            let mut max = m.max_row();
+            max["mtls_connections"] = json!(handshakes);
             results.push(json!({
                 "protocol": proto.to_string(),
                 "setup": kind.name(),
                 "rss_idle_kib": idle,
                 "rates": rates,
-                "max": {
-                    "requests_per_s": run.rate(),
-                    "requests": run.requests,
-                    "errors": run.errors,
-                    "p50_ms": run.ms(0.5),
-                    "p99_ms": run.ms(0.99),
-                    "proxy_cpu_s": cpu,
-                    "proxy_cpu_s_per_10k": per_10k(cpu, run.requests),
-                    "rss_peak_kib": peaks,
-                    "mtls_connections": handshakes,
-                },
+                "max": max,
             }));
             drop(pair);
         }
@@ -263,6 +261,7 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
                     callgrind: opts.callgrind.then_some(callgrind_dir.as_path()),
                     tracing: *variant,
                     mesh: None,
+                    sidecar_env: &opts.sidecar_env,
                 };
                 row.push(fixed_rate(
                     Kind::Trellis,
@@ -311,17 +310,20 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
         "collector_down": collector,
     });
     let md = markdown(&report);
-    fs::write(
-        dir.join("sidecar.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    fs::write(dir.join("sidecar.md"), &md)?;
-    println!("{md}");
-    println!(
-        "written: {} and sidecar.md",
-        dir.join("sidecar.json").display()
-    );
-    Ok(())
+    report::write(&dir, "sidecar", &report, &md, "")
+}
+
+/// ` (n: reason; m: reason)` for the most frequent errors of a run.
+fn error_note(run: &Run) -> String {
+    if run.top_errors.is_empty() {
+        return String::new();
+    }
+    let kinds: Vec<String> = run
+        .top_errors
+        .iter()
+        .map(|(why, n)| format!("{n}: {why}"))
+        .collect();
+    format!(" ({})", kinds.join("; "))
 }
 
 /// One fixed-rate phase on a fresh pair: latency, errors, CPU, peak RSS,
@@ -336,16 +338,18 @@ fn fixed_rate(
     opts: &SidecarBench,
 ) -> Result<serde_json::Value> {
     let pair = proxies::start(kind, proto, setup)?;
-    let pids = pair.all_pids();
     pair.callgrind_zero()?;
-    let sampler = RssSampler::start(pair.instances());
-    let cpu0 = cpu_seconds(&pids);
-    let run = match proto {
-        Proto::Http1 => loadgen::h1_open_loop(pair.front, rate, duration, opts.connections)?,
-        Proto::Grpc => loadgen::grpc_open_loop(pair.front, rate, duration, GRPC_CHANNELS)?,
-    };
-    let cpu = cpu_seconds(&pids) - cpu0;
-    let peaks = sampler.stop();
+    let m = measure(pair.instances(), || match proto {
+        Proto::Http1 => loadgen::h1_open_loop(
+            pair.front,
+            &Target::service(),
+            rate,
+            duration,
+            opts.connections,
+        ),
+        Proto::Grpc => loadgen::grpc_open_loop(pair.front, rate, duration, GRPC_CHANNELS),
+    })?;
+    let run = &m.run;
     let profiles = pair.callgrind_dump()?;
     let per_request: Vec<f64> = profiles
         .iter()
@@ -358,11 +362,12 @@ fn fixed_rate(
     let spans = pair.trace_spans();
     let handshakes = pair.mtls_connections();
     eprintln!(
-        "   {rate:>6} req/s: p50 {} p99 {} p99.9 {} ms, {} errors{}{}",
+        "   {rate:>6} req/s: p50 {} p99 {} p99.9 {} ms, {} errors{}{}{}",
         ms(run.ms(0.5)),
         ms(run.ms(0.99)),
         ms(run.ms(0.999)),
         run.errors,
+        error_note(run),
         handshakes.map_or(String::new(), |n| format!(
             ", {n} mutual-TLS connections A → B"
         )),
@@ -384,18 +389,7 @@ fn fixed_rate(
             )
         }
     );
-    let mut x = json!({
-        "rate": rate,
-        "requests": run.requests,
-        "errors": run.errors,
-        "p50_ms": run.ms(0.5),
-        "p99_ms": run.ms(0.99),
-        "p999_ms": run.ms(0.999),
-        "max_ms": run.ms(1.0),
-        "proxy_cpu_s": cpu,
-        "proxy_cpu_s_per_10k": per_10k(cpu, run.requests),
-        "rss_peak_kib": peaks,
-    });
+    let mut x = m.rate_row(rate);
     if kind.is_trellis() {
         x["trace_spans"] = json!({"exported": spans[0], "dropped": spans[1], "failed": spans[2]});
     }
@@ -408,48 +402,10 @@ fn fixed_rate(
     Ok(x)
 }
 
-fn per_10k(cpu: f64, requests: u64) -> f64 {
-    if requests == 0 {
-        f64::NAN
-    } else {
-        cpu * 10_000.0 / requests as f64
-    }
-}
-
 /// The Markdown tables of a report.
 fn markdown(r: &serde_json::Value) -> String {
     let mut out = String::new();
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
-    let _ = writeln!(out, "Date: {}; commit `{}`", s(&r["date"]), s(&r["commit"]));
-    let _ = writeln!(out, "Machine: {}", s(&r["machine"]));
-    let _ = writeln!(
-        out,
-        "Load average (1/5/15 min) before: {}, after: {}",
-        s(&r["loadavg_before"]),
-        s(&r["loadavg_after"])
-    );
-    let v = &r["versions"];
-    let _ = writeln!(
-        out,
-        "Versions: {}; {}; {}; {}; {}",
-        s(&v["trellis-sidecar"]),
-        s(&v["haproxy"]),
-        s(&v["nginx"]),
-        s(&v["wrk"]),
-        s(&v["rustc"])
-    );
-    if !v["haproxy_tls_library"].is_null() {
-        let _ = writeln!(
-            out,
-            "HAProxy's TLS library: {}",
-            s(&v["haproxy_tls_library"])
-        );
-    }
-    let _ = writeln!(
-        out,
-        "OTLP export requests received by the sink: {}",
-        r["otlp_exports_received"]
-    );
+    report::header(&mut out, r);
     if let Some(n) = r["mesh_certificates_issued"].as_u64() {
         let _ = writeln!(
             out,
@@ -457,91 +413,14 @@ fn markdown(r: &serde_json::Value) -> String {
         );
     }
     let results = r["results"].as_array().cloned().unwrap_or_default();
-    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     for proto in ["HTTP/1.1", "gRPC (h2c)"] {
         let rows: Vec<&serde_json::Value> =
             results.iter().filter(|x| x["protocol"] == proto).collect();
         if rows.is_empty() {
             continue;
         }
-        let direct = rows.iter().find(|x| x["setup"] == "direct");
-        let direct_at = |rate: &serde_json::Value, key: &str| {
-            direct
-                .and_then(|d| d["rates"].as_array()?.iter().find(|x| x["rate"] == *rate))
-                .map_or(f64::NAN, |x| f(&x[key]))
-        };
-        let _ = writeln!(out, "\n### {proto}: latency at fixed rates (open loop)\n");
-        let _ = writeln!(
-            out,
-            "| setup | rate (req/s) | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | added p99.9 ms | errors | proxy CPU s / 10k req |"
-        );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for row in &rows {
-            for x in row["rates"].as_array().into_iter().flatten() {
-                let added = |k: &str| {
-                    if row["setup"] == "direct" {
-                        "–".into()
-                    } else {
-                        ms(f(&x[k]) - direct_at(&x["rate"], k))
-                    }
-                };
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    s(&row["setup"]),
-                    x["rate"],
-                    ms(f(&x["p50_ms"])),
-                    ms(f(&x["p99_ms"])),
-                    ms(f(&x["p999_ms"])),
-                    added("p50_ms"),
-                    added("p99_ms"),
-                    added("p999_ms"),
-                    x["errors"],
-                    cpu_cell(row, f(&x["proxy_cpu_s_per_10k"])),
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "\n### {proto}: maximum throughput (closed loop), CPU, memory\n"
-        );
-        let _ = writeln!(
-            out,
-            "| setup | max req/s | p50 ms at max | errors | proxy CPU s / 10k req at max | RSS idle MiB (A / B) | RSS peak at highest rate MiB (A / B) | RSS peak at max MiB (A / B) |"
-        );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
-        for row in rows.iter().filter(|r| !r["max"].is_null()) {
-            let m = &row["max"];
-            let pair = |v: &serde_json::Value| {
-                let kib: Vec<String> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|k| mib(k.as_u64().unwrap_or(0)))
-                    .collect();
-                if kib.is_empty() {
-                    "–".into()
-                } else {
-                    kib.join(" / ")
-                }
-            };
-            let last = row["rates"]
-                .as_array()
-                .and_then(|a| a.last())
-                .map_or(serde_json::Value::Null, |x| x["rss_peak_kib"].clone());
-            let _ = writeln!(
-                out,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {} |",
-                s(&row["setup"]),
-                f(&m["requests_per_s"]),
-                ms(f(&m["p50_ms"])),
-                m["errors"],
-                cpu_cell(row, f(&m["proxy_cpu_s_per_10k"])),
-                pair(&row["rss_idle_kib"]),
-                pair(&last),
-                pair(&m["rss_peak_kib"]),
-            );
-        }
+        report::fixed_rates(&mut out, proto, &rows);
+        report::closed_loop(&mut out, proto, &rows, " (A / B)");
         let profiled: Vec<String> = rows
             .iter()
             .flat_map(|row| {
@@ -557,7 +436,7 @@ fn markdown(r: &serde_json::Value) -> String {
                             .collect();
                         Some(format!(
                             "| {} | {} | {} | {} |",
-                            s(&row["setup"]),
+                            row["setup"].as_str().unwrap_or(""),
                             x["rate"],
                             x["requests"],
                             n.join(" / ")
@@ -579,65 +458,14 @@ fn markdown(r: &serde_json::Value) -> String {
                 let _ = writeln!(out, "{line}");
             }
         }
-        let trellis = rows
-            .iter()
-            .find(|x| x["setup"] == "trellis" && !x["max"].is_null());
-        let Some(trellis) = trellis else { continue };
-        let _ = writeln!(
-            out,
-            "\n### {proto}: Trellis relative to HAProxy and nginx\n"
+        report::ratios(
+            &mut out,
+            proto,
+            &rows,
+            ("trellis", "Trellis"),
+            &["haproxy", "nginx"],
+            "RSS peak at max (sum of A and B)",
         );
-        let _ = writeln!(
-            out,
-            "Ratios are Trellis ÷ other: below 1 is better for latency, CPU and memory; above 1 is better for throughput.\n"
-        );
-        let _ = writeln!(out, "| metric | vs haproxy | vs nginx |");
-        let _ = writeln!(out, "|---|---:|---:|");
-        let other = |name: &str| rows.iter().find(|x| x["setup"] == name).copied();
-        let ratio = |a: f64, b: f64| {
-            if b.is_finite() && b > 0.0 && a.is_finite() {
-                format!("{:.2}", a / b)
-            } else {
-                "–".into()
-            }
-        };
-        for (i, x) in trellis["rates"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            let added_p99 = |row: &serde_json::Value| {
-                row["rates"].get(i).map_or(f64::NAN, |o| {
-                    f(&o["p99_ms"]) - direct_at(&x["rate"], "p99_ms")
-                })
-            };
-            let cells: Vec<String> = ["haproxy", "nginx"]
-                .iter()
-                .map(|n| other(n).map_or("–".into(), |o| ratio(added_p99(trellis), added_p99(o))))
-                .collect();
-            let _ = writeln!(
-                out,
-                "| added p99 at {} req/s | {} | {} |",
-                x["rate"], cells[0], cells[1]
-            );
-        }
-        let metric = |label: &str, get: &dyn Fn(&serde_json::Value) -> f64| {
-            let cells: Vec<String> = ["haproxy", "nginx"]
-                .iter()
-                .map(|n| other(n).map_or("–".into(), |o| ratio(get(trellis), get(o))))
-                .collect();
-            format!("| {label} | {} | {} |\n", cells[0], cells[1])
-        };
-        out += &metric("max throughput", &|r| f(&r["max"]["requests_per_s"]));
-        out += &metric("CPU per request at max", &|r| {
-            f(&r["max"]["proxy_cpu_s_per_10k"])
-        });
-        out += &metric("RSS peak at max (sum of A and B)", &|r| {
-            r["max"]["rss_peak_kib"]
-                .as_array()
-                .map_or(f64::NAN, |a| a.iter().filter_map(|v| v.as_f64()).sum())
-        });
     }
     out += &mutual_tls_markdown(r);
     out += &collector_markdown(r);
@@ -913,12 +741,4 @@ fn collector_markdown(r: &serde_json::Value) -> String {
         }
     }
     out
-}
-
-fn cpu_cell(row: &serde_json::Value, v: f64) -> String {
-    if row["setup"] == "direct" || !v.is_finite() {
-        "–".into()
-    } else {
-        format!("{v:.2}")
-    }
 }

@@ -1,7 +1,8 @@
 //! The upstreams every setup shares, on one small tokio runtime: a minimal
 //! hyper HTTP/1.1 server, a tonic gRPC server (`grpc.health.v1`), and a sink
 //! that accepts OTLP trace exports so the sidecar's exporter has somewhere
-//! real to send to.
+//! real to send to; and for the gateway bench, [`Named`] HTTP/1.1
+//! upstreams that check they were routed to.
 
 use std::{
     convert::Infallible,
@@ -72,6 +73,129 @@ impl Upstreams {
 
     pub fn exports(&self) -> u64 {
         self.otlp_exports.load(Ordering::Relaxed)
+    }
+
+    /// Starts a [`Named`] upstream on this runtime.
+    pub fn named(&self, name: &str, expect: Expect) -> Result<Named> {
+        let counts = Arc::new(Counts::default());
+        let addr = self._rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let answer = Arc::new(Answer {
+                body: Bytes::from(format!("{name}\n")),
+                name: http::HeaderValue::from_str(name)?,
+                expect,
+                counts: counts.clone(),
+            });
+            tokio::spawn(serve_named(listener, answer));
+            anyhow::Ok(addr)
+        })?;
+        Ok(Named {
+            name: name.to_owned(),
+            addr,
+            counts,
+        })
+    }
+}
+
+/// What a [`Named`] upstream requires of the requests it is sent.
+#[derive(Clone, Debug, Default)]
+pub struct Expect {
+    /// A path prefix, matched as the Gateway API's `PathPrefix` does (whole
+    /// segments: `/a` takes `/a` and `/a/b`, not `/ab`).
+    pub prefix: Option<String>,
+    /// A header the edge adds, and its value.
+    pub header: Option<(String, String)>,
+}
+
+impl Expect {
+    /// Why `req` should not have come here, if it should not.
+    fn refuse(&self, req: &Request<Incoming>) -> Option<String> {
+        if let Some(prefix) = &self.prefix {
+            let path = req.uri().path();
+            let under = path
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+            if !under {
+                return Some(format!("path {path} is not under {prefix}"));
+            }
+        }
+        if let Some((name, value)) = &self.header {
+            let seen = req.headers().get(name.as_str());
+            if seen.is_none_or(|v| v.as_bytes() != value.as_bytes()) {
+                return Some(format!("header {name} is {seen:?}, not {value:?}"));
+            }
+        }
+        None
+    }
+}
+
+/// Requests a [`Named`] upstream answered, and how many it refused.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub served: AtomicU64,
+    pub misdirected: AtomicU64,
+}
+
+/// An HTTP/1.1 keep-alive upstream that answers 200 with its name (as the
+/// body and in `x-upstream`) when a request meets its [`Expect`], and 421
+/// Misdirected Request saying why otherwise: a proxy that routes a path to
+/// the wrong upstream, or drops the header it should add, fails the
+/// generator's status check on that request.
+pub struct Named {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub counts: Arc<Counts>,
+}
+
+impl Named {
+    /// (served, misdirected) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.counts.served.load(Ordering::Relaxed),
+            self.counts.misdirected.load(Ordering::Relaxed),
+        )
+    }
+}
+
+struct Answer {
+    body: Bytes,
+    name: http::HeaderValue,
+    expect: Expect,
+    counts: Arc<Counts>,
+}
+
+async fn serve_named(listener: TcpListener, answer: Arc<Answer>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let answer = answer.clone();
+                async move {
+                    let response = match answer.expect.refuse(&req) {
+                        None => {
+                            answer.counts.served.fetch_add(1, Ordering::Relaxed);
+                            Response::builder()
+                                .header("content-type", "text/plain")
+                                .header("x-upstream", answer.name.clone())
+                                .body(Full::new(answer.body.clone()))
+                        }
+                        Some(why) => {
+                            answer.counts.misdirected.fetch_add(1, Ordering::Relaxed);
+                            Response::builder()
+                                .status(http::StatusCode::MISDIRECTED_REQUEST)
+                                .header("x-upstream", answer.name.clone())
+                                .body(Full::new(Bytes::from(why)))
+                        }
+                    };
+                    Ok::<_, Infallible>(response.expect("a valid response"))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 

@@ -94,18 +94,16 @@ pub const OPERATOR_PERMISSIONS: &[(&str, &str, &[&str])] = &[
 
 /// What the chart grants besides when the operator watches every namespace:
 /// removing the grants in other namespaces that no dependency names any
-/// more, and the gateway controller (the Gateway API objects and their
-/// status, namespaces for route selectors, each gateway's configuration
-/// Secret and its binding to the discovery ClusterRole, EdgePolicies and
-/// their status).
+/// more.
 pub const CLUSTER_WIDE_PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("rbac.authorization.k8s.io", "roles", &["delete"]),
     ("rbac.authorization.k8s.io", "rolebindings", &["delete"]),
-    (
-        "gateway.networking.k8s.io",
-        "gatewayclasses",
-        &["list", "watch"],
-    ),
+];
+
+/// What the chart grants the gateway controller where the operator watches
+/// (`gateway.enabled`): the Gateway API objects it serves and their status,
+/// each gateway's configuration Secret, and EdgePolicies and their status.
+pub const GATEWAY_PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("gateway.networking.k8s.io", "gateways", &["list", "watch"]),
     (
         "gateway.networking.k8s.io",
@@ -122,23 +120,45 @@ pub const CLUSTER_WIDE_PERMISSIONS: &[(&str, &str, &[&str])] = &[
         "referencegrants",
         &["list", "watch"],
     ),
+    ("gateway.networking.k8s.io", "gateways/status", &["patch"]),
+    ("gateway.networking.k8s.io", "httproutes/status", &["patch"]),
+    ("gateway.networking.k8s.io", "grpcroutes/status", &["patch"]),
+    ("", "secrets", &["create", "patch"]),
+    ("trellis.dev", "edgepolicies", &["list", "watch"]),
+    ("trellis.dev", "edgepolicies/status", &["patch"]),
+];
+
+/// What the gateway controller needs outside any namespace, however the
+/// operator is installed: the GatewayClasses and their status.
+pub const GATEWAY_CLASS_PERMISSIONS: &[(&str, &str, &[&str])] = &[
+    (
+        "gateway.networking.k8s.io",
+        "gatewayclasses",
+        &["list", "watch"],
+    ),
     (
         "gateway.networking.k8s.io",
         "gatewayclasses/status",
         &["patch"],
     ),
-    ("gateway.networking.k8s.io", "gateways/status", &["patch"]),
-    ("gateway.networking.k8s.io", "httproutes/status", &["patch"]),
-    ("gateway.networking.k8s.io", "grpcroutes/status", &["patch"]),
+];
+
+/// What the gateway controller needs outside the one namespace it watches:
+/// that namespace's labels, for routes' selectors (granted by name).
+pub const GATEWAY_WATCHED_NAMESPACE_PERMISSIONS: &[(&str, &str, &[&str])] =
+    &[("", "namespaces", &["get"])];
+
+/// What the gateway controller needs besides when the operator watches
+/// every namespace: namespaces, for routes' selectors, and each gateway's
+/// binding to the discovery ClusterRole (watching one namespace, it reads
+/// that namespace only, and the bindings are RoleBindings there).
+pub const GATEWAY_CLUSTER_WIDE_PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("", "namespaces", &["list", "watch"]),
-    ("", "secrets", &["create", "patch"]),
     (
         "rbac.authorization.k8s.io",
         "clusterrolebindings",
         &["list", "create", "patch", "delete"],
     ),
-    ("trellis.dev", "edgepolicies", &["list", "watch"]),
-    ("trellis.dev", "edgepolicies/status", &["patch"]),
 ];
 
 /// The outcome of one check.
@@ -297,6 +317,17 @@ fn arg(d: &Deployment, flag: &str) -> Option<String> {
         .find_map(|a| a.strip_prefix(&prefix).map(str::to_owned))
 }
 
+/// The value of environment variable `name` of the operator container.
+fn env(d: &Deployment, name: &str) -> Option<String> {
+    operator_container(d)?
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
+}
+
 fn has_flag(d: &Deployment, flag: &str) -> bool {
     operator_container(d)
         .and_then(|c| c.args.as_ref())
@@ -420,6 +451,17 @@ async fn leader(client: &Client, d: &Deployment, ns: &str, what: &str) -> anyhow
     })
 }
 
+/// Where a list of grants is checked.
+#[derive(Clone, Copy)]
+enum Scope {
+    /// In the watched namespace (every namespace when the operator watches all).
+    Watched,
+    /// Cluster-scoped objects.
+    Cluster,
+    /// The watched Namespace object itself, by name.
+    WatchedNamespace,
+}
+
 /// Whether the operator's ServiceAccount may do what the chart grants, in
 /// the namespace it watches (every namespace when it watches all).
 async fn permissions(
@@ -439,12 +481,35 @@ async fn permissions(
     let watched = arg(d, "--watch-namespace");
     let reviews = Api::<SubjectAccessReview>::all(client.clone());
     let mut missing = Vec::new();
-    let extra = if watched.is_none() {
-        CLUSTER_WIDE_PERMISSIONS
-    } else {
-        &[]
-    };
-    for (group, resource, verbs) in OPERATOR_PERMISSIONS.iter().chain(extra) {
+    let gateway = env(d, "TRELLIS_GATEWAY_CONTROLLER").as_deref() != Some("false");
+    let mut wanted = vec![(OPERATOR_PERMISSIONS, Scope::Watched)];
+    match (&watched, gateway) {
+        (None, false) => wanted.push((CLUSTER_WIDE_PERMISSIONS, Scope::Watched)),
+        (None, true) => wanted.extend([
+            (CLUSTER_WIDE_PERMISSIONS, Scope::Watched),
+            (GATEWAY_PERMISSIONS, Scope::Watched),
+            (GATEWAY_CLASS_PERMISSIONS, Scope::Watched),
+            (GATEWAY_CLUSTER_WIDE_PERMISSIONS, Scope::Watched),
+        ]),
+        (Some(_), false) => {}
+        (Some(_), true) => wanted.extend([
+            (GATEWAY_PERMISSIONS, Scope::Watched),
+            (GATEWAY_CLASS_PERMISSIONS, Scope::Cluster),
+            (
+                GATEWAY_WATCHED_NAMESPACE_PERMISSIONS,
+                Scope::WatchedNamespace,
+            ),
+        ]),
+    }
+    let grants = wanted
+        .iter()
+        .flat_map(|(list, scope)| list.iter().map(move |g| (g, *scope)));
+    for ((group, resource, verbs), scope) in grants {
+        let (namespace, name) = match scope {
+            Scope::Watched => (watched.clone(), None),
+            Scope::Cluster => (None, None),
+            Scope::WatchedNamespace => (None, watched.clone()),
+        };
         let (resource, subresource) = match resource.split_once('/') {
             Some((r, s)) => (r, Some(s.to_owned())),
             None => (*resource, None),
@@ -458,7 +523,8 @@ async fn permissions(
                         resource: Some(resource.into()),
                         subresource: subresource.clone(),
                         verb: Some((*verb).into()),
-                        namespace: watched.clone(),
+                        namespace: namespace.clone(),
+                        name: name.clone(),
                         ..ResourceAttributes::default()
                     }),
                     ..SubjectAccessReviewSpec::default()

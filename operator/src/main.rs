@@ -89,7 +89,8 @@ struct Args {
     otlp_endpoint: Option<String>,
 
     /// Serve Gateway API Gateways whose GatewayClass names this controller
-    /// (needs the Gateway API CRDs; off when watching one namespace).
+    /// (needs the Gateway API CRDs; watching one namespace, that namespace's
+    /// Gateways, with routes and backends there).
     #[arg(long, env = "TRELLIS_GATEWAY_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
     gateway_controller: bool,
 
@@ -244,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
     }
     metrics.leader.set(1);
 
-    let gateways = (args.gateway_controller && args.watch_namespace.is_none()).then(|| {
+    let gateways = args.gateway_controller.then(|| {
         tokio::spawn(trellis_operator::gateway::run(
             client.clone(),
             trellis_operator::gateway::GatewaySettings {
@@ -255,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
                     otlp_endpoint: args.otlp_endpoint.clone(),
                     discovery_role: args.gateway_discovery_role.clone(),
                     controller_name: args.gateway_controller_name.clone(),
+                    namespaced: args.watch_namespace.is_some(),
                 },
                 identity: args.identity_address.clone().map(|addr| {
                     (
@@ -264,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
                     )
                 }),
                 address_from: args.gateway_address_from,
+                namespace: args.watch_namespace.clone(),
             },
         ))
     });

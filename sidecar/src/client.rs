@@ -28,6 +28,11 @@ use crate::{
     mtls::MeshTls,
 };
 
+/// The HTTP/2 connection flow-control window of upstream connections.
+const H2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The HTTP/2 stream flow-control window of upstream connections.
+const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+
 /// How the proxy speaks to one upstream request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpstreamProtocol {
@@ -198,7 +203,14 @@ impl UpstreamClient {
         b.http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .http2_keep_alive_timeout(Duration::from_secs(5))
-            .http2_adaptive_window(true);
+            // Fixed windows (hyper's defaults), not an adaptive one: h2
+            // bounds the small DATA frames a connection holds to half its
+            // window, and an adaptive window starts at 64 KiB, about 130
+            // small gRPC messages, which a loaded connection holds at once;
+            // h2 then closes it (GOAWAY ENHANCE_YOUR_CALM) with every call
+            // on it. 5 MiB allows about 10,000.
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW);
         let h2 = b.build(connector);
         Self(Arc::new(Clients {
             h1,

@@ -205,6 +205,14 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log: String,
 
+    /// Threads that run the proxy; 0, the default, is one per CPU the
+    /// process may use. One runs every connection on one thread, with no
+    /// hand-offs between threads: 10-20 % less CPU per request on the
+    /// benchmark's two cores, but at most one core, and there the pair no
+    /// longer kept up with 8,000 requests/s (docs/benchmarks.md).
+    #[arg(long, env = "TRELLIS_PROXY_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
     /// Export spans over OTLP/gRPC to this endpoint (`http://collector:4317`);
     /// unset, no spans are made and trace headers pass through untouched.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]

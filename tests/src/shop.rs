@@ -12,6 +12,9 @@
 //!   on the host, kind's are inside Docker), and to a pod's sidecar admin
 //!   port, straight to the pod IP on the local node (the host is on the pod
 //!   bridge) or through the apiserver's pod proxy (kind);
+//! - [`Edge`]: the shop's Gateway (examples/shop/gateway.yaml), through which
+//!   [`Shop`] places its users, products and orders, as a client outside the
+//!   cluster does;
 //! - [`Shop`]: users, products, orders; [`Load`]: orders in the background;
 //!   [`Shop::scrape`]: every pod's sidecar metrics.
 
@@ -50,6 +53,8 @@ pub const ADMIN_PORT: u16 = 15020;
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 /// The shop's services, callers last.
 pub const SERVICES: [&str; 3] = ["user", "product", "order"];
+/// The shop's Gateway (examples/shop/gateway.yaml).
+pub const GATEWAY: &str = "shop";
 
 /// The workspace root. `cargo test` says where this crate's manifest is at
 /// run time; that is preferred to the path compiled in, which names the
@@ -232,9 +237,10 @@ fn run_with_input(cmd: &mut Command, input: &str) -> Result<String> {
 /// `helm upgrade --install <release> charts/trellis` into `namespace` (so a
 /// second demo run upgrades), watching only `watch` (so the operator leaves
 /// every other namespace, and the operators other tests run, alone), waiting
-/// until the operator is available.
+/// until the operator is available. Gateways report a gateway pod's
+/// address: this host reaches pods but not Services.
 pub fn install_chart(release: &str, namespace: &str, watch: &str) -> Result<String> {
-    install_chart_with(release, namespace, watch, &[])
+    install_chart_with(release, namespace, watch, &["gateway.addressFrom=pod"])
 }
 
 /// [`install_chart`] with more `--set key=value` values.
@@ -289,6 +295,16 @@ pub fn shop_manifests(namespace: &str, postgres: &str) -> Result<Value> {
         }
     }
     Ok(json!({ "apiVersion": "v1", "kind": "List", "items": items }))
+}
+
+/// The shop's Gateways in `list` (from [`shop_manifests`]) of GatewayClass
+/// `class`: a release with a class of its own serves them.
+pub fn use_gateway_class(list: &mut Value, class: &str) {
+    for item in list["items"].as_array_mut().into_iter().flatten() {
+        if item["kind"] == "Gateway" {
+            item["spec"]["gatewayClassName"] = json!(class);
+        }
+    }
 }
 
 /// `kubectl apply -f -` of a `List`; returns what kubectl printed.
@@ -364,6 +380,79 @@ impl Reply {
     }
 }
 
+/// Where a Gateway is reached from outside the cluster.
+#[derive(Clone, Debug)]
+pub struct Edge {
+    /// The address its status gives (on the local node, a gateway pod's IP).
+    pub address: String,
+    /// Its Service, for the apiserver's service proxy (on kind, whose pods
+    /// the host cannot reach).
+    pub service: String,
+}
+
+impl Edge {
+    /// Gateway `name` in `namespace` once it is Programmed with an address
+    /// and routes `probe` (a path answered 200 behind it), within `timeout`.
+    pub async fn wait(reach: &Reach, name: &str, probe: &str, timeout: Duration) -> Result<Self> {
+        let started = Instant::now();
+        let mut last = String::from("no status yet");
+        loop {
+            if let Some(edge) = Self::programmed(&reach.namespace, name, &mut last) {
+                let mut through = reach.clone();
+                through.edge = Some(edge.clone());
+                match through.api(http::Method::GET, "", probe, None).await {
+                    Ok(r) if r.status == 200 => return Ok(edge),
+                    Ok(r) => {
+                        last = format!("GET {probe} through it answered {}: {}", r.status, r.body)
+                    }
+                    Err(e) => last = format!("GET {probe} through it: {e:#}"),
+                }
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "Gateway {name} in {} did not serve {probe} within {timeout:?} ({last}); see `kubectl describe gateway {name} -n {}`",
+                    reach.namespace,
+                    reach.namespace
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The Gateway's address when it is Programmed at its generation.
+    fn programmed(namespace: &str, name: &str, last: &mut String) -> Option<Self> {
+        let out = run(kubectl().args(["get", "gateway", name, "-n", namespace, "-o", "json"]));
+        let gw: Value = match out.map(|o| serde_json::from_str(&o)) {
+            Ok(Ok(gw)) => gw,
+            Ok(Err(e)) => {
+                *last = format!("unreadable: {e}");
+                return None;
+            }
+            Err(e) => {
+                *last = format!("{e:#}");
+                return None;
+            }
+        };
+        let status = &gw["status"];
+        let programmed = status["conditions"].as_array().and_then(|cs| {
+            cs.iter().find(|c| c["type"] == "Programmed").map(|c| {
+                c["status"] == "True" && c["observedGeneration"] == gw["metadata"]["generation"]
+            })
+        });
+        let address = status["addresses"][0]["value"].as_str();
+        match (programmed, address) {
+            (Some(true), Some(address)) => Some(Self {
+                address: address.to_owned(),
+                service: format!("{name}-trellis-gateway"),
+            }),
+            _ => {
+                *last = format!("status {status}");
+                None
+            }
+        }
+    }
+}
+
 /// HTTP to a namespace's Services and pods, directly or through the apiserver.
 #[derive(Clone)]
 pub struct Reach {
@@ -371,8 +460,10 @@ pub struct Reach {
     client: Client,
     namespace: String,
     http: reqwest::Client,
-    /// Sent with every request to a Service.
+    /// Sent with every request to a Service and through the gateway.
     headers: http::HeaderMap,
+    /// The namespace's Gateway, when its API is reached through it.
+    edge: Option<Edge>,
 }
 
 impl Reach {
@@ -389,6 +480,45 @@ impl Reach {
                 .build()
                 .expect("an HTTP client"),
             headers: http::HeaderMap::new(),
+            edge: None,
+        }
+    }
+
+    /// The same reach, sending [`Reach::api`] requests through `edge`.
+    pub fn with_edge(mut self, edge: Edge) -> Self {
+        self.edge = Some(edge);
+        self
+    }
+
+    /// The gateway this reach goes through, if any.
+    pub fn edge(&self) -> Option<&Edge> {
+        self.edge.as_ref()
+    }
+
+    /// `method path` on the shop's API: through the Gateway when the reach
+    /// has one (straight to its address on the local node, through the
+    /// apiserver's proxy to its Service on kind), else on Service `service`
+    /// (see [`Reach::service`]).
+    pub async fn api(
+        &self,
+        method: http::Method,
+        service: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Reply> {
+        match (&self.edge, self.mode) {
+            (None, _) => self.service(method, service, path, body).await,
+            (Some(edge), ReachMode::Direct) => {
+                self.direct(method, &format!("http://{}{path}", edge.address), body)
+                    .await
+            }
+            (Some(edge), ReachMode::ApiServer) => {
+                let uri = format!(
+                    "/api/v1/namespaces/{}/services/{}:80/proxy{path}",
+                    self.namespace, edge.service
+                );
+                self.via_apiserver(method, &uri, body).await
+            }
         }
     }
 
@@ -447,7 +577,10 @@ impl Reach {
 
     async fn direct(&self, method: http::Method, url: &str, body: Option<&Value>) -> Result<Reply> {
         let started = Instant::now();
-        let mut req = self.http.request(method.clone(), url);
+        let mut req = self
+            .http
+            .request(method.clone(), url)
+            .headers(self.headers.clone());
         if let Some(body) = body {
             req = req.json(body);
         }
@@ -556,6 +689,20 @@ impl Shop {
         }
     }
 
+    /// The same shop, its users, products and orders going through Gateway
+    /// `name` (examples/shop/gateway.yaml) once it serves the API.
+    pub async fn through_gateway(mut self, name: &str) -> Result<Self> {
+        let edge = Edge::wait(
+            &self.reach,
+            name,
+            "/api/v1/products",
+            Duration::from_secs(180),
+        )
+        .await?;
+        self.reach = self.reach.with_edge(edge);
+        Ok(self)
+    }
+
     /// The same shop, its every request carrying W3C `baggage` (which the
     /// services pass on to the calls they make, like the trace context).
     pub fn with_baggage(&self, baggage: &str) -> Self {
@@ -570,12 +717,13 @@ impl Shop {
     }
 
     /// Creates `users` users and `products` products (with plenty of stock)
-    /// through the user and product Services.
+    /// through the user and product Services (through the gateway, when
+    /// the shop goes through one).
     pub async fn seed(&mut self, users: usize, products: usize) -> Result<()> {
         for i in 0..users {
             let rsp = self
                 .reach
-                .service(
+                .api(
                     http::Method::POST,
                     "user",
                     "/api/v1/users",
@@ -595,7 +743,7 @@ impl Shop {
         for i in 0..products {
             let rsp = self
                 .reach
-                .service(
+                .api(
                     http::Method::POST,
                     "product",
                     "/api/v1/products",
@@ -616,10 +764,11 @@ impl Shop {
         Ok(())
     }
 
-    /// Places one order of one unit through the order Service.
+    /// Places one order of one unit through the order Service (through the
+    /// gateway, when the shop goes through one).
     pub async fn order(&self, user: i64, product: i64) -> Result<Reply> {
         self.reach
-            .service(
+            .api(
                 http::Method::POST,
                 "order",
                 "/api/v1/orders",
@@ -709,10 +858,22 @@ impl Shop {
         }
     }
 
+    /// The running, not terminating pods of the shop's gateway, oldest first.
+    pub async fn gateway_pods(&self) -> Result<Vec<Pod>> {
+        self.running_pods(&format!("gateway.networking.k8s.io/gateway-name={GATEWAY}"))
+            .await
+    }
+
     /// The running, not terminating pods of a service, oldest first.
     pub async fn pods(&self, service: &str) -> Result<Vec<Pod>> {
+        self.running_pods(&format!("{NAME_LABEL}={service}")).await
+    }
+
+    /// The running, not terminating pods with an IP that `selector`
+    /// selects, oldest first.
+    async fn running_pods(&self, selector: &str) -> Result<Vec<Pod>> {
         let mut pods: Vec<Pod> = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
-            .list(&ListParams::default().labels(&format!("{NAME_LABEL}={service}")))
+            .list(&ListParams::default().labels(selector))
             .await?
             .items
             .into_iter()

@@ -671,17 +671,71 @@ fn triples(list: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)>
 #[test]
 #[ignore = "needs the tools cache (helm): cargo xtask test"]
 fn trellis_check_asks_for_exactly_what_the_chart_grants() {
-    use trellis_cli::check::{CLUSTER_WIDE_PERMISSIONS, OPERATOR_PERMISSIONS};
+    use trellis_cli::check::{
+        CLUSTER_WIDE_PERMISSIONS, GATEWAY_CLASS_PERMISSIONS, GATEWAY_CLUSTER_WIDE_PERMISSIONS,
+        GATEWAY_PERMISSIONS, GATEWAY_WATCHED_NAMESPACE_PERMISSIONS, OPERATOR_PERMISSIONS,
+    };
+    let role_of = |docs: &[Value]| {
+        grants_of(
+            docs.iter()
+                .find(|d| {
+                    (d["kind"] == "Role" || d["kind"] == "ClusterRole")
+                        && d["rules"].to_string().contains("microservices")
+                })
+                .expect("the operator's Role or ClusterRole"),
+        )
+    };
+    let classes_role = |docs: &[Value]| {
+        docs.iter()
+            .find(|d| {
+                d["kind"] == "ClusterRole"
+                    && d["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with("-gateway-classes"))
+            })
+            .map(grants_of)
+    };
+
     let cluster_wide = template(&[]).unwrap();
     let mut want = triples(OPERATOR_PERMISSIONS);
+    for list in [
+        CLUSTER_WIDE_PERMISSIONS,
+        GATEWAY_PERMISSIONS,
+        GATEWAY_CLASS_PERMISSIONS,
+        GATEWAY_CLUSTER_WIDE_PERMISSIONS,
+    ] {
+        want.extend(triples(list));
+    }
+    assert_eq!(role_of(&cluster_wide), want);
+    assert_eq!(classes_role(&cluster_wide), None);
+
+    let no_gateway = template(&["gateway.enabled=false"]).unwrap();
+    let mut want = triples(OPERATOR_PERMISSIONS);
     want.extend(triples(CLUSTER_WIDE_PERMISSIONS));
-    assert_eq!(grants_of(find(&cluster_wide, "ClusterRole")), want);
+    assert_eq!(role_of(&no_gateway), want);
+
+    // For one namespace: the gateway's namespaced grants in the Role, and
+    // outside it only the GatewayClasses and that namespace, by name.
     let namespaced = template(&["watchNamespace=apps"]).unwrap();
-    let role = namespaced
+    let mut want = triples(OPERATOR_PERMISSIONS);
+    want.extend(triples(GATEWAY_PERMISSIONS));
+    assert_eq!(role_of(&namespaced), want);
+    let mut want = triples(GATEWAY_CLASS_PERMISSIONS);
+    want.extend(triples(GATEWAY_WATCHED_NAMESPACE_PERMISSIONS));
+    assert_eq!(classes_role(&namespaced), Some(want));
+    let names = namespaced
         .iter()
-        .find(|d| d["kind"] == "Role" && d["rules"].to_string().contains("microservices"))
-        .expect("the namespaced install's Role");
-    assert_eq!(grants_of(role), triples(OPERATOR_PERMISSIONS));
+        .find(|d| {
+            d["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-gateway-classes"))
+        })
+        .map(|d| d["rules"][2]["resourceNames"].clone());
+    assert_eq!(names, Some(json!(["apps"])));
+
+    let namespaced = template(&["watchNamespace=apps", "gateway.enabled=false"]).unwrap();
+    assert_eq!(role_of(&namespaced), triples(OPERATOR_PERMISSIONS));
+    assert_eq!(classes_role(&namespaced), None);
 }
 
 /// The identity service: its own ServiceAccount, which alone may read the
@@ -740,12 +794,12 @@ fn values_choose_leader_election_scope_and_monitoring() {
         "two replicas must elect a leader: {args}"
     );
 
-    let scoped = template(&["watchNamespace=shop"]).unwrap();
+    let scoped = template(&["watchNamespace=shop", "gateway.enabled=false"]).unwrap();
     assert!(
         scoped
             .iter()
             .all(|d| d["kind"] != "ClusterRole" || is_identity(d)),
-        "a namespaced install's operator needs no ClusterRole"
+        "a namespaced install's operator needs no ClusterRole without the gateway"
     );
     let role = scoped
         .iter()

@@ -84,6 +84,9 @@ async fn the_shop_example_is_accepted_by_the_apiserver() {
         "Secret/user-db",
         "Secret/product-db",
         "Secret/order-db",
+        "Gateway/shop",
+        "HTTPRoute/shop-api",
+        "GRPCRoute/user-grpc",
     ] {
         assert!(
             applied.iter().any(|a| a == expected),

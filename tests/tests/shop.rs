@@ -101,7 +101,10 @@ async fn the_shop_end_to_end() {
     let ns = TestNamespace::on_node("shop").await;
     ensure_postgres(&target);
     let release = format!("trellis-{}", &system.name[system.name.len() - 6..]);
-    let manifests = shop::shop_manifests(&ns.name, &target.postgres).unwrap();
+    // GatewayClasses are cluster-wide: this release serves a class of its own.
+    let class = release.clone();
+    let mut manifests = shop::shop_manifests(&ns.name, &target.postgres).unwrap();
+    shop::use_gateway_class(&mut manifests, &class);
 
     {
         let _p = Phase::new("helm install, kubectl apply -f examples/shop/, kubectl wait");
@@ -109,16 +112,26 @@ async fn the_shop_end_to_end() {
             &release,
             &system.name,
             &ns.name,
-            &[&format!(
-                "identity.certificateLifetime={CERTIFICATE_LIFETIME}"
-            )],
+            &[
+                &format!("identity.certificateLifetime={CERTIFICATE_LIFETIME}"),
+                "gateway.addressFrom=pod",
+                &format!("gateway.className={class}"),
+                &format!("gateway.controllerName=trellis.dev/{class}"),
+            ],
         )
         .expect("helm install");
         eprintln!("{}", shop::apply(&manifests).expect("kubectl apply"));
         shop::wait_ready(&ns.name, Duration::from_secs(240)).expect("the shop to be Ready");
     }
 
-    let mut shop = Shop::new(ns.client.clone(), &ns.name, &target).await;
+    let mut shop = {
+        let _p = Phase::new("the shop's Gateway serves its API (examples/shop/gateway.yaml)");
+        Shop::new(ns.client.clone(), &ns.name, &target)
+            .await
+            .through_gateway(shop::GATEWAY)
+            .await
+            .expect("the shop's Gateway")
+    };
     let database = shop::Database::connect(&target)
         .await
         .expect("the shop's PostgreSQL");
@@ -1014,16 +1027,25 @@ async fn pod_ips(shop: &Shop) -> std::collections::BTreeMap<&'static str, Vec<Ip
             .collect();
         ips.insert(service, addrs);
     }
+    ips.insert(
+        "gateway",
+        shop.gateway_pods()
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+            .collect(),
+    );
     ips
 }
 
 /// tcpdump on the node's pod bridge while orders carry a marker in their
 /// W3C baggage (which the order service passes on to its calls to user and
 /// product) and product's pod, through its sidecar, creates a user named
-/// the marker. Between pods there are TLS handshakes and never the marker,
-/// nor any plaintext HTTP; the host's own plaintext leg into order (through
-/// the apiserver) does show the marker, so the capture would see it if it
-/// crossed between pods in the clear.
+/// the marker. Between pods (the shop's gateway among them) there are TLS
+/// handshakes and never the marker, nor any plaintext HTTP; the host's own
+/// plaintext leg into the gateway does show the marker, so the capture
+/// would see it if it crossed between pods in the clear.
 async fn on_the_wire(shop: &Shop) {
     let marker = format!("trellis-wire-marker-{}", shop.run_id);
     let file = std::env::temp_dir().join(format!("trellis-shop-{}.pcap", shop.run_id));
@@ -1074,8 +1096,8 @@ async fn on_the_wire(shop: &Shop) {
         flows
             .between(&node, &pods)
             .any(|(_, bytes)| wire::contains(bytes, marker)),
-        "the capture ({} packets) did not see the marker on the host's plaintext leg to order: \
-         it cannot vouch for the pods' legs either",
+        "the capture ({} packets) did not see the marker on the host's plaintext leg to the \
+         gateway: it cannot vouch for the pods' legs either",
         flows.packets
     );
     let mut hellos = std::collections::BTreeMap::<(&str, &str), usize>::new();
@@ -1107,7 +1129,12 @@ async fn on_the_wire(shop: &Shop) {
         flows.packets,
         wire::BRIDGE
     );
-    for pair in [("order", "user"), ("order", "product"), ("product", "user")] {
+    for pair in [
+        ("gateway", "order"),
+        ("order", "user"),
+        ("order", "product"),
+        ("product", "user"),
+    ] {
         assert!(
             hellos.get(&pair).is_some_and(|n| *n >= 1),
             "no TLS handshake from {} to {} on the wire: {hellos:?}",
@@ -1162,19 +1189,22 @@ async fn readiness(shop: &Shop) -> Option<Vec<bool>> {
     Some(all)
 }
 
-/// Every running shop pod's sidecar `/status`, by pod name.
+/// Every running shop pod's sidecar `/status` (the gateway's among them:
+/// it is the same proxy), by pod name.
 async fn mesh_statuses(shop: &Shop) -> Result<BTreeMap<String, serde_json::Value>, String> {
     let mut all = BTreeMap::new();
+    let mut pods = shop.gateway_pods().await.map_err(|e| e.to_string())?;
     for service in SERVICES {
-        for pod in shop.pods(service).await.map_err(|e| e.to_string())? {
-            let rsp = shop
-                .reach
-                .pod(&pod, ADMIN, "/status")
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = rsp.json().map_err(|e| e.to_string())?;
-            all.insert(pod.name_any(), status["mesh"].clone());
-        }
+        pods.extend(shop.pods(service).await.map_err(|e| e.to_string())?);
+    }
+    for pod in pods {
+        let rsp = shop
+            .reach
+            .pod(&pod, ADMIN, "/status")
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = rsp.json().map_err(|e| e.to_string())?;
+        all.insert(pod.name_any(), status["mesh"].clone());
     }
     Ok(all)
 }

@@ -90,8 +90,9 @@ Explore:
   kubectl get microservices -n shop                 # or: kubectl get ms -A
   kubectl describe microservice order -n shop
   kubectl get pods -n shop -o wide
-  kubectl proxy &                                   # Services through the apiserver (the host blackholes ClusterIPs)
-  curl -s "http://127.0.0.1:8001/api/v1/namespaces/shop/services/order:80/proxy/api/v1/orders?user_id=1"
+  kubectl get gateway shop -n shop                  # the shop's edge (examples/shop/gateway.yaml)
+  EDGE=$(kubectl get gateway shop -n shop -o jsonpath='{{.status.addresses[0].value}}')
+  curl -s "http://$EDGE/api/v1/orders?user_id=1"    # the API through the gateway, as a client outside the cluster
   POD=$(kubectl get pods -n shop -l app.kubernetes.io/name=order -o jsonpath='{{.items[0].status.podIP}}')
   curl -s http://$POD:15020/metrics | grep ^trellis_  # this machine is the node: pod IPs answer; /status, /healthz too
   kubectl patch microservice product -n shop --type merge -p '{{"spec":{{"replicas":3}}}}'

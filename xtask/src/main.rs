@@ -10,8 +10,8 @@
 //! - `conformance`: the Gateway API conformance suite against the `trellis`
 //!   GatewayClass (opt-in; not part of `test`);
 //! - `postgres up|down|status`: the example shop's database on the node;
-//! - `bench sidecar|operator`: the sidecar against HAProxy and nginx, the operator
-//!   against the API's own cost.
+//! - `bench sidecar|gateway|operator`: the sidecar and the gateway against
+//!   HAProxy and nginx, the operator against the API's own cost.
 
 mod bench;
 mod cluster;
@@ -83,12 +83,12 @@ enum Command {
         #[arg(long)]
         long: bool,
     },
-    /// Benchmarks (`bench sidecar`, `bench operator`; `bench --help` for their
+    /// Benchmarks (`bench sidecar`, `bench gateway`, `bench operator`; `bench --help` for their
     /// options): print numbers, assert nothing about speed. They run from a
     /// release build of bench/, made first.
     #[command(disable_help_flag = true)]
     Bench {
-        /// What `trellis-bench` takes: `sidecar [...]` or `operator [...]`.
+        /// What `trellis-bench` takes: `sidecar [...]`, `gateway [...]` or `operator [...]`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

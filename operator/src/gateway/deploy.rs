@@ -25,7 +25,7 @@ use k8s_openapi::{
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 use trellis_policy::{
-    Dependency, Egress, MeshIdentity, SidecarPolicy,
+    CircuitBreaker, Dependency, Egress, FailureKind, MeshIdentity, SidecarPolicy,
     gateway::{BackendService, GATEWAY_CONFIG_KEY, GatewayConfig, PortConfig},
 };
 
@@ -55,6 +55,10 @@ pub struct DeploySettings {
     /// The controller name, whose hash labels the cluster-wide bindings
     /// (see [`CONTROLLER_LABEL`]).
     pub controller_name: String,
+    /// Installed for one namespace (the chart's `watchNamespace`): each
+    /// gateway's routes reach only Services of that namespace, so its
+    /// discovery binding is a RoleBinding there, owned by the Gateway.
+    pub namespaced: bool,
 }
 
 /// The label on a gateway's ClusterRoleBinding naming (by hash) the
@@ -79,11 +83,21 @@ pub struct Children {
     /// Binding `role`.
     pub role_binding: RoleBinding,
     /// Reading EndpointSlices in every namespace its routes send to.
-    pub discovery: ClusterRoleBinding,
+    pub discovery: DiscoveryBinding,
     /// The gateway pods.
     pub deployment: Deployment,
     /// Its address; `None` while it has no listener.
     pub service: Option<Service>,
+}
+
+/// A gateway's grant to read EndpointSlices (the chart's discovery
+/// ClusterRole), as wide as the controller's own view.
+pub enum DiscoveryBinding {
+    /// Every namespace: cluster-wide, so no owner reference can collect
+    /// it; labelled by controller, and deleted when its Gateway is gone.
+    Cluster(ClusterRoleBinding),
+    /// The Gateway's own namespace, owned by the Gateway.
+    Namespace(RoleBinding),
 }
 
 /// The name of a Gateway's data-plane objects in its namespace, at most
@@ -145,6 +159,14 @@ pub fn gateway_policy(
         }
         let mut d = Dependency::named(b.name.clone());
         d.namespace = Some(b.namespace.clone());
+        // A backend's own 5xx answers pass through to the client: an edge
+        // whose breaker opened on them would turn a backend's brief failure
+        // (one that already fails fast itself) into an outage of its own for
+        // `openFor`. An unreachable or hanging backend still trips it.
+        d.circuit_breaker = Some(CircuitBreaker {
+            failure_on: vec![FailureKind::ConnectFailure, FailureKind::Timeout],
+            ..CircuitBreaker::default()
+        });
         deps.push(d);
     }
     let mut policy: SidecarPolicy = serde_json::from_value(serde_json::json!({
@@ -195,6 +217,11 @@ pub fn render(
         namespace: Some(namespace.clone()),
         ..Subject::default()
     };
+    let discovery_role = RoleRef {
+        api_group: "rbac.authorization.k8s.io".into(),
+        kind: "ClusterRole".into(),
+        name: settings.discovery_role.clone(),
+    };
     Children {
         service_account: ServiceAccount {
             metadata: meta(&name),
@@ -229,26 +256,30 @@ pub fn render(
             },
             subjects: Some(vec![subject.clone()]),
         },
-        discovery: ClusterRoleBinding {
-            metadata: ObjectMeta {
-                name: Some(binding_name(&namespace, &gw_name)),
-                labels: Some({
-                    let mut l = labels(&gw_name);
-                    l.insert("trellis.dev/gateway-namespace".into(), namespace.clone());
-                    l.insert(
-                        CONTROLLER_LABEL.into(),
-                        controller_label(&settings.controller_name),
-                    );
-                    l
-                }),
-                ..ObjectMeta::default()
-            },
-            role_ref: RoleRef {
-                api_group: "rbac.authorization.k8s.io".into(),
-                kind: "ClusterRole".into(),
-                name: settings.discovery_role.clone(),
-            },
-            subjects: Some(vec![subject]),
+        discovery: if settings.namespaced {
+            DiscoveryBinding::Namespace(RoleBinding {
+                metadata: meta(&bounded(&format!("{name}-discovery"))),
+                role_ref: discovery_role,
+                subjects: Some(vec![subject]),
+            })
+        } else {
+            DiscoveryBinding::Cluster(ClusterRoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(binding_name(&namespace, &gw_name)),
+                    labels: Some({
+                        let mut l = labels(&gw_name);
+                        l.insert("trellis.dev/gateway-namespace".into(), namespace.clone());
+                        l.insert(
+                            CONTROLLER_LABEL.into(),
+                            controller_label(&settings.controller_name),
+                        );
+                        l
+                    }),
+                    ..ObjectMeta::default()
+                },
+                role_ref: discovery_role,
+                subjects: Some(vec![subject]),
+            })
         },
         deployment: deployment(
             meta(&name),
@@ -437,6 +468,7 @@ mod tests {
             otlp_endpoint: None,
             discovery_role: "trellis-operator-gateway".into(),
             controller_name: "trellis.dev/gateway-controller".into(),
+            namespaced: false,
         };
         let c = render(&gw, &[], &BTreeSet::new(), None, &settings);
         let pod = c.deployment.spec.unwrap().template.spec.unwrap();
@@ -471,11 +503,51 @@ mod tests {
             Egress::Deny,
             "a gateway reaches its backends only"
         );
+        let backends = BTreeSet::from([BackendService {
+            namespace: "shop".into(),
+            name: "order".into(),
+            port: 80,
+            h2c: false,
+        }]);
+        let policy = gateway_policy(&gw, &backends, None);
+        let breaker = policy.dependencies[0].circuit_breaker.as_ref().unwrap();
+        assert!(
+            !breaker.failure_on.contains(&FailureKind::ServerError),
+            "a backend's own 5xx does not open the gateway's breaker"
+        );
+        assert!(breaker.failure_on.contains(&FailureKind::ConnectFailure));
+        let DiscoveryBinding::Cluster(binding) = c.discovery else {
+            panic!("installed for every namespace, a gateway's discovery is cluster-wide");
+        };
         assert_eq!(
-            c.discovery.metadata.name.as_deref(),
+            binding.metadata.name.as_deref(),
             Some("trellis-gateway-shop-edge")
         );
-        assert_eq!(c.discovery.role_ref.name, "trellis-operator-gateway");
+        assert_eq!(binding.role_ref.name, "trellis-operator-gateway");
+
+        // Installed for one namespace: a RoleBinding there, which the
+        // Gateway owns (deleted with it).
+        let one = DeploySettings {
+            namespaced: true,
+            ..settings
+        };
+        let c = render(&gw, &[], &BTreeSet::new(), None, &one);
+        let DiscoveryBinding::Namespace(binding) = c.discovery else {
+            panic!("installed for one namespace, a gateway's discovery is a RoleBinding");
+        };
+        assert_eq!(binding.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(
+            binding.metadata.owner_references.unwrap()[0].uid,
+            "u-1",
+            "owned by its Gateway"
+        );
+        assert_eq!(binding.role_ref.kind, "ClusterRole");
+        assert_eq!(binding.role_ref.name, "trellis-operator-gateway");
+        assert_eq!(
+            binding.subjects.unwrap()[0].name,
+            "edge-trellis-gateway",
+            "the gateway's own ServiceAccount"
+        );
     }
 
     #[test]

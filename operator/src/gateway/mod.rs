@@ -76,6 +76,9 @@ pub struct GatewaySettings {
     pub identity: Option<(String, String, String)>,
     /// Which address a Gateway's status gives.
     pub address_from: AddressFrom,
+    /// Only this namespace's Gateways, routes and Services (the chart's
+    /// `watchNamespace`); every namespace when `None`.
+    pub namespace: Option<String>,
 }
 
 /// Which address a Gateway's status gives: where clients reach it.
@@ -97,7 +100,9 @@ struct Stores {
     grpc_routes: reflector::Store<GRPCRoute>,
     grants: reflector::Store<ReferenceGrant>,
     services: reflector::Store<Service>,
-    namespaces: reflector::Store<Namespace>,
+    /// Every namespace's labels, installed for every namespace; installed
+    /// for one, its labels are read at each recompute instead.
+    namespaces: Option<reflector::Store<Namespace>>,
     /// The gateways' own EndpointSlices: which gateway pods are ready, and
     /// their addresses.
     slices: reflector::Store<EndpointSlice>,
@@ -131,6 +136,18 @@ where
     (reader, Box::pin(stream))
 }
 
+/// An API for `K` in the namespace the controller serves, or in all.
+pub(super) fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// Runs the gateway controller until the future is dropped. Waits, idle,
 /// while the Gateway API CRDs are not installed.
 pub async fn run(client: Client, settings: GatewaySettings) {
@@ -154,29 +171,49 @@ pub async fn run(client: Client, settings: GatewaySettings) {
             store
         }};
     }
+    let ns = settings.namespace.as_deref();
+    let all = watcher::Config::default;
     let stores = Stores {
-        classes: store!(Api::all(client.clone()), watcher::Config::default()),
-        gateways: store!(Api::all(client.clone()), watcher::Config::default()),
-        http_routes: store!(Api::all(client.clone()), watcher::Config::default()),
-        grpc_routes: store!(Api::all(client.clone()), watcher::Config::default()),
-        grants: store!(Api::all(client.clone()), watcher::Config::default()),
-        services: store!(Api::all(client.clone()), watcher::Config::default()),
-        namespaces: store!(Api::all(client.clone()), watcher::Config::default()),
-        slices: store!(Api::all(client.clone()), managed.clone()),
-        deployments: store!(Api::all(client.clone()), managed),
-        edge_policies: policy_sync::watch(&client, changed.clone(), &mut tasks).await,
+        classes: store!(Api::all(client.clone()), all()),
+        gateways: store!(scoped(&client, ns), all()),
+        http_routes: store!(scoped(&client, ns), all()),
+        grpc_routes: store!(scoped(&client, ns), all()),
+        grants: store!(scoped(&client, ns), all()),
+        services: store!(scoped(&client, ns), all()),
+        namespaces: ns
+            .is_none()
+            .then(|| store!(Api::all(client.clone()), all())),
+        slices: store!(scoped(&client, ns), managed.clone()),
+        deployments: store!(scoped(&client, ns), managed),
+        edge_policies: policy_sync::watch(&client, ns, changed.clone(), &mut tasks).await,
     };
     // TLS Secrets, metadata only: a change wakes the controller, which then
     // reads the Secrets its listeners name, and only those.
     let tls = watcher::Config::default().fields("type=kubernetes.io/tls");
     tasks.push(
         follow(
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            scoped::<PartialObjectMeta<Secret>>(&client, ns),
             tls,
             changed.clone(),
         )
         .1,
     );
+    // The mesh's trust bundle, metadata only: a root rotation reaches every
+    // gateway's configuration at once (it is read at each recompute).
+    if let Some((_, _, bundle_ns)) = &settings.identity {
+        let bundle = watcher::Config::default().fields(&format!(
+            "metadata.name={}",
+            crate::identity::store::TRUST_BUNDLE
+        ));
+        tasks.push(
+            follow(
+                Api::<PartialObjectMeta<ConfigMap>>::namespaced(client.clone(), bundle_ns),
+                bundle,
+                changed.clone(),
+            )
+            .1,
+        );
+    }
     for task in tasks {
         tokio::spawn(task);
     }
@@ -234,6 +271,7 @@ fn world(
     address_from: AddressFrom,
     secrets: BTreeMap<Key, TlsPair>,
     edge: policy_model::EdgeInputs,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
 ) -> World {
     let services = stores
         .services
@@ -319,12 +357,7 @@ fn world(
         grpc_routes: stores.grpc_routes.state(),
         grants: stores.grants.state(),
         services,
-        namespaces: stores
-            .namespaces
-            .state()
-            .iter()
-            .map(|n| (n.name_any(), n.labels().clone()))
-            .collect(),
+        namespaces,
         secrets,
         deployed,
         edge,
@@ -429,6 +462,28 @@ impl Writer {
         })
     }
 
+    /// Every namespace's labels (for routes' namespace selectors): from the
+    /// cache, or, installed for one namespace, that one's, read now.
+    async fn namespaces(&self, stores: &Stores) -> BTreeMap<String, BTreeMap<String, String>> {
+        if let Some(store) = &stores.namespaces {
+            return store
+                .state()
+                .iter()
+                .map(|n| (n.name_any(), n.labels().clone()))
+                .collect();
+        }
+        let Some(name) = &self.settings.namespace else {
+            return BTreeMap::new();
+        };
+        match Api::<Namespace>::all(self.client.clone()).get(name).await {
+            Ok(n) => BTreeMap::from([(name.clone(), n.labels().clone())]),
+            Err(error) => {
+                tracing::warn!(%error, namespace = %name, "cannot read the watched namespace's labels; routes selecting namespaces by label do not attach");
+                BTreeMap::new()
+            }
+        }
+    }
+
     /// Server-side applies `obj` unless what was last applied is the same.
     async fn apply<K>(&mut self, api: Api<K>, obj: &K) -> Result<(), kube::Error>
     where
@@ -477,12 +532,14 @@ impl Writer {
         let secrets = certificates(&self.client, &ours).await;
         let edge =
             policy_sync::inputs(&self.client, &stores.edge_policies, &self.edge_in_force).await?;
+        let namespaces = self.namespaces(stores).await;
         let world = world(
             stores,
             &self.settings.controller_name,
             self.settings.address_from,
             secrets,
             edge,
+            namespaces,
         );
         let outcome = world.outcome();
         self.edge_in_force = outcome.edge.good.clone();
@@ -540,7 +597,12 @@ impl Writer {
                 .await?;
             self.apply(Api::namespaced(c.clone(), ns), &children.role_binding)
                 .await?;
-            self.apply(Api::all(c.clone()), &children.discovery).await?;
+            match &children.discovery {
+                deploy::DiscoveryBinding::Cluster(b) => self.apply(Api::all(c.clone()), b).await?,
+                deploy::DiscoveryBinding::Namespace(b) => {
+                    self.apply(Api::namespaced(c.clone(), ns), b).await?;
+                }
+            }
             self.apply(Api::namespaced(c.clone(), ns), &children.config)
                 .await?;
             if let Some(svc) = &children.service {
@@ -626,7 +688,11 @@ impl Writer {
         )
         .await?;
 
-        // Cluster-wide bindings have no owner to be collected with.
+        // Cluster-wide bindings have no owner to be collected with;
+        // namespaced ones are their Gateway's.
+        if self.settings.deploy.namespaced {
+            return Ok(());
+        }
         let bindings: Api<ClusterRoleBinding> = Api::all(self.client.clone());
         let ours = format!(
             "{MANAGED_BY_LABEL}={MANAGER},{}={}",

@@ -85,15 +85,17 @@ async fn installed(api: &Api<EdgePolicy>) -> bool {
 }
 
 /// Starts the EdgePolicy watch (now, or once the CRD is installed) and the
-/// metadata watches of Secrets and ConfigMaps, pushing their tasks onto
+/// metadata watches of Secrets and ConfigMaps, in `namespace` when the
+/// operator watches one and everywhere otherwise, pushing their tasks onto
 /// `tasks`. Every event that matters wakes `changed`.
 pub async fn watch(
     client: &Client,
+    namespace: Option<&str>,
     changed: Arc<Notify>,
     tasks: &mut Vec<BoxFuture<'static, ()>>,
 ) -> PolicyStore {
     let store = PolicyStore::default();
-    let api: Api<EdgePolicy> = Api::all(client.clone());
+    let api: Api<EdgePolicy> = super::scoped(client, namespace);
     let found = installed(&api).await;
     if !found {
         tracing::info!(
@@ -118,12 +120,14 @@ pub async fn watch(
     }
     tasks.push(named_objects::<Secret>(
         client,
+        namespace,
         "Secret",
         store.clone(),
         changed.clone(),
     ));
     tasks.push(named_objects::<ConfigMap>(
         client,
+        namespace,
         "ConfigMap",
         store.clone(),
         changed,
@@ -131,19 +135,20 @@ pub async fn watch(
     store
 }
 
-/// A metadata-only watch of every `K` that wakes `changed` when an
-/// EdgePolicy names the object changed.
+/// A metadata-only watch of every `K` (in `namespace`, or everywhere) that
+/// wakes `changed` when an EdgePolicy names the object changed.
 fn named_objects<K>(
     client: &Client,
+    namespace: Option<&str>,
     kind: &'static str,
     policies: PolicyStore,
     changed: Arc<Notify>,
 ) -> BoxFuture<'static, ()>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
-    K: serde::de::DeserializeOwned,
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+    K: Clone + std::fmt::Debug + Send + Sync + serde::de::DeserializeOwned + 'static,
 {
-    let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
+    let api: Api<PartialObjectMeta<K>> = super::scoped(client, namespace);
     Box::pin(
         watcher(api, watcher::Config::default())
             .default_backoff()

@@ -87,14 +87,27 @@ async fn demo() -> Result<()> {
     ));
 
     let client = trellis_tests::client().await;
-    let mut shop = Shop::new(client, NAMESPACE, &target).await;
+    say("The shop's edge: a Gateway (examples/shop/gateway.yaml) run by the operator");
+    let started = Instant::now();
+    let mut shop = Shop::new(client, NAMESPACE, &target)
+        .await
+        .through_gateway(shop::GATEWAY)
+        .await?;
+    if let Some(edge) = shop.reach.edge() {
+        detail(&format!(
+            "kubectl get gateway {} -n {NAMESPACE}: Programmed at {} in {:.0?}; the orders below go through it",
+            shop::GATEWAY,
+            edge.address,
+            started.elapsed()
+        ));
+    }
 
     say(
         "Placing orders: order checks the user over gRPC and reserves stock over REST, through its sidecar",
     );
     shop.seed(3, 3).await?;
     detail(&format!(
-        "created users {:?} and products {:?} through the user and product Services",
+        "created users {:?} and products {:?} through the gateway's routes to the user and product Services",
         shop.users, shop.products
     ));
     let before = shop.scrape(&SERVICES).await?;
