@@ -44,12 +44,14 @@ impl Drop for Installed {
         if let Err(e) = uninstall_chart(RELEASE, RELEASE_NAMESPACE) {
             eprintln!("could not uninstall {RELEASE}: {e}");
         }
+        // Waits for the namespace to be gone: the next test installs the
+        // same release into it, which a terminating namespace refuses.
         let _ = run(kubectl().args([
             "delete",
             "namespace",
             RELEASE_NAMESPACE,
             "--ignore-not-found",
-            "--wait=false",
+            "--timeout=180s",
         ]));
     }
 }
