@@ -39,7 +39,9 @@ use kube::{
 use serde_json::{Value, json};
 
 use crate::{
-    helm, kubectl,
+    helm,
+    issuer::Issuer,
+    kubectl,
     shop_metrics::{BREAKER_STATE, POLICY_GENERATION, Scrape},
 };
 
@@ -55,6 +57,11 @@ pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const SERVICES: [&str; 3] = ["user", "product", "order"];
 /// The shop's Gateway (examples/shop/gateway.yaml).
 pub const GATEWAY: &str = "shop";
+/// The Secret holding the public keys of the shop's token issuer
+/// (examples/shop/gateway.yaml's EdgePolicy `shop-orders-login`).
+pub const ISSUER_SECRET: &str = "shop-issuer-keys";
+/// The label on a Gateway's pods naming it (the Gateway API's convention).
+const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// The workspace root. `cargo test` says where this crate's manifest is at
 /// run time; that is preferred to the path compiled in, which names the
@@ -208,7 +215,7 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 }
 
 /// Runs a command with `input` on stdin; returns stdout.
-fn run_with_input(cmd: &mut Command, input: &str) -> Result<String> {
+pub(crate) fn run_with_input(cmd: &mut Command, input: &str) -> Result<String> {
     use std::io::Write;
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -383,11 +390,11 @@ impl Reply {
 /// Where a Gateway is reached from outside the cluster.
 #[derive(Clone, Debug)]
 pub struct Edge {
-    /// The address its status gives (on the local node, a gateway pod's IP).
+    /// `host:port` to send requests to: the address its status gives (a
+    /// gateway pod's IP, on the local node) or, when pods are reached
+    /// through the apiserver (kind, whose pods the host cannot reach), a
+    /// loopback port forwarded to a gateway pod ([`crate::port_forward`]).
     pub address: String,
-    /// Its Service, for the apiserver's service proxy (on kind, whose pods
-    /// the host cannot reach).
-    pub service: String,
 }
 
 impl Edge {
@@ -395,9 +402,24 @@ impl Edge {
     /// and routes `probe` (a path answered 200 behind it), within `timeout`.
     pub async fn wait(reach: &Reach, name: &str, probe: &str, timeout: Duration) -> Result<Self> {
         let started = Instant::now();
+        let forwarded = match reach.mode {
+            ReachMode::Direct => None,
+            ReachMode::ApiServer => Some(
+                crate::port_forward::forward(
+                    reach.client.clone(),
+                    &reach.namespace,
+                    &format!("{GATEWAY_NAME_LABEL}={name}"),
+                    80,
+                )
+                .await?,
+            ),
+        };
         let mut last = String::from("no status yet");
         loop {
-            if let Some(edge) = Self::programmed(&reach.namespace, name, &mut last) {
+            if let Some(mut edge) = Self::programmed(&reach.namespace, name, &mut last) {
+                if let Some(local) = forwarded {
+                    edge.address = local.to_string();
+                }
                 let mut through = reach.clone();
                 through.edge = Some(edge.clone());
                 match through.api(http::Method::GET, "", probe, None).await {
@@ -443,7 +465,6 @@ impl Edge {
         match (programmed, address) {
             (Some(true), Some(address)) => Some(Self {
                 address: address.to_owned(),
-                service: format!("{name}-trellis-gateway"),
             }),
             _ => {
                 *last = format!("status {status}");
@@ -496,9 +517,8 @@ impl Reach {
     }
 
     /// `method path` on the shop's API: through the Gateway when the reach
-    /// has one (straight to its address on the local node, through the
-    /// apiserver's proxy to its Service on kind), else on Service `service`
-    /// (see [`Reach::service`]).
+    /// has one (see [`Edge::address`]), else on Service `service` (see
+    /// [`Reach::service`]).
     pub async fn api(
         &self,
         method: http::Method,
@@ -506,18 +526,11 @@ impl Reach {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Reply> {
-        match (&self.edge, self.mode) {
-            (None, _) => self.service(method, service, path, body).await,
-            (Some(edge), ReachMode::Direct) => {
+        match &self.edge {
+            None => self.service(method, service, path, body).await,
+            Some(edge) => {
                 self.direct(method, &format!("http://{}{path}", edge.address), body)
                     .await
-            }
-            (Some(edge), ReachMode::ApiServer) => {
-                let uri = format!(
-                    "/api/v1/namespaces/{}/services/{}:80/proxy{path}",
-                    self.namespace, edge.service
-                );
-                self.via_apiserver(method, &uri, body).await
             }
         }
     }
@@ -671,6 +684,9 @@ pub struct Shop {
     pub users: Vec<i64>,
     /// Products created by [`Shop::seed`].
     pub products: Vec<i64>,
+    /// Signs each order's token, when orders need one at the gateway
+    /// (examples/shop/gateway.yaml's EdgePolicy).
+    pub issuer: Option<Arc<Issuer>>,
 }
 
 impl Shop {
@@ -686,7 +702,16 @@ impl Shop {
             run_id: format!("{:08x}", rand::random::<u32>()),
             users: Vec::new(),
             products: Vec::new(),
+            issuer: None,
         }
+    }
+
+    /// The same shop, each order through the gateway carrying a token
+    /// `issuer` signs for the ordering user (its key set stored as Secret
+    /// [`ISSUER_SECRET`] with [`Issuer::store`]).
+    pub fn signed_in(mut self, issuer: Issuer) -> Self {
+        self.issuer = Some(Arc::new(issuer));
+        self
     }
 
     /// The same shop, its users, products and orders going through Gateway
@@ -765,9 +790,26 @@ impl Shop {
     }
 
     /// Places one order of one unit through the order Service (through the
-    /// gateway, when the shop goes through one).
+    /// gateway, signed in as `user`, when the shop goes through one).
     pub async fn order(&self, user: i64, product: i64) -> Result<Reply> {
-        self.reach
+        let token = match (&self.issuer, self.reach.edge()) {
+            (Some(issuer), Some(_)) => Some(issuer.token(&user.to_string())),
+            _ => None,
+        };
+        self.order_as(token.as_deref(), user, product).await
+    }
+
+    /// Places one order of one unit for `user`, with `token` as its bearer
+    /// token when given (and none otherwise).
+    pub async fn order_as(&self, token: Option<&str>, user: i64, product: i64) -> Result<Reply> {
+        let reach = match token {
+            Some(t) => self
+                .reach
+                .clone()
+                .with_header("authorization", &format!("Bearer {t}")),
+            None => self.reach.clone(),
+        };
+        reach
             .api(
                 http::Method::POST,
                 "order",
@@ -860,7 +902,7 @@ impl Shop {
 
     /// The running, not terminating pods of the shop's gateway, oldest first.
     pub async fn gateway_pods(&self) -> Result<Vec<Pod>> {
-        self.running_pods(&format!("gateway.networking.k8s.io/gateway-name={GATEWAY}"))
+        self.running_pods(&format!("{GATEWAY_NAME_LABEL}={GATEWAY}"))
             .await
     }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use trellis_tests::{
-    TestNamespace, eventually, kubectl,
+    TestNamespace, eventually,
+    issuer::{self, Issuer},
+    kubectl,
     shop::{apply, install_chart_with, run, uninstall_chart},
 };
 
@@ -305,36 +307,6 @@ async fn a_gateway_serves_its_routes_and_reports_their_status() {
     .await;
 }
 
-/// A P-256 key made now, its public half as a JSON Web Key Set, and a
-/// token it signs for `sub` (issuer `https://issuer.e2e`, audience `shop`,
-/// valid for ten minutes).
-struct Issuer {
-    key: jsonwebtoken::EncodingKey,
-    jwks: String,
-}
-
-impl Issuer {
-    fn new() -> Self {
-        use jsonwebtoken::{Algorithm, EncodingKey, jwk::Jwk};
-        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let key = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
-        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
-        jwk.common.key_id = Some("e2e-1".into());
-        let jwks = json!({"keys": [jwk]}).to_string();
-        Self { key, jwks }
-    }
-
-    fn token(&self, sub: &str) -> String {
-        let now = jsonwebtoken::get_current_timestamp();
-        let claims = json!({
-            "iss": "https://issuer.e2e", "aud": "shop", "sub": sub, "exp": now + 600,
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("e2e-1".into());
-        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
-    }
-}
-
 /// `GET http://<address><path>` with `Host: shop.example.com` and, when
 /// given, a bearer token: the status, `WWW-Authenticate` and the body.
 async fn fetch_with_token(
@@ -380,17 +352,7 @@ async fn an_edge_policy_requires_a_token_at_the_gateway_and_reports_accepted() {
     let _chart = Installed::new();
     let n = ns.name.as_str();
     let issuer = Issuer::new();
-    // `kubectl create secret`: no copy of the values in an annotation.
-    run(kubectl().args([
-        "create",
-        "secret",
-        "generic",
-        "issuer-keys",
-        "-n",
-        n,
-        &format!("--from-literal=jwks.json={}", issuer.jwks),
-    ]))
-    .unwrap();
+    issuer.store(n, "issuer-keys").unwrap();
     let mut items = backend(n, "alpha");
     items.push(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
@@ -415,8 +377,8 @@ async fn an_edge_policy_requires_a_token_at_the_gateway_and_reports_accepted() {
         "spec": {
             "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "shop"}],
             "jwt": {
-                "issuer": "https://issuer.e2e",
-                "audiences": ["shop"],
+                "issuer": issuer::ISSUER,
+                "audiences": [issuer::AUDIENCE],
                 "jwks": {"secretRef": {"name": "issuer-keys", "key": "jwks.json"}},
                 "claimToHeaders": [{"claim": "sub", "header": "x-user-id"}],
             },

@@ -26,7 +26,9 @@ use kube::{Api, ResourceExt};
 
 use serde_json::json;
 use trellis_tests::{
-    TestNamespace, callers, eventually, kubectl,
+    TestNamespace, callers, eventually,
+    issuer::Issuer,
+    kubectl,
     shop::{
         self, Outage, SERVICES, Shop, Target, burst, by_status, latency_quantile, service_delta,
         unexpected, wait_policy_applied,
@@ -105,6 +107,9 @@ async fn the_shop_end_to_end() {
     let class = release.clone();
     let mut manifests = shop::shop_manifests(&ns.name, &target.postgres).unwrap();
     shop::use_gateway_class(&mut manifests, &class);
+    // The shop's login issuer: the EdgePolicy on its orders route checks
+    // tokens against this key's public half (Secret shop-issuer-keys).
+    let issuer = Issuer::new();
 
     {
         let _p = Phase::new("helm install, kubectl apply -f examples/shop/, kubectl wait");
@@ -120,6 +125,9 @@ async fn the_shop_end_to_end() {
             ],
         )
         .expect("helm install");
+        issuer
+            .store(&ns.name, shop::ISSUER_SECRET)
+            .expect("the issuer's key set");
         eprintln!("{}", shop::apply(&manifests).expect("kubectl apply"));
         shop::wait_ready(&ns.name, Duration::from_secs(240)).expect("the shop to be Ready");
     }
@@ -128,6 +136,7 @@ async fn the_shop_end_to_end() {
         let _p = Phase::new("the shop's Gateway serves its API (examples/shop/gateway.yaml)");
         Shop::new(ns.client.clone(), &ns.name, &target)
             .await
+            .signed_in(issuer)
             .through_gateway(shop::GATEWAY)
             .await
             .expect("the shop's Gateway")
@@ -154,6 +163,13 @@ async fn the_shop_end_to_end() {
         } else {
             on_the_wire(&shop).await;
         }
+    }
+
+    {
+        let _p = Phase::new(
+            "signing in at the edge: orders need a token; its subject reaches the order service",
+        );
+        signing_in(&shop).await;
     }
 
     {
@@ -1459,4 +1475,79 @@ async fn identity_service_stopped(shop: &Shop, system: &str, release: &str) {
         recovered.elapsed()
     );
     assert!(ok, "{}", unexpected(&last, 201));
+}
+
+/// The EdgePolicy on the orders route (examples/shop/gateway.yaml): no
+/// token or a forged one is refused at the gateway with 401 and a
+/// challenge; a valid token's subject reaches the order service as
+/// `x-user-id`, which refuses an order for someone else with 403; the
+/// policy reports Accepted.
+async fn signing_in(shop: &Shop) {
+    let (alice, bob, product) = (shop.users[0], shop.users[1], shop.products[0]);
+    let anonymous = shop.order_as(None, alice, product).await.unwrap();
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+    assert_eq!(
+        anonymous.header("www-authenticate"),
+        Some("Bearer realm=\"trellis\""),
+        "{anonymous:?}"
+    );
+    let forged = Issuer::new().token(&alice.to_string());
+    let r = shop.order_as(Some(&forged), alice, product).await.unwrap();
+    assert_eq!(r.status, 401, "a token from another key: {}", r.body);
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|c| c.contains("invalid_token")),
+        "{r:?}"
+    );
+    let issuer = shop.issuer.as_ref().expect("the shop is signed in");
+    let alices = issuer.token(&alice.to_string());
+    let impostor = shop.order_as(Some(&alices), bob, product).await.unwrap();
+    assert_eq!(impostor.status, 403, "{}", impostor.body);
+    let body = impostor.json().unwrap();
+    assert_eq!(body["code"], "forbidden", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("x-user-id: {alice}"))),
+        "the order service read the token's subject from the gateway's header: {body}"
+    );
+    // A client's own x-user-id is replaced by the token's subject.
+    let spoofed = shop
+        .reach
+        .clone()
+        .with_header("x-user-id", &bob.to_string())
+        .with_header("authorization", &format!("Bearer {alices}"))
+        .api(
+            http::Method::POST,
+            "order",
+            "/api/v1/orders",
+            Some(&serde_json::json!({ "user_id": bob, "items": [{ "product_id": product, "quantity": 1 }] })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(spoofed.status, 403, "{}", spoofed.body);
+    let mine = shop.order_as(Some(&alices), alice, product).await.unwrap();
+    assert_eq!(mine.status, 201, "{}", mine.body);
+
+    let policy = shop::run(trellis_tests::kubectl().args([
+        "get",
+        "edgepolicy",
+        "shop-orders-login",
+        "-n",
+        &shop.namespace,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let policy: serde_json::Value = serde_json::from_str(&policy).unwrap();
+    let accepted = policy["status"]["ancestors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|a| a["conditions"].as_array().into_iter().flatten())
+        .any(|c| c["type"] == "Accepted" && c["status"] == "True");
+    assert!(
+        accepted,
+        "EdgePolicy shop-orders-login is Accepted: {policy}"
+    );
 }

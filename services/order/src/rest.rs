@@ -1,6 +1,10 @@
 //! REST: `/api/v1/orders`.
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse};
+use axum::{
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+};
 use serde::Deserialize;
 use trellis_service_kit::{
     ApiError, ErrorBody, TraceHeaders,
@@ -50,6 +54,34 @@ pub struct ListQuery {
     /// 1 to 100 (default 20).
     #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
+}
+
+/// The header the shop's gateway sets from a verified token's `sub` claim
+/// (examples/shop/gateway.yaml, EdgePolicy `shop-orders-login`). The
+/// gateway removes any such header a client sends, so when present it
+/// names the signed-in user.
+pub const USER_HEADER: &str = "x-user-id";
+
+/// A signed-in user places orders for themselves only. Requests without
+/// [`USER_HEADER`] (from inside the mesh) are not checked here.
+fn check_signed_in_user(headers: &HeaderMap, new: &NewOrder) -> Result<(), ApiError> {
+    let Some(value) = headers.get(USER_HEADER) else {
+        return Ok(());
+    };
+    let signed_in = value.to_str().ok().and_then(|v| v.parse::<i64>().ok());
+    if signed_in == Some(new.user_id) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        Some("user_id"),
+        format!(
+            "the signed-in user ({USER_HEADER}: {}) may place orders for itself only, not for user {}",
+            String::from_utf8_lossy(value.as_bytes()),
+            new.user_id
+        ),
+    ))
 }
 
 fn check(new: &NewOrder) -> Result<(), ApiError> {
@@ -117,6 +149,7 @@ async fn release_all(state: &AppState, trace: &TraceHeaders, reserved: &[Item]) 
 /// (REST), then the order stored; if anything fails, the reservations made are released.
 #[utoipa::path(post, path = "/api/v1/orders", tag = "orders", request_body = NewOrder,
     responses((status = 201, body = Order), (status = 400, body = ErrorBody),
+        (status = 403, description = "`forbidden`: the signed-in user (header `x-user-id`, set by the gateway from a token) is not `user_id`", body = ErrorBody),
         (status = 409, description = "Not enough stock", body = ErrorBody),
         (status = 422, description = "Input the schema refuses (code validation_failed); beyond it, \
             `invalid_user`: the user is unknown or inactive; `unknown_product`: an item's product does not exist; \
@@ -125,9 +158,11 @@ async fn release_all(state: &AppState, trace: &TraceHeaders, reserved: &[Item]) 
 pub async fn create_order(
     State(state): State<AppState>,
     trace: TraceHeaders,
+    headers: HeaderMap,
     Json(new): Json<NewOrder>,
 ) -> Result<impl IntoResponse, ApiError> {
     check(&new)?;
+    check_signed_in_user(&headers, &new)?;
     if let Err(why) = state.deps.validate_user(&trace, new.user_id).await? {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

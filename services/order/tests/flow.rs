@@ -183,6 +183,36 @@ async fn scenario(order_db: &str) {
         .await;
     assert_eq!(theirs["total"], 0);
 
+    // Signed in at the gateway (x-user-id from the token's `sub`): orders
+    // for oneself only; a mismatched or unreadable user is 403 before any
+    // stock is reserved.
+    let signed_in = |user: &str, for_user: i64| {
+        shop.order
+            .http
+            .post(format!("{}/api/v1/orders", shop.order.base))
+            .header("x-user-id", user)
+            .json(&json!({"user_id": for_user, "items": [{"product_id": pen, "quantity": 1}]}))
+            .send()
+    };
+    for (user, for_user) in [(bob.to_string(), alice), ("bob".to_owned(), bob)] {
+        let rsp = signed_in(&user, for_user).await.unwrap();
+        let (s, body) = (rsp.status(), rsp.json::<Value>().await.unwrap());
+        bad((s, body.clone()), 403, "user_id");
+        assert_eq!(body["code"], "forbidden", "{body}");
+    }
+    assert_eq!(
+        stock(&shop.product, pen).await,
+        97,
+        "refused before reserving"
+    );
+    let rsp = signed_in(&bob.to_string(), bob).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::CREATED);
+    let own: Value = rsp.json().await.unwrap();
+    let (s, _) = o
+        .post(&format!("/api/v1/orders/{}/cancel", own["id"]), "")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
     // Not enough stock for the second line: the first line's reservation is released.
     bad(
         o.post(

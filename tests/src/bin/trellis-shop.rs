@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde_json::json;
 use trellis_tests::{
+    issuer::{self, Issuer},
     kubectl,
     shop::{
         self, SERVICES, Shop, Target, burst, by_status, latency_quantile, service_delta,
@@ -68,6 +69,15 @@ async fn demo() -> Result<()> {
         started.elapsed()
     ));
 
+    say("The shop's login issuer: a key pair made now, its public keys in Secret shop-issuer-keys");
+    let issuer = Issuer::new();
+    issuer.store(NAMESPACE, shop::ISSUER_SECRET)?;
+    detail(&format!(
+        "orders need a token it signs (issuer {}, audience {}); examples/shop/gateway.yaml's EdgePolicy checks them at the gateway",
+        issuer::ISSUER,
+        issuer::AUDIENCE
+    ));
+
     say("Deploying the shop: kubectl apply -f examples/shop/");
     let out = shop::run(
         kubectl()
@@ -91,6 +101,7 @@ async fn demo() -> Result<()> {
     let started = Instant::now();
     let mut shop = Shop::new(client, NAMESPACE, &target)
         .await
+        .signed_in(issuer)
         .through_gateway(shop::GATEWAY)
         .await?;
     if let Some(edge) = shop.reach.edge() {
@@ -110,6 +121,30 @@ async fn demo() -> Result<()> {
         "created users {:?} and products {:?} through the gateway's routes to the user and product Services",
         shop.users, shop.products
     ));
+    let (alice, bob, product) = (shop.users[0], shop.users[1], shop.products[0]);
+    let anonymous = shop.order_as(None, alice, product).await?;
+    detail(&format!(
+        "an order without a token: {} from the gateway ({})",
+        anonymous.status,
+        anonymous
+            .header("www-authenticate")
+            .unwrap_or("no challenge")
+    ));
+    anyhow::ensure!(
+        anonymous.status == 401,
+        "the gateway should refuse an order without a token with 401; see `kubectl describe edgepolicy shop-orders-login -n {NAMESPACE}`"
+    );
+    let token = shop.issuer.as_ref().map(|i| i.token(&alice.to_string()));
+    let impostor = shop.order_as(token.as_deref(), bob, product).await?;
+    detail(&format!(
+        "user {alice}'s token placing an order for user {bob}: {} from the order service, which reads the signed-in user from x-user-id, set by the gateway from the token: {}",
+        impostor.status,
+        impostor.body.trim()
+    ));
+    anyhow::ensure!(
+        impostor.status == 403,
+        "the order service should refuse another user's order with 403; see `kubectl logs -n {NAMESPACE} deploy/order`"
+    );
     let before = shop.scrape(&SERVICES).await?;
     let outcomes = shop.orders(40, 2).await;
     let after = shop.scrape(&SERVICES).await?;
