@@ -112,6 +112,42 @@ struct Stores {
     edge_policies: policy_sync::PolicyStore,
 }
 
+impl Stores {
+    /// Waits for every cache's first full list, so the first configuration
+    /// written after a start is computed from all the routes, not from
+    /// whichever list came in first. Says every 30 s what it waits for
+    /// (a watch the operator's role does not allow never lists).
+    async fn wait_until_ready(&self) {
+        let all = async {
+            let namespaces = async {
+                if let Some(store) = &self.namespaces {
+                    let _ = store.wait_until_ready().await;
+                }
+            };
+            let _ = tokio::join!(
+                self.classes.wait_until_ready(),
+                self.gateways.wait_until_ready(),
+                self.http_routes.wait_until_ready(),
+                self.grpc_routes.wait_until_ready(),
+                self.grants.wait_until_ready(),
+                self.services.wait_until_ready(),
+                self.slices.wait_until_ready(),
+                self.deployments.wait_until_ready(),
+                namespaces,
+            );
+        };
+        tokio::pin!(all);
+        loop {
+            tokio::select! {
+                () = &mut all => return,
+                () = tokio::time::sleep(Duration::from_secs(30)) => tracing::warn!(
+                    "the gateway controller is still waiting for its first lists of Gateway API objects, Services and EndpointSlices; `trellis check` names a missing permission"
+                ),
+            }
+        }
+    }
+}
+
 /// Starts a reflector of `K` that wakes `changed` on every event.
 fn follow<K>(
     api: Api<K>,
@@ -223,6 +259,7 @@ pub async fn run(client: Client, settings: GatewaySettings) {
         applied: HashMap::new(),
         edge_in_force: BTreeMap::new(),
     };
+    stores.wait_until_ready().await;
     let mut forgotten = std::time::Instant::now();
     loop {
         // A quiet period: a burst of events (a test applying ten objects)
