@@ -393,6 +393,75 @@ async fn a_jwt_rule_lets_good_tokens_through_with_their_claims_and_answers_bad_o
     );
 }
 
+/// Reads one HTTP/1.1 response head from `conn`, lower-cased.
+async fn response_head(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            conn.read(&mut byte).await.unwrap(),
+            1,
+            "the connection closed mid-head"
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn a_refused_request_with_an_unread_body_says_the_connection_closes() {
+    use tokio::io::AsyncWriteExt;
+
+    let a = upstream("echo-a").await;
+    let port = free_port();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+    let mut jwk =
+        jsonwebtoken::jwk::Jwk::from_encoding_key(&key, jsonwebtoken::Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("ec-1".into());
+    let hosts = json!([{"rules": [
+        {"route": "HTTPRoute/shop/orders", "matches": {"path": {"type": "prefix", "value": "/api/v1/orders"}},
+         "jwt": {"issuer": "https://issuer.example", "audiences": ["shop"], "jwks": json!({"keys": [jwk]}).to_string()},
+         "backends": [backend("echo-a", "default", 1)]},
+        {"route": "HTTPRoute/shop/open", "matches": {"path": {"type": "prefix", "value": "/"}},
+         "backends": [backend("echo-a", "default", 1)]},
+    ]}]);
+    let (_gw, _) = gateway(&config(port, hosts), &[("echo-a", &[a.addr])]).await;
+    until(port, "shop.test", "/open", StatusCode::OK).await;
+
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    // Refused without a body: nothing is left unread, the connection stays.
+    conn.write_all(b"GET /api/v1/orders HTTP/1.1\r\nhost: shop.test\r\n\r\n")
+        .await
+        .unwrap();
+    let head = response_head(&mut conn).await;
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    tokio::io::AsyncReadExt::read_exact(&mut conn, &mut body)
+        .await
+        .unwrap();
+    // Refused with a body it never read: the answer says the connection ends.
+    conn.write_all(
+        b"POST /api/v1/orders HTTP/1.1\r\nhost: shop.test\r\ncontent-length: 13\r\n\r\n{\"user_id\":1}",
+    )
+    .await
+    .unwrap();
+    let head = response_head(&mut conn).await;
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+}
+
 /// A GET of `path` on the gateway's `port`, from source address `from`,
 /// with `Authorization: Bearer <token>` when there is one.
 async fn get_from(from: [u8; 4], port: u16, path: &str, token: Option<&str>) -> Answer {

@@ -16,7 +16,10 @@ use futures::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
 use tower::{Layer, Service};
 
-use super::{Body, framing, response::ProxyError};
+use super::{
+    Body, framing,
+    response::{ProxyAnswer, ProxyError},
+};
 
 /// Fields that are connection-specific by definition (RFC 9110 §7.6.1),
 /// plus `proxy-connection`, which old clients still send.
@@ -194,6 +197,12 @@ where
             return futures::future::ready(Ok(refuse(ProxyError::BadRequest(why)))).boxed();
         }
         let chunked = framing::is_chunked(req.headers());
+        let http1_body = req.version() <= http::Version::HTTP_11
+            && (chunked
+                || req
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .is_some_and(|v| v.as_bytes() != b"0"));
         let stripped = strip_hop_by_hop(req.headers_mut());
         req.extensions_mut().insert(stripped);
         // The service that was made ready is the one called, later, once the
@@ -212,12 +221,25 @@ where
             move |body| -> BoxFuture<'static, Result<Response<Body>, S::Error>> {
                 match body {
                     Err(e) => Box::pin(futures::future::ready(Ok(refuse(e)))),
-                    Ok(body) => Box::pin(inner.call(Request::from_parts(parts, body)).map(|res| {
-                        res.map(|mut rsp| {
-                            strip_hop_by_hop(rsp.headers_mut());
-                            rsp
-                        })
-                    })),
+                    Ok(body) => Box::pin(inner.call(Request::from_parts(parts, body)).map(
+                        move |res| {
+                            res.map(|mut rsp| {
+                                strip_hop_by_hop(rsp.headers_mut());
+                                // An answer of the proxy's own (a refused
+                                // token, a rate limit, no route) may leave an
+                                // HTTP/1.1 body unread, after which hyper
+                                // closes the connection; saying so keeps the
+                                // client from sending its next request on it.
+                                if http1_body && rsp.extensions().get::<ProxyAnswer>().is_some() {
+                                    rsp.headers_mut().insert(
+                                        header::CONNECTION,
+                                        HeaderValue::from_static("close"),
+                                    );
+                                }
+                                rsp
+                            })
+                        },
+                    )),
                 }
             },
         )
