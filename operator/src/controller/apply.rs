@@ -74,9 +74,9 @@ pub(crate) struct Step<K> {
     pub(crate) plan: Plan,
 }
 
-/// Decides what to do with the rendered `obj`: from the cache, or from a live
-/// read when the cache has no object of its name. `Err` names it when an
-/// object of that name is not controlled by `ms`.
+/// Decides what to do with the rendered `obj`, from the cache alone (which
+/// must have listed: [`Caches::ready`]). `Err` names it when an object of
+/// that name is not controlled by `ms`.
 pub(crate) async fn plan<K: ChildKind>(
     ms: &MicroService,
     ctx: &Context,
@@ -105,10 +105,8 @@ pub(crate) async fn plan<K: ChildKind>(
                 plan: Plan::Keep,
             });
         }
-        None => {
-            let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-            api.get_opt(&name).await?.map(Arc::new)
-        }
+        // The cache holds every object of the kind in scope: the name is free.
+        None => None,
     };
     let Some(current) = current else {
         return Ok(Step {

@@ -12,10 +12,12 @@
 //! never touched: the reconcile stops before the first write, reports
 //! `ReconcileFailed` (reason `NameCollision`) and a Warning event.
 //!
-//! Reads come from the watches' caches ([`Caches`]), not from the apiserver:
-//! a child is read live only when the cache has no object of its name (a
-//! name taken by someone else carries no label of ours, so the labelled
-//! watches cannot see it). A child whose cached object already holds what
+//! Reads come from the watches' caches ([`Caches`]), not from the apiserver.
+//! The caches hold every object of the children's kinds in the watched
+//! namespaces (anyone else's as metadata only), and a reconcile waits until
+//! each has listed once: a name missing from the cache is free and the
+//! child is created without a read, one taken by someone else is refused
+//! from memory. A child whose cached object already holds what
 //! is rendered (same [`APPLIED_HASH_ANNOTATION`], and every rendered field
 //! equal) is not written again, and the status is written only when it
 //! changes; so a reconcile of a converged MicroService makes no request.
@@ -266,12 +268,11 @@ pub async fn run(
             anyhow::anyhow!("cannot list MicroServices ({}): {e}", list_failure_hint(&e))
         })?;
 
-    // Children carry the managed-by label; watching only those keeps the
-    // caches small. An object that loses the label drops out of the selector,
-    // which the watch reports like a deletion, so it is put back too.
-    let children = watcher::Config::default()
-        .labels(&render::managed_by_selector())
-        .any_semantic();
+    // Every object of the children's kinds, not only those with the
+    // operator's label: a child's name missing from the cache is then free,
+    // and creating it needs no read first. Anyone else's objects are kept as
+    // metadata only (`watch::strip_foreign`).
+    let children = watcher::Config::default().any_semantic();
     let applied: Arc<Mutex<HashMap<String, Applied>>> = Arc::default();
     let (config_maps, cm_trigger) = child_watch::<ConfigMap>(&client, ns, &children, &applied);
     let (service_accounts, sa_trigger) = child_watch(&client, ns, &children, &applied);
@@ -390,6 +391,11 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
         let _timer = ctx.metrics.reconcile_started();
         if ms.metadata.deletion_timestamp.is_some() {
             // The garbage collector deletes the children through their owner references.
+            return Ok(Action::await_change());
+        }
+        // A name missing from the caches is free only once they have listed.
+        // False only when a watch ended: the controller is stopping.
+        if !ctx.caches.ready().await {
             return Ok(Action::await_change());
         }
         let key = ObjectRef::from_obj(ms.as_ref());

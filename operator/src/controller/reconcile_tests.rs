@@ -148,9 +148,13 @@ async fn a_new_microservice_gets_its_children_applied_in_order_then_its_status()
             s.query
         );
     }
-    // The cache had none of them, so each name was read live first: one
-    // taken by someone else would have stopped the reconcile before a write.
-    assert_eq!(paths(&fake, Method::GET), CHILDREN);
+    // The caches, which hold every object of these kinds, had none of
+    // them: the names are free, and nothing is read live.
+    assert!(
+        paths(&fake, Method::GET).is_empty(),
+        "{:?}",
+        paths(&fake, Method::GET)
+    );
     assert!(paths(&fake, Method::DELETE).is_empty());
     assert_eq!(events(&fake), ["Created"]);
     let status = &fake.object(MICROSERVICE).unwrap()["status"];
@@ -190,18 +194,31 @@ async fn a_drifted_child_is_applied_again_and_nothing_else() {
 #[tokio::test]
 async fn a_name_taken_by_someone_else_stops_the_reconcile_before_any_write() {
     let (fake, client) = fake();
-    fake.hold(
-        "/api/v1/namespaces/shop/services/order",
-        json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": { "name": "order", "namespace": "shop", "resourceVersion": "7" },
-        }),
-    );
-    let (caches, _writers) = Caches::for_tests();
+    // Someone else's Service, without the operator's label, as the watch of
+    // every Service in scope has it.
+    let foreign = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "order",
+            "namespace": "shop",
+            "resourceVersion": "7",
+            "annotations": { "kubectl.kubernetes.io/last-applied-configuration": "{}" },
+        },
+        "spec": { "ports": [{ "port": 80 }] },
+    });
+    fake.hold("/api/v1/namespaces/shop/services/order", foreign.clone());
+    let (caches, mut writers) = Caches::for_tests();
+    writers.insert(&foreign);
     reconcile(Arc::new(order()), context(client, caches))
         .await
         .expect("a collision is reported, not retried");
+    // Refused from the cache: nothing is read live.
+    assert!(
+        paths(&fake, Method::GET).is_empty(),
+        "{:?}",
+        paths(&fake, Method::GET)
+    );
     // Only the status is written, saying what is wrong.
     assert_eq!(paths(&fake, Method::PATCH), [STATUS]);
     assert_eq!(events(&fake), ["NameCollision"]);
@@ -220,6 +237,47 @@ async fn a_name_taken_by_someone_else_stops_the_reconcile_before_any_write() {
             .contains("Service shop/order"),
         "{failed}"
     );
+}
+
+#[test]
+fn someone_elses_object_is_cached_as_its_metadata() {
+    let (caches, mut writers) = Caches::for_tests();
+    writers.insert(&json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "order-config",
+            "namespace": "shop",
+            "labels": { "app": "order" },
+            "annotations": { "kubectl.kubernetes.io/last-applied-configuration": "{}" },
+        },
+        "data": { "big": "x".repeat(10_000) },
+    }));
+    let cached = ConfigMap::store(&caches)
+        .get(&ObjectRef::new("order-config").within("shop"))
+        .expect("cached");
+    assert_eq!(cached.data, None);
+    assert_eq!(cached.metadata.annotations, None);
+    assert_eq!(cached.metadata.labels.as_ref().unwrap()["app"], "order");
+}
+
+#[tokio::test]
+async fn a_reconcile_waits_for_the_caches_first_list() {
+    let (fake, client) = fake();
+    let (caches, _writers) = Caches::for_tests();
+    let (unlisted, writer) = reflector::store::<Service>();
+    let caches = Caches {
+        services: unlisted,
+        ..caches
+    };
+    let ctx = context(client, caches);
+    let waiting = tokio::spawn(reconcile(Arc::new(order()), ctx));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(fake.seen().is_empty(), "{:?}", fake.writes());
+    // The watch ends without listing (the controller stops): nothing is done.
+    drop(writer);
+    waiting.await.unwrap().unwrap();
+    assert!(fake.seen().is_empty(), "{:?}", fake.writes());
 }
 
 #[tokio::test]

@@ -3,10 +3,15 @@
 //! each watch. (The watch of the Secrets MicroServices list is in
 //! `secrets.rs`.)
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use super::{secrets::SecretMeta, *};
 
-/// The watches' caches of the children (the objects carrying the operator's
-/// label, without their managed fields).
+/// The watches' caches of the children's kinds: every object of those kinds
+/// in the watched namespaces, so a name missing from a cache is free. The
+/// operator's own objects are kept without their managed fields; anyone
+/// else's as their metadata alone ([`strip_foreign`]), which is all a
+/// collision check reads.
 #[derive(Clone)]
 pub struct Caches {
     pub(super) config_maps: Store<ConfigMap>,
@@ -25,6 +30,22 @@ pub struct Caches {
     pub(super) microservices: Store<MicroService>,
 }
 
+impl Caches {
+    /// Waits until every child kind's cache has had its first full list, so
+    /// that an object missing from one does not exist (as of the watch).
+    /// False when a watch ended first (the controller is stopping).
+    pub(super) async fn ready(&self) -> bool {
+        grants::until_ready(&self.config_maps).await
+            && grants::until_ready(&self.service_accounts).await
+            && grants::until_ready(&self.roles).await
+            && grants::until_ready(&self.role_bindings).await
+            && grants::until_ready(&self.deployments).await
+            && grants::until_ready(&self.services).await
+            && grants::until_ready(&self.pdbs).await
+            && grants::until_ready(&self.hpas).await
+    }
+}
+
 /// A kind of child the operator renders, applies and watches, with the
 /// cache its watch fills.
 pub(crate) trait ChildKind:
@@ -38,32 +59,71 @@ pub(crate) trait ChildKind:
     + 'static
 {
     fn store(caches: &Caches) -> &Store<Self>;
+    /// Drops everything but the metadata.
+    fn clear_body(&mut self);
 }
 
 macro_rules! child_kinds {
-    ($($kind:ty => $field:ident),* $(,)?) => {
+    ($($kind:ty => $field:ident { $($body:ident),* }),* $(,)?) => {
         $(impl ChildKind for $kind {
             fn store(caches: &Caches) -> &Store<Self> {
                 &caches.$field
+            }
+            fn clear_body(&mut self) {
+                $(self.$body = Default::default();)*
             }
         })*
     };
 }
 
 child_kinds! {
-    ConfigMap => config_maps,
-    ServiceAccount => service_accounts,
-    Role => roles,
-    RoleBinding => role_bindings,
-    Deployment => deployments,
-    Service => services,
-    PodDisruptionBudget => pdbs,
-    HorizontalPodAutoscaler => hpas,
+    ConfigMap => config_maps { data, binary_data, immutable },
+    ServiceAccount => service_accounts { secrets, image_pull_secrets, automount_service_account_token },
+    Role => roles { rules },
+    RoleBinding => role_bindings { subjects, role_ref },
+    Deployment => deployments { spec, status },
+    Service => services { spec, status },
+    PodDisruptionBudget => pdbs { spec, status },
+    HorizontalPodAutoscaler => hpas { spec, status },
 }
 
-/// The watch of one kind of child: its cache, and the stream of changed
-/// children that triggers their owners' reconciles. Changes of the status
-/// alone do not trigger, except the Deployment's rollout figures that the
+/// True when the operator made `meta`'s object, or controls it: it carries
+/// the operator's label, a MicroService's controller reference, or a
+/// grant's owner labels. (One that lost the label but keeps its owner is
+/// still the operator's, and is put back.)
+pub(super) fn is_operators(meta: &ObjectMeta) -> bool {
+    let labelled = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(render::MANAGED_BY_LABEL))
+        .is_some_and(|v| v == FIELD_MANAGER);
+    let controlled = meta.owner_references.iter().flatten().any(|o| {
+        o.controller == Some(true)
+            && o.kind == MicroService::kind(&())
+            && o.api_version == MicroService::api_version(&())
+    });
+    labelled || controlled || grants::owner(meta).is_some()
+}
+
+/// Reduces an object that is not the operator's to what deciding a
+/// collision reads: its name, namespace, uid, resourceVersion, labels and
+/// owner references. Its body and annotations (which may hold a whole copy
+/// of it, `kubectl.kubernetes.io/last-applied-configuration`) are dropped.
+pub(super) fn strip_foreign<K: ChildKind>(k: &mut K) {
+    k.meta_mut().managed_fields = None;
+    if is_operators(k.meta()) {
+        return;
+    }
+    k.clear_body();
+    let m = k.meta_mut();
+    m.annotations = None;
+    m.finalizers = None;
+}
+
+/// The watch of one kind of child: its cache (every object of the kind in
+/// scope, see [`Caches`]), and the stream of changed children that triggers
+/// their owners' reconciles. Only the operator's objects trigger; changes of
+/// the status alone do not, except the Deployment's rollout figures that the
 /// MicroService's status shows; deletions always do.
 pub(super) fn child_watch<K: ChildKind>(
     client: &Client,
@@ -78,19 +138,26 @@ pub(super) fn child_watch<K: ChildKind>(
     let applied = applied.clone();
     let mut seen: HashMap<String, u64> = HashMap::new();
     let trigger = watcher(scoped::<K>(client, ns), config.clone())
-        .modify(|k| k.meta_mut().managed_fields = None)
+        .modify(strip_foreign)
         .backoff(WatchBackoff::default())
         .reflect(writer)
         .filter_map(move |event| {
             let out = match event {
                 Ok(watcher::Event::Apply(k) | watcher::Event::InitApply(k)) => {
                     let key = child_key(&k);
+                    if !is_operators(k.meta()) {
+                        // Not ours (any more): a reconcile has nothing to do with it.
+                        seen.remove(&key);
+                        return future::ready(None);
+                    }
                     let fp = child_fingerprint(&k);
                     (seen.insert(key, fp) != Some(fp)).then_some(Ok(k))
                 }
                 Ok(watcher::Event::Delete(k)) => {
                     let key = child_key(&k);
-                    seen.remove(&key);
+                    if seen.remove(&key).is_none() && !is_operators(k.meta()) {
+                        return future::ready(None);
+                    }
                     applied.lock().expect("not poisoned").remove(&key);
                     Some(Ok(k))
                 }
@@ -225,18 +292,32 @@ pub(super) struct CacheWriters {
 
 #[cfg(test)]
 impl Caches {
-    /// Empty caches, and their writers.
+    /// Empty caches, listed (ready), and their writers.
     pub(super) fn for_tests() -> (Self, CacheWriters) {
-        let (config_maps, cm) = reflector::store();
-        let (service_accounts, sa) = reflector::store();
-        let (roles, role) = reflector::store();
-        let (role_bindings, rb) = reflector::store();
-        let (deployments, deploy) = reflector::store();
-        let (services, svc) = reflector::store();
-        let (pdbs, pdb) = reflector::store();
-        let (hpas, hpa) = reflector::store();
+        let (config_maps, mut cm) = reflector::store();
+        let (service_accounts, mut sa) = reflector::store();
+        let (roles, mut role) = reflector::store();
+        let (role_bindings, mut rb) = reflector::store();
+        let (deployments, mut deploy) = reflector::store();
+        let (services, mut svc) = reflector::store();
+        let (pdbs, mut pdb) = reflector::store();
+        let (hpas, mut hpa) = reflector::store();
         let (secrets, secret) = reflector::store();
         let (microservices, ms) = reflector::store();
+        // Listed, and empty: what a reconcile waits for.
+        for ready in [
+            &mut cm,
+            &mut sa,
+            &mut role,
+            &mut rb,
+            &mut deploy,
+            &mut svc,
+            &mut pdb,
+            &mut hpa,
+        ] as [&mut dyn Listed; 8]
+        {
+            ready.listed();
+        }
         let caches = Self {
             config_maps,
             service_accounts,
@@ -265,12 +346,28 @@ impl Caches {
     }
 }
 
+/// A writer that can be told its first list is done.
+#[cfg(test)]
+trait Listed {
+    fn listed(&mut self);
+}
+
+#[cfg(test)]
+impl<K: ChildKind> Listed for reflector::store::Writer<K> {
+    fn listed(&mut self) {
+        self.apply_watcher_event(&watcher::Event::Init);
+        self.apply_watcher_event(&watcher::Event::InitDone);
+    }
+}
+
 #[cfg(test)]
 impl CacheWriters {
-    /// Puts `object`, a child of any kind as JSON, in its cache.
+    /// Puts `object`, a child of any kind as JSON, in its cache, as the
+    /// watch would.
     pub(super) fn insert(&mut self, object: &serde_json::Value) {
         fn put<K: ChildKind>(w: &mut reflector::store::Writer<K>, o: &serde_json::Value) {
-            let k: K = serde_json::from_value(o.clone()).expect("a child object");
+            let mut k: K = serde_json::from_value(o.clone()).expect("a child object");
+            strip_foreign(&mut k);
             w.apply_watcher_event(&watcher::Event::Apply(k));
         }
         match object["kind"].as_str().unwrap_or_default() {
