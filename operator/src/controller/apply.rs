@@ -220,6 +220,12 @@ impl Changes {
         }
     }
 
+    /// Whether a child of `kind` was created or changed.
+    fn created_or_updated(&self, kind: &str) -> bool {
+        let of_kind = |what: &String| what.split(' ').next() == Some(kind);
+        self.created.iter().chain(&self.updated).any(of_kind)
+    }
+
     fn note<K: Resource<DynamicType = ()>>(&mut self, step: &Step<K>, after: Option<&K>) {
         match (&step.plan, after) {
             (Plan::Create, _) => self.created.push(format!(
@@ -313,10 +319,17 @@ fn ordered(c: Children) -> Vec<Child> {
     children
 }
 
+/// The Deployment of a MicroService after [`apply`].
+pub(super) struct AppliedDeployment {
+    /// As the apiserver (or the cache) has it.
+    pub(super) deployment: Deployment,
+    /// Whether this apply created it or changed its spec (a new generation).
+    pub(super) changed: bool,
+}
+
 /// Applies every child that is not as rendered, removes the optional ones no
-/// longer wanted, and says what changed in Events; returns the Deployment
-/// as the apiserver (or the cache) has it.
-pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment, Error> {
+/// longer wanted, and says what changed in Events; returns the Deployment.
+pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<AppliedDeployment, Error> {
     let versions = secrets::versions(ms, ctx).await?;
     let c: Children = render::render(ms, &ctx.render_config(), &versions)?;
     // A Deployment naming a Secret that does not exist makes pods that never
@@ -350,6 +363,7 @@ pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment
             applied_deployment = Some(d);
         }
     }
+    let deployment_changed = changes.created_or_updated("Deployment");
 
     // 3. Remove what is no longer wanted (only our own).
     let mut removed = Vec::new();
@@ -367,15 +381,21 @@ pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment
     // has it, or our apply moments ago does).
     let ns = ms.namespace().unwrap_or_default();
     let key = ObjectRef::new(&deployment_name).within(&ns);
-    match applied_deployment {
-        Some(d) => Ok(d),
+    let deployment = match applied_deployment {
+        Some(d) => d,
         None => match Deployment::store(&ctx.caches).get(&key) {
-            Some(d) => Ok(d.as_ref().clone()),
-            None => Ok(Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-                .get(&deployment_name)
-                .await?),
+            Some(d) => d.as_ref().clone(),
+            None => {
+                Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                    .get(&deployment_name)
+                    .await?
+            }
         },
-    }
+    };
+    Ok(AppliedDeployment {
+        deployment,
+        changed: deployment_changed,
+    })
 }
 
 /// Deletes the child of kind `K` named like the MicroService, if this

@@ -90,7 +90,7 @@ mod tests;
 mod watch;
 
 pub use apply::APPLIED_HASH_ANNOTATION;
-use apply::{Applied, apply};
+use apply::{Applied, AppliedDeployment, apply};
 pub(crate) use apply::{Plan, Preflight, execute, plan};
 pub use error::Error;
 use error::list_failure_hint;
@@ -402,18 +402,31 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
         // The grants come after the MicroService's own children, so a
         // dependency namespace that does not exist holds back nothing else.
         let applied = match apply(&ms, &ctx).await {
-            Ok(deployment) => match grants::sync(&ms, &ctx).await {
-                Ok(()) => Ok(deployment),
-                Err(e) => Err((Some(deployment), e)),
+            Ok(applied) => match grants::sync(&ms, &ctx).await {
+                Ok(()) => Ok(applied),
+                Err(e) => Err((Some(applied.deployment), e)),
             },
             // The pods keep running as they are: the status counts them.
             Err(e @ Error::SecretMissing { .. }) => Err((own_deployment(&ms, &ctx), e)),
             Err(e) => Err((None, e)),
         };
         match applied {
-            Ok(deployment) => {
+            Ok(AppliedDeployment {
+                deployment,
+                changed,
+            }) => {
                 ctx.failures.lock().expect("not poisoned").remove(&key);
-                update_status(&ms, &ctx, Some(&deployment), None).await?;
+                // A Deployment this reconcile created or changed, not yet
+                // observed by its controller, says nothing yet: a status
+                // from it would be overwritten moments later, when the
+                // controller's report brings the MicroService back (its
+                // rollout figures trigger a reconcile). So a new
+                // MicroService gets one status write, not two. A reconcile
+                // that changes nothing (the resync) writes it regardless.
+                let awaiting_report = changed && !status::rollout(&deployment).observed();
+                if !awaiting_report {
+                    update_status(&ms, &ctx, Some(&deployment), None).await?;
+                }
                 Ok(Action::requeue(ctx.settings.resync))
             }
             Err((deployment, e)) => {

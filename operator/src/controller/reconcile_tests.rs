@@ -71,6 +71,22 @@ fn events(fake: &FakeApi) -> Vec<String> {
         .collect()
 }
 
+/// The Deployment `order` as the fake holds it, with a status as the
+/// Deployment controller reports it: generation 1 observed, `ready` of its
+/// one replica ready.
+fn reported(fake: &FakeApi, ready: i32) -> Value {
+    let mut deployment = fake.object(DEPLOYMENT).unwrap();
+    deployment["metadata"]["generation"] = json!(1);
+    deployment["status"] = json!({
+        "observedGeneration": 1,
+        "replicas": 1,
+        "readyReplicas": ready,
+        "updatedReplicas": 1,
+        "availableReplicas": ready,
+    });
+    deployment
+}
+
 /// A MicroService reconciled once and its caches filled with what that
 /// applied, as the watches would: the state of a converged MicroService.
 struct Converged {
@@ -105,6 +121,16 @@ impl Converged {
         for (_, secret) in secrets {
             writers.insert(secret);
         }
+        // The Deployment controller reports (no pod ready yet), which
+        // brings the MicroService back and gets its status written.
+        let deployment = reported(&fake, 0);
+        writers.insert(&deployment);
+        reconcile(
+            Arc::new(ms.clone()),
+            context(client.clone(), caches.clone()),
+        )
+        .await
+        .unwrap();
         let mut ms = ms;
         let written = fake.object(MICROSERVICE).expect("the status was written");
         ms.status = Some(serde_json::from_value(written["status"].clone()).unwrap());
@@ -136,9 +162,9 @@ async fn a_new_microservice_gets_its_children_applied_in_order_then_its_status()
         .await
         .unwrap();
 
-    let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
-    expected.push(STATUS.into());
-    assert_eq!(paths(&fake, Method::PATCH), expected);
+    // The Deployment controller has not reported on the new Deployment:
+    // no status yet (its report brings the MicroService back).
+    assert_eq!(paths(&fake, Method::PATCH), CHILDREN);
     // Server-side apply, forced, by the one field manager.
     for s in fake.seen().iter().filter(|s| s.method == Method::PATCH) {
         assert!(
@@ -157,8 +183,39 @@ async fn a_new_microservice_gets_its_children_applied_in_order_then_its_status()
     );
     assert!(paths(&fake, Method::DELETE).is_empty());
     assert_eq!(events(&fake), ["Created"]);
+    assert!(fake.object(MICROSERVICE).unwrap()["status"].is_null());
+}
+
+#[tokio::test]
+async fn a_new_microservice_gets_one_status_write_and_one_event_on_the_way_to_ready() {
+    let (fake, client) = fake();
+    let (caches, mut writers) = Caches::for_tests();
+    let ctx = context(client, caches);
+    reconcile(Arc::new(order()), ctx.clone()).await.unwrap();
+    for path in CHILDREN {
+        writers.insert(&fake.object(path).expect("applied"));
+    }
+    // The Deployment controller reports its one replica ready at once.
+    writers.insert(&reported(&fake, 1));
+    reconcile(Arc::new(order()), ctx).await.unwrap();
+
+    let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
+    expected.push(STATUS.into());
+    assert_eq!(paths(&fake, Method::PATCH), expected);
+    assert_eq!(events(&fake), ["Created"]);
     let status = &fake.object(MICROSERVICE).unwrap()["status"];
     assert_eq!(status["observedGeneration"], 1, "{status}");
+    assert_eq!(status["phase"], "Ready", "{status}");
+    let ready = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .expect("a Ready condition");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("True"), &json!("ReplicasReady"))
+    );
 }
 
 #[tokio::test]
@@ -316,15 +373,7 @@ async fn a_child_no_longer_wanted_is_deleted() {
 #[tokio::test]
 async fn a_rollout_that_finishes_updates_only_the_status() {
     let mut converged = Converged::new().await;
-    let mut deployment = converged.fake.object(DEPLOYMENT).unwrap();
-    deployment["metadata"]["generation"] = json!(1);
-    deployment["status"] = json!({
-        "observedGeneration": 1,
-        "replicas": 1,
-        "readyReplicas": 1,
-        "updatedReplicas": 1,
-        "availableReplicas": 1,
-    });
+    let deployment = reported(&converged.fake, 1);
     converged.writers.insert(&deployment);
     converged.reconcile().await;
     assert_eq!(paths(&converged.fake, Method::PATCH), [STATUS]);
@@ -393,9 +442,9 @@ async fn a_listed_secret_is_read_as_metadata_and_only_named_in_the_deployment() 
         reads[0].accept
     );
     // The children are applied as usual, the Secret never written.
-    let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
-    expected.push(STATUS.into());
-    assert_eq!(paths(&fake, Method::PATCH), expected);
+    // The Deployment controller has not reported on the new Deployment:
+    // no status yet (its report brings the MicroService back).
+    assert_eq!(paths(&fake, Method::PATCH), CHILDREN);
 
     let deployment = fake.object(DEPLOYMENT).unwrap();
     let template = pod_template(&deployment);
