@@ -2,20 +2,47 @@
 //! (create, update or keep, from the caches), and applying them in the
 //! order a pod needs them.
 
-use super::{secrets, *};
+use super::{secrets, slim, *};
 
 /// The annotation on every child holding the sha256 of what the operator
 /// last applied (the rendered object without this annotation): a rendered
 /// object whose hash matches, and whose fields all hold, is not applied again.
 pub const APPLIED_HASH_ANNOTATION: &str = "trellis.dev/applied-hash";
 
-/// What the operator last applied to one child: the hash of the rendered
-/// object and the resourceVersion the apiserver answered with. Covers the
-/// moment between an apply and its watch event, when the cache lags.
+/// What the operator knows of one child: the hash of the rendered object it
+/// last applied or found in place, the resourceVersion the apiserver
+/// answered its apply with (covering the moment between an apply and its
+/// watch event, when the cache lags), and the content fingerprint
+/// ([`slim::content_fingerprint`]) known to hold that rendered object.
 #[derive(Clone, Debug)]
 pub(super) struct Applied {
     hash: String,
     resource_version: Option<u64>,
+    holds: Option<u64>,
+}
+
+impl Applied {
+    /// Known from a comparison, not from an apply of ours.
+    pub(super) fn verified(hash: &str) -> Self {
+        Self {
+            hash: hash.to_owned(),
+            resource_version: None,
+            holds: None,
+        }
+    }
+
+    /// Records that content `fp` holds the rendered object of `hash`.
+    pub(super) fn verified_as(&mut self, hash: &str, fp: u64) {
+        if self.hash != hash {
+            *self = Self::verified(hash);
+        }
+        self.holds = Some(fp);
+    }
+
+    /// Whether content `fp` is known to hold the rendered object of `hash`.
+    pub(super) fn holds(&self, hash: &str, fp: u64) -> bool {
+        self.hash == hash && self.holds == Some(fp)
+    }
 }
 
 /// What tells whether an apply changed an object: the generation where there
@@ -41,7 +68,7 @@ fn applied_hash<K: Serialize>(obj: &K) -> String {
 
 /// True when every field of `want` holds in `have`: objects may have more
 /// keys in `have` (defaults, other managers), lists must match element by element.
-fn holds(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+pub(super) fn holds(want: &serde_json::Value, have: &serde_json::Value) -> bool {
     use serde_json::Value;
     match (want, have) {
         (Value::Object(w), Value::Object(h)) => w
@@ -98,7 +125,10 @@ pub(crate) async fn plan<K: ChildKind>(
     let current: Option<Arc<K>> = match cached {
         Some(c) => Some(c),
         // We applied it and the watch has not reported it yet.
-        None if applied.as_ref().is_some_and(|a| a.hash == hash) => {
+        None if applied
+            .as_ref()
+            .is_some_and(|a| a.hash == hash && a.resource_version.is_some()) =>
+        {
             return Ok(Step {
                 obj,
                 hash,
@@ -130,10 +160,7 @@ pub(crate) async fn plan<K: ChildKind>(
     };
     let same = stale
         || (current.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash)
-            && holds(
-                &serde_json::to_value(&obj).unwrap_or_default(),
-                &serde_json::to_value(current.as_ref()).unwrap_or_default(),
-            ));
+            && slim::verify(ctx, &obj, &hash, current.as_ref()).await?);
     let plan = if same {
         Plan::Keep
     } else {
@@ -161,11 +188,18 @@ pub(crate) async fn execute<K: ChildKind>(
     let applied = api
         .patch(&obj.name_any(), &params, &Patch::Apply(obj))
         .await?;
+    let key = child_key(obj);
+    ctx.caches
+        .unverified
+        .lock()
+        .expect("not poisoned")
+        .remove(&key);
     ctx.applied.lock().expect("not poisoned").insert(
-        child_key(obj),
+        key,
         Applied {
             hash: step.hash.clone(),
             resource_version: resource_version(&applied),
+            holds: Some(slim::content_fingerprint(&applied)),
         },
     );
     Ok(Some(applied))

@@ -14,13 +14,16 @@
 //!
 //! Reads come from the watches' caches ([`Caches`]), not from the apiserver.
 //! The caches hold every object of the children's kinds in the watched
-//! namespaces (anyone else's as metadata only), and a reconcile waits until
-//! each has listed once: a name missing from the cache is free and the
+//! namespaces, reduced to what reconciling reads (`controller/slim.rs`:
+//! anyone else's to metadata, the operator's own to metadata, a content
+//! fingerprint and a Deployment's rollout figures), and a reconcile waits
+//! until each has listed once: a name missing from the cache is free and the
 //! child is created without a read, one taken by someone else is refused
-//! from memory. A child whose cached object already holds what
-//! is rendered (same [`APPLIED_HASH_ANNOTATION`], and every rendered field
-//! equal) is not written again, and the status is written only when it
-//! changes; so a reconcile of a converged MicroService makes no request.
+//! from memory. A child that already holds what is rendered (same
+//! [`APPLIED_HASH_ANNOTATION`], and every rendered field equal, as recorded
+//! for its content fingerprint) is not written again, and the status is
+//! written only when it changes; so a reconcile of a converged MicroService
+//! makes no request.
 //!
 //! Every watch backs off on its own after an error ([`WatchBackoff`]).
 //! kube-runtime's `Controller` would otherwise pause its one merged trigger
@@ -85,6 +88,7 @@ mod fake_api;
 mod reconcile_tests;
 mod report;
 mod secrets;
+mod slim;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -274,14 +278,16 @@ pub async fn run(
     // metadata only (`watch::strip_foreign`).
     let children = watcher::Config::default().any_semantic();
     let applied: Arc<Mutex<HashMap<String, Applied>>> = Arc::default();
-    let (config_maps, cm_trigger) = child_watch::<ConfigMap>(&client, ns, &children, &applied);
-    let (service_accounts, sa_trigger) = child_watch(&client, ns, &children, &applied);
-    let (roles, role_trigger) = child_watch(&client, ns, &children, &applied);
-    let (role_bindings, rb_trigger) = child_watch(&client, ns, &children, &applied);
-    let (deployments, deploy_trigger) = child_watch(&client, ns, &children, &applied);
-    let (services, svc_trigger) = child_watch(&client, ns, &children, &applied);
-    let (pdbs, pdb_trigger) = child_watch(&client, ns, &children, &applied);
-    let (hpas, hpa_trigger) = child_watch(&client, ns, &children, &applied);
+    let unverified = slim::Unverified::default();
+    let (config_maps, cm_trigger) =
+        child_watch::<ConfigMap>(&client, ns, &children, &applied, &unverified);
+    let (service_accounts, sa_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (roles, role_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (role_bindings, rb_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (deployments, deploy_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (services, svc_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (pdbs, pdb_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (hpas, hpa_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
     // Secrets are not children: metadata only, every one in scope, since a
     // MicroService may list any Secret of its namespace.
     let (secrets, secret_trigger) = secrets::secret_watch(&client, ns);
@@ -299,6 +305,7 @@ pub async fn run(
         hpas,
         secrets,
         microservices: ms_store.clone(),
+        unverified,
     };
     let ctx = Arc::new(Context::new(
         client.clone(),

@@ -92,9 +92,8 @@ fn reported(fake: &FakeApi, ready: i32) -> Value {
 struct Converged {
     fake: FakeApi,
     ms: MicroService,
-    caches: Caches,
     writers: CacheWriters,
-    client: Client,
+    ctx: Arc<Context>,
 }
 
 impl Converged {
@@ -125,12 +124,9 @@ impl Converged {
         // brings the MicroService back and gets its status written.
         let deployment = reported(&fake, 0);
         writers.insert(&deployment);
-        reconcile(
-            Arc::new(ms.clone()),
-            context(client.clone(), caches.clone()),
-        )
-        .await
-        .unwrap();
+        // One context from here on, as the controller has.
+        let ctx = context(client.clone(), caches.clone());
+        reconcile(Arc::new(ms.clone()), ctx.clone()).await.unwrap();
         let mut ms = ms;
         let written = fake.object(MICROSERVICE).expect("the status was written");
         ms.status = Some(serde_json::from_value(written["status"].clone()).unwrap());
@@ -138,19 +134,15 @@ impl Converged {
         Self {
             fake,
             ms,
-            caches,
             writers,
-            client,
+            ctx,
         }
     }
 
     async fn reconcile(&self) -> Action {
-        reconcile(
-            Arc::new(self.ms.clone()),
-            context(self.client.clone(), self.caches.clone()),
-        )
-        .await
-        .unwrap()
+        reconcile(Arc::new(self.ms.clone()), self.ctx.clone())
+            .await
+            .unwrap()
     }
 }
 
@@ -224,6 +216,83 @@ async fn a_converged_microservice_makes_no_request() {
     converged.reconcile().await;
     let seen: Vec<String> = converged.fake.seen().iter().map(|s| s.line()).collect();
     assert!(seen.is_empty(), "{seen:?}");
+}
+
+#[tokio::test]
+async fn after_a_restart_a_converged_microservice_makes_no_request() {
+    let converged = Converged::new().await;
+    // A new process: nothing recorded, the watches list every child afresh.
+    let (caches, mut writers) = Caches::for_tests();
+    for path in CHILDREN {
+        writers.insert(&converged.fake.object(path).unwrap());
+    }
+    writers.insert(&reported(&converged.fake, 0));
+    let ctx = context(converged.ctx.client.clone(), caches.clone());
+    reconcile(Arc::new(converged.ms.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let seen: Vec<String> = converged.fake.seen().iter().map(|s| s.line()).collect();
+    assert!(seen.is_empty(), "{seen:?}");
+    // Each child was compared whole once; no full copy is left in memory.
+    assert!(caches.unverified.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_child_is_cached_as_its_metadata_and_a_content_fingerprint() {
+    let converged = Converged::new().await;
+    let (caches, mut writers) = Caches::for_tests();
+    writers.insert(&converged.fake.object(CHILDREN[0]).unwrap());
+    writers.insert(&reported(&converged.fake, 0));
+    let cm = ConfigMap::store(&caches)
+        .get(&ObjectRef::new("order-config").within("shop"))
+        .unwrap();
+    assert_eq!(cm.data, None);
+    let annotations = cm.metadata.annotations.clone().unwrap();
+    assert_eq!(
+        annotations.keys().map(String::as_str).collect::<Vec<_>>(),
+        [APPLIED_HASH_ANNOTATION, slim::CONTENT_ANNOTATION]
+    );
+    // A Deployment keeps what its rollout figures are computed from.
+    let d = Deployment::store(&caches)
+        .get(&ObjectRef::new("order").within("shop"))
+        .unwrap();
+    let spec = d.spec.as_ref().unwrap();
+    assert!(spec.template.spec.is_none());
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(d.status.as_ref().unwrap().observed_generation, Some(1));
+    assert!(status::rollout(&d).observed());
+}
+
+#[tokio::test]
+async fn a_child_changed_by_someone_else_since_the_cache_was_filled_is_read_once() {
+    let converged = Converged::new().await;
+    // Someone changes the Service's selector; the watch's event brings the
+    // change, then (before any reconcile) another event drops the full copy.
+    let mut service = converged.fake.object(CHILDREN[6]).unwrap();
+    service["spec"]["selector"] = json!({ "app": "other" });
+    let (caches, mut writers) = Caches::for_tests();
+    for path in CHILDREN {
+        writers.insert(&converged.fake.object(path).unwrap());
+    }
+    writers.insert(&reported(&converged.fake, 0));
+    writers.insert(&service);
+    caches
+        .unverified
+        .lock()
+        .unwrap()
+        .remove("Service/shop/order");
+    converged.fake.hold(CHILDREN[6], service);
+    let ctx = context(converged.ctx.client.clone(), caches);
+    reconcile(Arc::new(converged.ms.clone()), ctx)
+        .await
+        .unwrap();
+    // Read live (no copy), found changed, applied again.
+    assert_eq!(paths(&converged.fake, Method::GET), [CHILDREN[6]]);
+    assert_eq!(paths(&converged.fake, Method::PATCH), [CHILDREN[6]]);
+    assert_eq!(
+        converged.fake.object(CHILDREN[6]).unwrap()["spec"]["selector"]["app.kubernetes.io/name"],
+        "order"
+    );
 }
 
 #[tokio::test]

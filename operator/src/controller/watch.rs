@@ -3,15 +3,15 @@
 //! each watch. (The watch of the Secrets MicroServices list is in
 //! `secrets.rs`.)
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-use super::{secrets::SecretMeta, *};
+use super::{
+    secrets::SecretMeta,
+    slim::{Unverified, is_operators, slim},
+    *,
+};
 
 /// The watches' caches of the children's kinds: every object of those kinds
-/// in the watched namespaces, so a name missing from a cache is free. The
-/// operator's own objects are kept without their managed fields; anyone
-/// else's as their metadata alone ([`strip_foreign`]), which is all a
-/// collision check reads.
+/// in the watched namespaces, so a name missing from a cache is free, each
+/// reduced to what reconciling reads (`controller/slim.rs`).
 #[derive(Clone)]
 pub struct Caches {
     pub(super) config_maps: Store<ConfigMap>,
@@ -28,6 +28,8 @@ pub struct Caches {
     /// The MicroServices themselves, as the controller's own watch has them
     /// (authorization rules name other MicroServices: `controller/callers.rs`).
     pub(super) microservices: Store<MicroService>,
+    /// Full copies of children not yet compared with what is rendered.
+    pub(super) unverified: Unverified,
 }
 
 impl Caches {
@@ -87,39 +89,6 @@ child_kinds! {
     HorizontalPodAutoscaler => hpas { spec, status },
 }
 
-/// True when the operator made `meta`'s object, or controls it: it carries
-/// the operator's label, a MicroService's controller reference, or a
-/// grant's owner labels. (One that lost the label but keeps its owner is
-/// still the operator's, and is put back.)
-pub(super) fn is_operators(meta: &ObjectMeta) -> bool {
-    let labelled = meta
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(render::MANAGED_BY_LABEL))
-        .is_some_and(|v| v == FIELD_MANAGER);
-    let controlled = meta.owner_references.iter().flatten().any(|o| {
-        o.controller == Some(true)
-            && o.kind == MicroService::kind(&())
-            && o.api_version == MicroService::api_version(&())
-    });
-    labelled || controlled || grants::owner(meta).is_some()
-}
-
-/// Reduces an object that is not the operator's to what deciding a
-/// collision reads: its name, namespace, uid, resourceVersion, labels and
-/// owner references. Its body and annotations (which may hold a whole copy
-/// of it, `kubectl.kubernetes.io/last-applied-configuration`) are dropped.
-pub(super) fn strip_foreign<K: ChildKind>(k: &mut K) {
-    k.meta_mut().managed_fields = None;
-    if is_operators(k.meta()) {
-        return;
-    }
-    k.clear_body();
-    let m = k.meta_mut();
-    m.annotations = None;
-    m.finalizers = None;
-}
-
 /// The watch of one kind of child: its cache (every object of the kind in
 /// scope, see [`Caches`]), and the stream of changed children that triggers
 /// their owners' reconciles. Only the operator's objects trigger; changes of
@@ -130,15 +99,17 @@ pub(super) fn child_watch<K: ChildKind>(
     ns: Option<&str>,
     config: &watcher::Config,
     applied: &Arc<Mutex<HashMap<String, Applied>>>,
+    unverified: &Unverified,
 ) -> (
     Store<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
 ) {
     let (store, writer) = reflector::store::<K>();
-    let applied = applied.clone();
+    let (applied, unverified) = (applied.clone(), unverified.clone());
+    let (slim_applied, slim_unverified) = (applied.clone(), unverified.clone());
     let mut seen: HashMap<String, u64> = HashMap::new();
     let trigger = watcher(scoped::<K>(client, ns), config.clone())
-        .modify(strip_foreign)
+        .modify(move |k| slim(k, &slim_applied, &slim_unverified))
         .backoff(WatchBackoff::default())
         .reflect(writer)
         .filter_map(move |event| {
@@ -158,6 +129,7 @@ pub(super) fn child_watch<K: ChildKind>(
                     if seen.remove(&key).is_none() && !is_operators(k.meta()) {
                         return future::ready(None);
                     }
+                    unverified.lock().expect("not poisoned").remove(&key);
                     applied.lock().expect("not poisoned").remove(&key);
                     Some(Ok(k))
                 }
@@ -179,8 +151,9 @@ pub(super) fn child_key<K: Resource<DynamicType = ()>>(k: &K) -> String {
 }
 
 /// What of a child's change matters to its owner: everything but the status
-/// and the bookkeeping metadata; of a Deployment, the [`status::Rollout`]
-/// the MicroService's status is computed from.
+/// and the bookkeeping metadata (of a cached child, its content fingerprint
+/// stands for its content); of a Deployment, the [`status::Rollout`] the
+/// MicroService's status is computed from.
 pub(super) fn child_fingerprint<K: Resource<DynamicType = ()> + Serialize + 'static>(k: &K) -> u64 {
     let rollout = (k as &dyn std::any::Any)
         .downcast_ref::<Deployment>()
@@ -288,6 +261,7 @@ pub(super) struct CacheWriters {
     hpas: reflector::store::Writer<HorizontalPodAutoscaler>,
     secrets: reflector::store::Writer<SecretMeta>,
     microservices: reflector::store::Writer<MicroService>,
+    unverified: Unverified,
 }
 
 #[cfg(test)]
@@ -329,8 +303,10 @@ impl Caches {
             hpas,
             secrets,
             microservices,
+            unverified: Unverified::default(),
         };
         let writers = CacheWriters {
+            unverified: caches.unverified.clone(),
             config_maps: cm,
             service_accounts: sa,
             roles: role,
@@ -365,20 +341,26 @@ impl CacheWriters {
     /// Puts `object`, a child of any kind as JSON, in its cache, as the
     /// watch would.
     pub(super) fn insert(&mut self, object: &serde_json::Value) {
-        fn put<K: ChildKind>(w: &mut reflector::store::Writer<K>, o: &serde_json::Value) {
+        fn put<K: ChildKind>(
+            w: &mut reflector::store::Writer<K>,
+            unverified: &Unverified,
+            o: &serde_json::Value,
+        ) {
             let mut k: K = serde_json::from_value(o.clone()).expect("a child object");
-            strip_foreign(&mut k);
+            // A watch of a fresh start: nothing known yet.
+            slim(&mut k, &Mutex::default(), unverified);
             w.apply_watcher_event(&watcher::Event::Apply(k));
         }
+        let u = &self.unverified;
         match object["kind"].as_str().unwrap_or_default() {
-            "ConfigMap" => put(&mut self.config_maps, object),
-            "ServiceAccount" => put(&mut self.service_accounts, object),
-            "Role" => put(&mut self.roles, object),
-            "RoleBinding" => put(&mut self.role_bindings, object),
-            "Deployment" => put(&mut self.deployments, object),
-            "Service" => put(&mut self.services, object),
-            "PodDisruptionBudget" => put(&mut self.pdbs, object),
-            "HorizontalPodAutoscaler" => put(&mut self.hpas, object),
+            "ConfigMap" => put(&mut self.config_maps, u, object),
+            "ServiceAccount" => put(&mut self.service_accounts, u, object),
+            "Role" => put(&mut self.roles, u, object),
+            "RoleBinding" => put(&mut self.role_bindings, u, object),
+            "Deployment" => put(&mut self.deployments, u, object),
+            "Service" => put(&mut self.services, u, object),
+            "PodDisruptionBudget" => put(&mut self.pdbs, u, object),
+            "HorizontalPodAutoscaler" => put(&mut self.hpas, u, object),
             // As the Secrets' watch has them: metadata, stripped.
             "Secret" => {
                 let mut meta: SecretMeta =
