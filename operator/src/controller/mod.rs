@@ -163,6 +163,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per MicroService, for backoff in [`error_policy`].
     failures: Mutex<HashMap<ObjectRef<MicroService>, u32>>,
+    /// When a reconcile last created or changed each MicroService's
+    /// Deployment, until the Deployment controller reports on it.
+    deployment_changed: Mutex<HashMap<ObjectRef<MicroService>, std::time::Instant>>,
     /// The children's caches.
     pub(crate) caches: Caches,
     /// The last apply per child (`Kind/namespace/name`); forgotten when the
@@ -190,10 +193,33 @@ impl Context {
             settings,
             metrics,
             failures: Mutex::default(),
+            deployment_changed: Mutex::default(),
             caches,
             applied,
             trust_bundle: Arc::default(),
         }
+    }
+
+    /// Whether the status of `key` waits for the Deployment controller's
+    /// report on `deployment`, which `changed` says this reconcile created or
+    /// changed: it is not observed yet, and was changed less than
+    /// [`REPORT_WAIT`] ago.
+    fn awaiting_report(
+        &self,
+        key: &ObjectRef<MicroService>,
+        changed: bool,
+        deployment: &Deployment,
+    ) -> bool {
+        let mut since = self.deployment_changed.lock().expect("not poisoned");
+        if changed {
+            since.insert(key.clone(), std::time::Instant::now());
+        }
+        let waiting = !status::rollout(deployment).observed()
+            && since.get(key).is_some_and(|at| at.elapsed() < REPORT_WAIT);
+        if !waiting {
+            since.remove(key);
+        }
+        waiting
     }
 
     /// What rendering needs now: the settings, with the mesh identity once
@@ -398,6 +424,10 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
         let _timer = ctx.metrics.reconcile_started();
         if ms.metadata.deletion_timestamp.is_some() {
             // The garbage collector deletes the children through their owner references.
+            ctx.deployment_changed
+                .lock()
+                .expect("not poisoned")
+                .remove(&ObjectRef::from_obj(ms.as_ref()));
             return Ok(Action::await_change());
         }
         // A name missing from the caches is free only once they have listed.
@@ -423,17 +453,18 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
                 changed,
             }) => {
                 ctx.failures.lock().expect("not poisoned").remove(&key);
-                // A Deployment this reconcile created or changed, not yet
-                // observed by its controller, says nothing yet: a status
-                // from it would be overwritten moments later, when the
-                // controller's report brings the MicroService back (its
-                // rollout figures trigger a reconcile). So a new
-                // MicroService gets one status write, not two. A reconcile
-                // that changes nothing (the resync) writes it regardless.
-                let awaiting_report = changed && !status::rollout(&deployment).observed();
-                if !awaiting_report {
-                    update_status(&ms, &ctx, Some(&deployment), None).await?;
+                // A Deployment this or an earlier reconcile created or
+                // changed, not yet observed by its controller, says nothing
+                // yet: a status from it would be overwritten moments later,
+                // when the controller's report brings the MicroService back
+                // (its rollout figures trigger a reconcile). So a new
+                // MicroService gets one status write, not two. The wait is
+                // bounded: a report later than [`REPORT_WAIT`] finds the
+                // status written by the requeue.
+                if ctx.awaiting_report(&key, changed, &deployment) {
+                    return Ok(Action::requeue(REPORT_WAIT));
                 }
+                update_status(&ms, &ctx, Some(&deployment), None).await?;
                 Ok(Action::requeue(ctx.settings.resync))
             }
             Err((deployment, e)) => {
@@ -492,6 +523,10 @@ pub fn error_policy(ms: Arc<MicroService>, error: &Error, ctx: Arc<Context>) -> 
     debug!(%error, attempt, ?delay, "requeue after error");
     Action::requeue(delay)
 }
+
+/// The longest a MicroService's status waits for the Deployment
+/// controller to report on a Deployment the operator created or changed.
+pub const REPORT_WAIT: Duration = Duration::from_secs(10);
 
 /// The longest wait before retrying a failed reconcile. Nothing else brings
 /// a MicroService whose reconcile failed for an API error back: when the

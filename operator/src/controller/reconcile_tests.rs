@@ -187,6 +187,10 @@ async fn a_new_microservice_gets_one_status_write_and_one_event_on_the_way_to_re
     for path in CHILDREN {
         writers.insert(&fake.object(path).expect("applied"));
     }
+    // The children's watch events bring it back before the Deployment
+    // controller has reported: nothing to write yet.
+    let action = reconcile(Arc::new(order()), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(REPORT_WAIT));
     // The Deployment controller reports its one replica ready at once.
     writers.insert(&reported(&fake, 1));
     reconcile(Arc::new(order()), ctx).await.unwrap();
