@@ -22,11 +22,16 @@ use super::{apply::holds, *};
 /// [`content_fingerprint`] of the object the watch saw.
 pub(super) const CONTENT_ANNOTATION: &str = "trellis.dev/cached-content";
 
+/// A full copy of a child, of its own kind.
+pub(super) type FullCopy = Arc<dyn std::any::Any + Send + Sync>;
+
 /// Full copies of the operator's children whose content is not yet known
 /// to hold what is rendered, by [`child_key`]: the fingerprint and the
 /// object. Each is dropped when compared, or when the child changes again
-/// or goes.
-pub(super) type Unverified = Arc<Mutex<HashMap<String, (u64, serde_json::Value)>>>;
+/// or goes. (A child no reconcile compares, e.g. of a MicroService another
+/// operator's `--selector` takes, keeps its copy, as the caches kept every
+/// child whole before.)
+pub(super) type Unverified = Arc<Mutex<HashMap<String, (u64, FullCopy)>>>;
 
 /// The fingerprint of what a child holds: everything but its status, its
 /// resourceVersion and managed fields, and the annotations the Deployment
@@ -74,7 +79,7 @@ pub(super) fn is_operators(meta: &ObjectMeta) -> bool {
 pub(super) fn slim<K: ChildKind>(
     k: &mut K,
     applied: &Mutex<HashMap<String, Applied>>,
-    unverified: &Mutex<HashMap<String, (u64, serde_json::Value)>>,
+    unverified: &Mutex<HashMap<String, (u64, FullCopy)>>,
 ) {
     k.meta_mut().managed_fields = None;
     if !is_operators(k.meta()) {
@@ -100,7 +105,7 @@ pub(super) fn slim<K: ChildKind>(
         if known {
             unverified.remove(&key);
         } else {
-            unverified.insert(key, (fp, serde_json::to_value(&*k).unwrap_or_default()));
+            unverified.insert(key, (fp, Arc::new(k.clone())));
         }
     }
     let rollout = (k as &mut dyn std::any::Any)
@@ -162,7 +167,10 @@ pub(super) async fn verify<K: ChildKind>(
     {
         return Ok(true);
     }
-    let (fp, whole) = match copy.filter(|(f, _)| *f == fp) {
+    let copy = copy
+        .filter(|(f, _)| *f == fp)
+        .and_then(|(f, c)| Some((f, serde_json::to_value(c.downcast_ref::<K>()?).ok()?)));
+    let (fp, whole) = match copy {
         Some(copy) => copy,
         None => {
             let ns = current.namespace().unwrap_or_default();
