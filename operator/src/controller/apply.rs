@@ -135,7 +135,11 @@ pub(crate) async fn plan<K: ChildKind>(
                 plan: Plan::Keep,
             });
         }
-        // The cache holds every object of the kind in scope: the name is free.
+        // The cache holds every object of the kind in scope: the name is
+        // free. (One created elsewhere moments ago, which the watch has not
+        // delivered yet, is not seen; the apply then takes it over, as it
+        // would after a live read that raced its creation, over a wider
+        // window: the watch's lag.)
         None => None,
     };
     let Some(current) = current else {
