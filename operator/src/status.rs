@@ -126,6 +126,14 @@ pub struct Rollout {
     has_status: bool,
 }
 
+impl Rollout {
+    /// Whether the Deployment controller has reported on the Deployment's
+    /// current generation.
+    pub fn observed(&self) -> bool {
+        self.observed
+    }
+}
+
 /// The [`Rollout`] of `d`.
 pub fn rollout(d: &Deployment) -> Rollout {
     let spec_replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);

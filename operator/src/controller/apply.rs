@@ -2,20 +2,47 @@
 //! (create, update or keep, from the caches), and applying them in the
 //! order a pod needs them.
 
-use super::{secrets, *};
+use super::{secrets, slim, *};
 
 /// The annotation on every child holding the sha256 of what the operator
 /// last applied (the rendered object without this annotation): a rendered
 /// object whose hash matches, and whose fields all hold, is not applied again.
 pub const APPLIED_HASH_ANNOTATION: &str = "trellis.dev/applied-hash";
 
-/// What the operator last applied to one child: the hash of the rendered
-/// object and the resourceVersion the apiserver answered with. Covers the
-/// moment between an apply and its watch event, when the cache lags.
+/// What the operator knows of one child: the hash of the rendered object it
+/// last applied or found in place, the resourceVersion the apiserver
+/// answered its apply with (covering the moment between an apply and its
+/// watch event, when the cache lags), and the content fingerprint
+/// ([`slim::content_fingerprint`]) known to hold that rendered object.
 #[derive(Clone, Debug)]
 pub(super) struct Applied {
     hash: String,
     resource_version: Option<u64>,
+    holds: Option<u64>,
+}
+
+impl Applied {
+    /// Known from a comparison, not from an apply of ours.
+    pub(super) fn verified(hash: &str) -> Self {
+        Self {
+            hash: hash.to_owned(),
+            resource_version: None,
+            holds: None,
+        }
+    }
+
+    /// Records that content `fp` holds the rendered object of `hash`.
+    pub(super) fn verified_as(&mut self, hash: &str, fp: u64) {
+        if self.hash != hash {
+            *self = Self::verified(hash);
+        }
+        self.holds = Some(fp);
+    }
+
+    /// Whether content `fp` is known to hold the rendered object of `hash`.
+    pub(super) fn holds(&self, hash: &str, fp: u64) -> bool {
+        self.hash == hash && self.holds == Some(fp)
+    }
 }
 
 /// What tells whether an apply changed an object: the generation where there
@@ -41,7 +68,7 @@ fn applied_hash<K: Serialize>(obj: &K) -> String {
 
 /// True when every field of `want` holds in `have`: objects may have more
 /// keys in `have` (defaults, other managers), lists must match element by element.
-fn holds(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+pub(super) fn holds(want: &serde_json::Value, have: &serde_json::Value) -> bool {
     use serde_json::Value;
     match (want, have) {
         (Value::Object(w), Value::Object(h)) => w
@@ -74,9 +101,9 @@ pub(crate) struct Step<K> {
     pub(crate) plan: Plan,
 }
 
-/// Decides what to do with the rendered `obj`: from the cache, or from a live
-/// read when the cache has no object of its name. `Err` names it when an
-/// object of that name is not controlled by `ms`.
+/// Decides what to do with the rendered `obj`, from the cache alone (which
+/// must have listed: [`Caches::ready`]). `Err` names it when an object of
+/// that name is not controlled by `ms`.
 pub(crate) async fn plan<K: ChildKind>(
     ms: &MicroService,
     ctx: &Context,
@@ -98,17 +125,22 @@ pub(crate) async fn plan<K: ChildKind>(
     let current: Option<Arc<K>> = match cached {
         Some(c) => Some(c),
         // We applied it and the watch has not reported it yet.
-        None if applied.as_ref().is_some_and(|a| a.hash == hash) => {
+        None if applied
+            .as_ref()
+            .is_some_and(|a| a.hash == hash && a.resource_version.is_some()) =>
+        {
             return Ok(Step {
                 obj,
                 hash,
                 plan: Plan::Keep,
             });
         }
-        None => {
-            let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-            api.get_opt(&name).await?.map(Arc::new)
-        }
+        // The cache holds every object of the kind in scope: the name is
+        // free. (One created elsewhere moments ago, which the watch has not
+        // delivered yet, is not seen; the apply then takes it over, as it
+        // would after a live read that raced its creation, over a wider
+        // window: the watch's lag.)
+        None => None,
     };
     let Some(current) = current else {
         return Ok(Step {
@@ -132,10 +164,7 @@ pub(crate) async fn plan<K: ChildKind>(
     };
     let same = stale
         || (current.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash)
-            && holds(
-                &serde_json::to_value(&obj).unwrap_or_default(),
-                &serde_json::to_value(current.as_ref()).unwrap_or_default(),
-            ));
+            && slim::verify(ctx, &obj, &hash, current.as_ref()).await?);
     let plan = if same {
         Plan::Keep
     } else {
@@ -163,11 +192,18 @@ pub(crate) async fn execute<K: ChildKind>(
     let applied = api
         .patch(&obj.name_any(), &params, &Patch::Apply(obj))
         .await?;
+    let key = child_key(obj);
+    ctx.caches
+        .unverified
+        .lock()
+        .expect("not poisoned")
+        .remove(&key);
     ctx.applied.lock().expect("not poisoned").insert(
-        child_key(obj),
+        key,
         Applied {
             hash: step.hash.clone(),
             resource_version: resource_version(&applied),
+            holds: Some(slim::content_fingerprint(&applied)),
         },
     );
     Ok(Some(applied))
@@ -220,6 +256,12 @@ impl Changes {
             let note = format!("deleted {}", removed.join(", "));
             publish(ms, ctx, EventType::Normal, "Deleted", "Apply", &note).await;
         }
+    }
+
+    /// Whether a child of `kind` was created or changed.
+    fn created_or_updated(&self, kind: &str) -> bool {
+        let of_kind = |what: &String| what.split(' ').next() == Some(kind);
+        self.created.iter().chain(&self.updated).any(of_kind)
     }
 
     fn note<K: Resource<DynamicType = ()>>(&mut self, step: &Step<K>, after: Option<&K>) {
@@ -315,10 +357,17 @@ fn ordered(c: Children) -> Vec<Child> {
     children
 }
 
+/// The Deployment of a MicroService after [`apply`].
+pub(super) struct AppliedDeployment {
+    /// As the apiserver (or the cache) has it.
+    pub(super) deployment: Deployment,
+    /// Whether this apply created it or changed its spec (a new generation).
+    pub(super) changed: bool,
+}
+
 /// Applies every child that is not as rendered, removes the optional ones no
-/// longer wanted, and says what changed in Events; returns the Deployment
-/// as the apiserver (or the cache) has it.
-pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment, Error> {
+/// longer wanted, and says what changed in Events; returns the Deployment.
+pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<AppliedDeployment, Error> {
     let versions = secrets::versions(ms, ctx).await?;
     let c: Children = render::render(ms, &ctx.render_config(), &versions)?;
     // A Deployment naming a Secret that does not exist makes pods that never
@@ -352,6 +401,7 @@ pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment
             applied_deployment = Some(d);
         }
     }
+    let deployment_changed = changes.created_or_updated("Deployment");
 
     // 3. Remove what is no longer wanted (only our own).
     let mut removed = Vec::new();
@@ -369,15 +419,21 @@ pub(super) async fn apply(ms: &MicroService, ctx: &Context) -> Result<Deployment
     // has it, or our apply moments ago does).
     let ns = ms.namespace().unwrap_or_default();
     let key = ObjectRef::new(&deployment_name).within(&ns);
-    match applied_deployment {
-        Some(d) => Ok(d),
+    let deployment = match applied_deployment {
+        Some(d) => d,
         None => match Deployment::store(&ctx.caches).get(&key) {
-            Some(d) => Ok(d.as_ref().clone()),
-            None => Ok(Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-                .get(&deployment_name)
-                .await?),
+            Some(d) => d.as_ref().clone(),
+            None => {
+                Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                    .get(&deployment_name)
+                    .await?
+            }
         },
-    }
+    };
+    Ok(AppliedDeployment {
+        deployment,
+        changed: deployment_changed,
+    })
 }
 
 /// Deletes the child of kind `K` named like the MicroService, if this

@@ -12,13 +12,18 @@
 //! never touched: the reconcile stops before the first write, reports
 //! `ReconcileFailed` (reason `NameCollision`) and a Warning event.
 //!
-//! Reads come from the watches' caches ([`Caches`]), not from the apiserver:
-//! a child is read live only when the cache has no object of its name (a
-//! name taken by someone else carries no label of ours, so the labelled
-//! watches cannot see it). A child whose cached object already holds what
-//! is rendered (same [`APPLIED_HASH_ANNOTATION`], and every rendered field
-//! equal) is not written again, and the status is written only when it
-//! changes; so a reconcile of a converged MicroService makes no request.
+//! Reads come from the watches' caches ([`Caches`]), not from the apiserver.
+//! The caches hold every object of the children's kinds in the watched
+//! namespaces, reduced to what reconciling reads (`controller/slim.rs`:
+//! anyone else's to metadata, the operator's own to metadata, a content
+//! fingerprint and a Deployment's rollout figures), and a reconcile waits
+//! until each has listed once: a name missing from the cache is free and the
+//! child is created without a read, one taken by someone else is refused
+//! from memory. A child that already holds what is rendered (same
+//! [`APPLIED_HASH_ANNOTATION`], and every rendered field equal, as recorded
+//! for its content fingerprint) is not written again, and the status is
+//! written only when it changes; so a reconcile of a converged MicroService
+//! makes no request.
 //!
 //! Every watch backs off on its own after an error ([`WatchBackoff`]).
 //! kube-runtime's `Controller` would otherwise pause its one merged trigger
@@ -83,12 +88,13 @@ mod fake_api;
 mod reconcile_tests;
 mod report;
 mod secrets;
+mod slim;
 #[cfg(test)]
 mod tests;
 mod watch;
 
 pub use apply::APPLIED_HASH_ANNOTATION;
-use apply::{Applied, apply};
+use apply::{Applied, AppliedDeployment, apply};
 pub(crate) use apply::{Plan, Preflight, execute, plan};
 pub use error::Error;
 use error::list_failure_hint;
@@ -157,6 +163,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per MicroService, for backoff in [`error_policy`].
     failures: Mutex<HashMap<ObjectRef<MicroService>, u32>>,
+    /// When a reconcile last created or changed each MicroService's
+    /// Deployment, until the Deployment controller reports on it.
+    deployment_changed: Mutex<HashMap<ObjectRef<MicroService>, std::time::Instant>>,
     /// The children's caches.
     pub(crate) caches: Caches,
     /// The last apply per child (`Kind/namespace/name`); forgotten when the
@@ -184,10 +193,33 @@ impl Context {
             settings,
             metrics,
             failures: Mutex::default(),
+            deployment_changed: Mutex::default(),
             caches,
             applied,
             trust_bundle: Arc::default(),
         }
+    }
+
+    /// Whether the status of `key` waits for the Deployment controller's
+    /// report on `deployment`, which `changed` says this reconcile created or
+    /// changed: it is not observed yet, and was changed less than
+    /// [`REPORT_WAIT`] ago.
+    fn awaiting_report(
+        &self,
+        key: &ObjectRef<MicroService>,
+        changed: bool,
+        deployment: &Deployment,
+    ) -> bool {
+        let mut since = self.deployment_changed.lock().expect("not poisoned");
+        if changed {
+            since.insert(key.clone(), std::time::Instant::now());
+        }
+        let waiting = !status::rollout(deployment).observed()
+            && since.get(key).is_some_and(|at| at.elapsed() < REPORT_WAIT);
+        if !waiting {
+            since.remove(key);
+        }
+        waiting
     }
 
     /// What rendering needs now: the settings, with the mesh identity once
@@ -266,21 +298,22 @@ pub async fn run(
             anyhow::anyhow!("cannot list MicroServices ({}): {e}", list_failure_hint(&e))
         })?;
 
-    // Children carry the managed-by label; watching only those keeps the
-    // caches small. An object that loses the label drops out of the selector,
-    // which the watch reports like a deletion, so it is put back too.
-    let children = watcher::Config::default()
-        .labels(&render::managed_by_selector())
-        .any_semantic();
+    // Every object of the children's kinds, not only those with the
+    // operator's label: a child's name missing from the cache is then free,
+    // and creating it needs no read first. Anyone else's objects are kept as
+    // metadata only (`watch::strip_foreign`).
+    let children = watcher::Config::default().any_semantic();
     let applied: Arc<Mutex<HashMap<String, Applied>>> = Arc::default();
-    let (config_maps, cm_trigger) = child_watch::<ConfigMap>(&client, ns, &children, &applied);
-    let (service_accounts, sa_trigger) = child_watch(&client, ns, &children, &applied);
-    let (roles, role_trigger) = child_watch(&client, ns, &children, &applied);
-    let (role_bindings, rb_trigger) = child_watch(&client, ns, &children, &applied);
-    let (deployments, deploy_trigger) = child_watch(&client, ns, &children, &applied);
-    let (services, svc_trigger) = child_watch(&client, ns, &children, &applied);
-    let (pdbs, pdb_trigger) = child_watch(&client, ns, &children, &applied);
-    let (hpas, hpa_trigger) = child_watch(&client, ns, &children, &applied);
+    let unverified = slim::Unverified::default();
+    let (config_maps, cm_trigger) =
+        child_watch::<ConfigMap>(&client, ns, &children, &applied, &unverified);
+    let (service_accounts, sa_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (roles, role_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (role_bindings, rb_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (deployments, deploy_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (services, svc_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (pdbs, pdb_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
+    let (hpas, hpa_trigger) = child_watch(&client, ns, &children, &applied, &unverified);
     // Secrets are not children: metadata only, every one in scope, since a
     // MicroService may list any Secret of its namespace.
     let (secrets, secret_trigger) = secrets::secret_watch(&client, ns);
@@ -298,6 +331,7 @@ pub async fn run(
         hpas,
         secrets,
         microservices: ms_store.clone(),
+        unverified,
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -390,23 +424,46 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
         let _timer = ctx.metrics.reconcile_started();
         if ms.metadata.deletion_timestamp.is_some() {
             // The garbage collector deletes the children through their owner references.
+            ctx.deployment_changed
+                .lock()
+                .expect("not poisoned")
+                .remove(&ObjectRef::from_obj(ms.as_ref()));
+            return Ok(Action::await_change());
+        }
+        // A name missing from the caches is free only once they have listed.
+        // False only when a watch ended: the controller is stopping.
+        if !ctx.caches.ready().await {
             return Ok(Action::await_change());
         }
         let key = ObjectRef::from_obj(ms.as_ref());
         // The grants come after the MicroService's own children, so a
         // dependency namespace that does not exist holds back nothing else.
         let applied = match apply(&ms, &ctx).await {
-            Ok(deployment) => match grants::sync(&ms, &ctx).await {
-                Ok(()) => Ok(deployment),
-                Err(e) => Err((Some(deployment), e)),
+            Ok(applied) => match grants::sync(&ms, &ctx).await {
+                Ok(()) => Ok(applied),
+                Err(e) => Err((Some(applied.deployment), e)),
             },
             // The pods keep running as they are: the status counts them.
             Err(e @ Error::SecretMissing { .. }) => Err((own_deployment(&ms, &ctx), e)),
             Err(e) => Err((None, e)),
         };
         match applied {
-            Ok(deployment) => {
+            Ok(AppliedDeployment {
+                deployment,
+                changed,
+            }) => {
                 ctx.failures.lock().expect("not poisoned").remove(&key);
+                // A Deployment this or an earlier reconcile created or
+                // changed, not yet observed by its controller, says nothing
+                // yet: a status from it would be overwritten moments later,
+                // when the controller's report brings the MicroService back
+                // (its rollout figures trigger a reconcile). So a new
+                // MicroService gets one status write, not two. The wait is
+                // bounded: a report later than [`REPORT_WAIT`] finds the
+                // status written by the requeue.
+                if ctx.awaiting_report(&key, changed, &deployment) {
+                    return Ok(Action::requeue(REPORT_WAIT));
+                }
                 update_status(&ms, &ctx, Some(&deployment), None).await?;
                 Ok(Action::requeue(ctx.settings.resync))
             }
@@ -466,6 +523,10 @@ pub fn error_policy(ms: Arc<MicroService>, error: &Error, ctx: Arc<Context>) -> 
     debug!(%error, attempt, ?delay, "requeue after error");
     Action::requeue(delay)
 }
+
+/// The longest a MicroService's status waits for the Deployment
+/// controller to report on a Deployment the operator created or changed.
+pub const REPORT_WAIT: Duration = Duration::from_secs(10);
 
 /// The longest wait before retrying a failed reconcile. Nothing else brings
 /// a MicroService whose reconcile failed for an API error back: when the

@@ -71,14 +71,29 @@ fn events(fake: &FakeApi) -> Vec<String> {
         .collect()
 }
 
+/// The Deployment `order` as the fake holds it, with a status as the
+/// Deployment controller reports it: generation 1 observed, `ready` of its
+/// one replica ready.
+fn reported(fake: &FakeApi, ready: i32) -> Value {
+    let mut deployment = fake.object(DEPLOYMENT).unwrap();
+    deployment["metadata"]["generation"] = json!(1);
+    deployment["status"] = json!({
+        "observedGeneration": 1,
+        "replicas": 1,
+        "readyReplicas": ready,
+        "updatedReplicas": 1,
+        "availableReplicas": ready,
+    });
+    deployment
+}
+
 /// A MicroService reconciled once and its caches filled with what that
 /// applied, as the watches would: the state of a converged MicroService.
 struct Converged {
     fake: FakeApi,
     ms: MicroService,
-    caches: Caches,
     writers: CacheWriters,
-    client: Client,
+    ctx: Arc<Context>,
 }
 
 impl Converged {
@@ -105,6 +120,13 @@ impl Converged {
         for (_, secret) in secrets {
             writers.insert(secret);
         }
+        // The Deployment controller reports (no pod ready yet), which
+        // brings the MicroService back and gets its status written.
+        let deployment = reported(&fake, 0);
+        writers.insert(&deployment);
+        // One context from here on, as the controller has.
+        let ctx = context(client.clone(), caches.clone());
+        reconcile(Arc::new(ms.clone()), ctx.clone()).await.unwrap();
         let mut ms = ms;
         let written = fake.object(MICROSERVICE).expect("the status was written");
         ms.status = Some(serde_json::from_value(written["status"].clone()).unwrap());
@@ -112,19 +134,15 @@ impl Converged {
         Self {
             fake,
             ms,
-            caches,
             writers,
-            client,
+            ctx,
         }
     }
 
     async fn reconcile(&self) -> Action {
-        reconcile(
-            Arc::new(self.ms.clone()),
-            context(self.client.clone(), self.caches.clone()),
-        )
-        .await
-        .unwrap()
+        reconcile(Arc::new(self.ms.clone()), self.ctx.clone())
+            .await
+            .unwrap()
     }
 }
 
@@ -136,9 +154,9 @@ async fn a_new_microservice_gets_its_children_applied_in_order_then_its_status()
         .await
         .unwrap();
 
-    let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
-    expected.push(STATUS.into());
-    assert_eq!(paths(&fake, Method::PATCH), expected);
+    // The Deployment controller has not reported on the new Deployment:
+    // no status yet (its report brings the MicroService back).
+    assert_eq!(paths(&fake, Method::PATCH), CHILDREN);
     // Server-side apply, forced, by the one field manager.
     for s in fake.seen().iter().filter(|s| s.method == Method::PATCH) {
         assert!(
@@ -148,13 +166,52 @@ async fn a_new_microservice_gets_its_children_applied_in_order_then_its_status()
             s.query
         );
     }
-    // The cache had none of them, so each name was read live first: one
-    // taken by someone else would have stopped the reconcile before a write.
-    assert_eq!(paths(&fake, Method::GET), CHILDREN);
+    // The caches, which hold every object of these kinds, had none of
+    // them: the names are free, and nothing is read live.
+    assert!(
+        paths(&fake, Method::GET).is_empty(),
+        "{:?}",
+        paths(&fake, Method::GET)
+    );
     assert!(paths(&fake, Method::DELETE).is_empty());
+    assert_eq!(events(&fake), ["Created"]);
+    assert!(fake.object(MICROSERVICE).unwrap()["status"].is_null());
+}
+
+#[tokio::test]
+async fn a_new_microservice_gets_one_status_write_and_one_event_on_the_way_to_ready() {
+    let (fake, client) = fake();
+    let (caches, mut writers) = Caches::for_tests();
+    let ctx = context(client, caches);
+    reconcile(Arc::new(order()), ctx.clone()).await.unwrap();
+    for path in CHILDREN {
+        writers.insert(&fake.object(path).expect("applied"));
+    }
+    // The children's watch events bring it back before the Deployment
+    // controller has reported: nothing to write yet.
+    let action = reconcile(Arc::new(order()), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(REPORT_WAIT));
+    // The Deployment controller reports its one replica ready at once.
+    writers.insert(&reported(&fake, 1));
+    reconcile(Arc::new(order()), ctx).await.unwrap();
+
+    let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
+    expected.push(STATUS.into());
+    assert_eq!(paths(&fake, Method::PATCH), expected);
     assert_eq!(events(&fake), ["Created"]);
     let status = &fake.object(MICROSERVICE).unwrap()["status"];
     assert_eq!(status["observedGeneration"], 1, "{status}");
+    assert_eq!(status["phase"], "Ready", "{status}");
+    let ready = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .expect("a Ready condition");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("True"), &json!("ReplicasReady"))
+    );
 }
 
 #[tokio::test]
@@ -163,6 +220,83 @@ async fn a_converged_microservice_makes_no_request() {
     converged.reconcile().await;
     let seen: Vec<String> = converged.fake.seen().iter().map(|s| s.line()).collect();
     assert!(seen.is_empty(), "{seen:?}");
+}
+
+#[tokio::test]
+async fn after_a_restart_a_converged_microservice_makes_no_request() {
+    let converged = Converged::new().await;
+    // A new process: nothing recorded, the watches list every child afresh.
+    let (caches, mut writers) = Caches::for_tests();
+    for path in CHILDREN {
+        writers.insert(&converged.fake.object(path).unwrap());
+    }
+    writers.insert(&reported(&converged.fake, 0));
+    let ctx = context(converged.ctx.client.clone(), caches.clone());
+    reconcile(Arc::new(converged.ms.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let seen: Vec<String> = converged.fake.seen().iter().map(|s| s.line()).collect();
+    assert!(seen.is_empty(), "{seen:?}");
+    // Each child was compared whole once; no full copy is left in memory.
+    assert!(caches.unverified.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_child_is_cached_as_its_metadata_and_a_content_fingerprint() {
+    let converged = Converged::new().await;
+    let (caches, mut writers) = Caches::for_tests();
+    writers.insert(&converged.fake.object(CHILDREN[0]).unwrap());
+    writers.insert(&reported(&converged.fake, 0));
+    let cm = ConfigMap::store(&caches)
+        .get(&ObjectRef::new("order-config").within("shop"))
+        .unwrap();
+    assert_eq!(cm.data, None);
+    let annotations = cm.metadata.annotations.clone().unwrap();
+    assert_eq!(
+        annotations.keys().map(String::as_str).collect::<Vec<_>>(),
+        [APPLIED_HASH_ANNOTATION, slim::CONTENT_ANNOTATION]
+    );
+    // A Deployment keeps what its rollout figures are computed from.
+    let d = Deployment::store(&caches)
+        .get(&ObjectRef::new("order").within("shop"))
+        .unwrap();
+    let spec = d.spec.as_ref().unwrap();
+    assert!(spec.template.spec.is_none());
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(d.status.as_ref().unwrap().observed_generation, Some(1));
+    assert!(status::rollout(&d).observed());
+}
+
+#[tokio::test]
+async fn a_child_changed_by_someone_else_since_the_cache_was_filled_is_read_once() {
+    let converged = Converged::new().await;
+    // Someone changes the Service's selector; the watch's event brings the
+    // change, then (before any reconcile) another event drops the full copy.
+    let mut service = converged.fake.object(CHILDREN[6]).unwrap();
+    service["spec"]["selector"] = json!({ "app": "other" });
+    let (caches, mut writers) = Caches::for_tests();
+    for path in CHILDREN {
+        writers.insert(&converged.fake.object(path).unwrap());
+    }
+    writers.insert(&reported(&converged.fake, 0));
+    writers.insert(&service);
+    caches
+        .unverified
+        .lock()
+        .unwrap()
+        .remove("Service/shop/order");
+    converged.fake.hold(CHILDREN[6], service);
+    let ctx = context(converged.ctx.client.clone(), caches);
+    reconcile(Arc::new(converged.ms.clone()), ctx)
+        .await
+        .unwrap();
+    // Read live (no copy), found changed, applied again.
+    assert_eq!(paths(&converged.fake, Method::GET), [CHILDREN[6]]);
+    assert_eq!(paths(&converged.fake, Method::PATCH), [CHILDREN[6]]);
+    assert_eq!(
+        converged.fake.object(CHILDREN[6]).unwrap()["spec"]["selector"]["app.kubernetes.io/name"],
+        "order"
+    );
 }
 
 #[tokio::test]
@@ -190,18 +324,31 @@ async fn a_drifted_child_is_applied_again_and_nothing_else() {
 #[tokio::test]
 async fn a_name_taken_by_someone_else_stops_the_reconcile_before_any_write() {
     let (fake, client) = fake();
-    fake.hold(
-        "/api/v1/namespaces/shop/services/order",
-        json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": { "name": "order", "namespace": "shop", "resourceVersion": "7" },
-        }),
-    );
-    let (caches, _writers) = Caches::for_tests();
+    // Someone else's Service, without the operator's label, as the watch of
+    // every Service in scope has it.
+    let foreign = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "order",
+            "namespace": "shop",
+            "resourceVersion": "7",
+            "annotations": { "kubectl.kubernetes.io/last-applied-configuration": "{}" },
+        },
+        "spec": { "ports": [{ "port": 80 }] },
+    });
+    fake.hold("/api/v1/namespaces/shop/services/order", foreign.clone());
+    let (caches, mut writers) = Caches::for_tests();
+    writers.insert(&foreign);
     reconcile(Arc::new(order()), context(client, caches))
         .await
         .expect("a collision is reported, not retried");
+    // Refused from the cache: nothing is read live.
+    assert!(
+        paths(&fake, Method::GET).is_empty(),
+        "{:?}",
+        paths(&fake, Method::GET)
+    );
     // Only the status is written, saying what is wrong.
     assert_eq!(paths(&fake, Method::PATCH), [STATUS]);
     assert_eq!(events(&fake), ["NameCollision"]);
@@ -220,6 +367,47 @@ async fn a_name_taken_by_someone_else_stops_the_reconcile_before_any_write() {
             .contains("Service shop/order"),
         "{failed}"
     );
+}
+
+#[test]
+fn someone_elses_object_is_cached_as_its_metadata() {
+    let (caches, mut writers) = Caches::for_tests();
+    writers.insert(&json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "order-config",
+            "namespace": "shop",
+            "labels": { "app": "order" },
+            "annotations": { "kubectl.kubernetes.io/last-applied-configuration": "{}" },
+        },
+        "data": { "big": "x".repeat(10_000) },
+    }));
+    let cached = ConfigMap::store(&caches)
+        .get(&ObjectRef::new("order-config").within("shop"))
+        .expect("cached");
+    assert_eq!(cached.data, None);
+    assert_eq!(cached.metadata.annotations, None);
+    assert_eq!(cached.metadata.labels.as_ref().unwrap()["app"], "order");
+}
+
+#[tokio::test]
+async fn a_reconcile_waits_for_the_caches_first_list() {
+    let (fake, client) = fake();
+    let (caches, _writers) = Caches::for_tests();
+    let (unlisted, writer) = reflector::store::<Service>();
+    let caches = Caches {
+        services: unlisted,
+        ..caches
+    };
+    let ctx = context(client, caches);
+    let waiting = tokio::spawn(reconcile(Arc::new(order()), ctx));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(fake.seen().is_empty(), "{:?}", fake.writes());
+    // The watch ends without listing (the controller stops): nothing is done.
+    drop(writer);
+    waiting.await.unwrap().unwrap();
+    assert!(fake.seen().is_empty(), "{:?}", fake.writes());
 }
 
 #[tokio::test]
@@ -258,15 +446,7 @@ async fn a_child_no_longer_wanted_is_deleted() {
 #[tokio::test]
 async fn a_rollout_that_finishes_updates_only_the_status() {
     let mut converged = Converged::new().await;
-    let mut deployment = converged.fake.object(DEPLOYMENT).unwrap();
-    deployment["metadata"]["generation"] = json!(1);
-    deployment["status"] = json!({
-        "observedGeneration": 1,
-        "replicas": 1,
-        "readyReplicas": 1,
-        "updatedReplicas": 1,
-        "availableReplicas": 1,
-    });
+    let deployment = reported(&converged.fake, 1);
     converged.writers.insert(&deployment);
     converged.reconcile().await;
     assert_eq!(paths(&converged.fake, Method::PATCH), [STATUS]);
@@ -335,9 +515,9 @@ async fn a_listed_secret_is_read_as_metadata_and_only_named_in_the_deployment() 
         reads[0].accept
     );
     // The children are applied as usual, the Secret never written.
-    let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
-    expected.push(STATUS.into());
-    assert_eq!(paths(&fake, Method::PATCH), expected);
+    // The Deployment controller has not reported on the new Deployment:
+    // no status yet (its report brings the MicroService back).
+    assert_eq!(paths(&fake, Method::PATCH), CHILDREN);
 
     let deployment = fake.object(DEPLOYMENT).unwrap();
     let template = pod_template(&deployment);

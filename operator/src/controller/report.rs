@@ -77,7 +77,10 @@ pub(super) async fn update_status(
         )
         .await;
     }
-    if old_phase != status.phase {
+    // The first phase a MicroService gets is told only when it is not
+    // Ready: its coming up was told by the Created event, so the way to
+    // Ready is one Event.
+    if old_phase != status.phase && (old_phase.is_some() || status.phase != Some(Phase::Ready)) {
         let summary = status.replica_summary.clone().unwrap_or_default();
         match status.phase {
             Some(Phase::Ready) => {

@@ -3,10 +3,15 @@
 //! each watch. (The watch of the Secrets MicroServices list is in
 //! `secrets.rs`.)
 
-use super::{secrets::SecretMeta, *};
+use super::{
+    secrets::SecretMeta,
+    slim::{Unverified, is_operators, slim},
+    *,
+};
 
-/// The watches' caches of the children (the objects carrying the operator's
-/// label, without their managed fields).
+/// The watches' caches of the children's kinds: every object of those kinds
+/// in the watched namespaces, so a name missing from a cache is free, each
+/// reduced to what reconciling reads (`controller/slim.rs`).
 #[derive(Clone)]
 pub struct Caches {
     pub(super) config_maps: Store<ConfigMap>,
@@ -23,6 +28,24 @@ pub struct Caches {
     /// The MicroServices themselves, as the controller's own watch has them
     /// (authorization rules name other MicroServices: `controller/callers.rs`).
     pub(super) microservices: Store<MicroService>,
+    /// Full copies of children not yet compared with what is rendered.
+    pub(super) unverified: Unverified,
+}
+
+impl Caches {
+    /// Waits until every child kind's cache has had its first full list, so
+    /// that an object missing from one does not exist (as of the watch).
+    /// False when a watch ended first (the controller is stopping).
+    pub(super) async fn ready(&self) -> bool {
+        grants::until_ready(&self.config_maps).await
+            && grants::until_ready(&self.service_accounts).await
+            && grants::until_ready(&self.roles).await
+            && grants::until_ready(&self.role_bindings).await
+            && grants::until_ready(&self.deployments).await
+            && grants::until_ready(&self.services).await
+            && grants::until_ready(&self.pdbs).await
+            && grants::until_ready(&self.hpas).await
+    }
 }
 
 /// A kind of child the operator renders, applies and watches, with the
@@ -38,59 +61,75 @@ pub(crate) trait ChildKind:
     + 'static
 {
     fn store(caches: &Caches) -> &Store<Self>;
+    /// Drops everything but the metadata.
+    fn clear_body(&mut self);
 }
 
 macro_rules! child_kinds {
-    ($($kind:ty => $field:ident),* $(,)?) => {
+    ($($kind:ty => $field:ident { $($body:ident),* }),* $(,)?) => {
         $(impl ChildKind for $kind {
             fn store(caches: &Caches) -> &Store<Self> {
                 &caches.$field
+            }
+            fn clear_body(&mut self) {
+                $(self.$body = Default::default();)*
             }
         })*
     };
 }
 
 child_kinds! {
-    ConfigMap => config_maps,
-    ServiceAccount => service_accounts,
-    Role => roles,
-    RoleBinding => role_bindings,
-    Deployment => deployments,
-    Service => services,
-    PodDisruptionBudget => pdbs,
-    HorizontalPodAutoscaler => hpas,
+    ConfigMap => config_maps { data, binary_data, immutable },
+    ServiceAccount => service_accounts { secrets, image_pull_secrets, automount_service_account_token },
+    Role => roles { rules },
+    RoleBinding => role_bindings { subjects, role_ref },
+    Deployment => deployments { spec, status },
+    Service => services { spec, status },
+    PodDisruptionBudget => pdbs { spec, status },
+    HorizontalPodAutoscaler => hpas { spec, status },
 }
 
-/// The watch of one kind of child: its cache, and the stream of changed
-/// children that triggers their owners' reconciles. Changes of the status
-/// alone do not trigger, except the Deployment's rollout figures that the
+/// The watch of one kind of child: its cache (every object of the kind in
+/// scope, see [`Caches`]), and the stream of changed children that triggers
+/// their owners' reconciles. Only the operator's objects trigger; changes of
+/// the status alone do not, except the Deployment's rollout figures that the
 /// MicroService's status shows; deletions always do.
 pub(super) fn child_watch<K: ChildKind>(
     client: &Client,
     ns: Option<&str>,
     config: &watcher::Config,
     applied: &Arc<Mutex<HashMap<String, Applied>>>,
+    unverified: &Unverified,
 ) -> (
     Store<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
 ) {
     let (store, writer) = reflector::store::<K>();
-    let applied = applied.clone();
+    let (applied, unverified) = (applied.clone(), unverified.clone());
+    let (slim_applied, slim_unverified) = (applied.clone(), unverified.clone());
     let mut seen: HashMap<String, u64> = HashMap::new();
     let trigger = watcher(scoped::<K>(client, ns), config.clone())
-        .modify(|k| k.meta_mut().managed_fields = None)
+        .modify(move |k| slim(k, &slim_applied, &slim_unverified))
         .backoff(WatchBackoff::default())
         .reflect(writer)
         .filter_map(move |event| {
             let out = match event {
                 Ok(watcher::Event::Apply(k) | watcher::Event::InitApply(k)) => {
                     let key = child_key(&k);
+                    if !is_operators(k.meta()) {
+                        // Not ours (any more): a reconcile has nothing to do with it.
+                        seen.remove(&key);
+                        return future::ready(None);
+                    }
                     let fp = child_fingerprint(&k);
                     (seen.insert(key, fp) != Some(fp)).then_some(Ok(k))
                 }
                 Ok(watcher::Event::Delete(k)) => {
                     let key = child_key(&k);
-                    seen.remove(&key);
+                    if seen.remove(&key).is_none() && !is_operators(k.meta()) {
+                        return future::ready(None);
+                    }
+                    unverified.lock().expect("not poisoned").remove(&key);
                     applied.lock().expect("not poisoned").remove(&key);
                     Some(Ok(k))
                 }
@@ -112,8 +151,9 @@ pub(super) fn child_key<K: Resource<DynamicType = ()>>(k: &K) -> String {
 }
 
 /// What of a child's change matters to its owner: everything but the status
-/// and the bookkeeping metadata; of a Deployment, the [`status::Rollout`]
-/// the MicroService's status is computed from.
+/// and the bookkeeping metadata (of a cached child, its content fingerprint
+/// stands for its content); of a Deployment, the [`status::Rollout`] the
+/// MicroService's status is computed from.
 pub(super) fn child_fingerprint<K: Resource<DynamicType = ()> + Serialize + 'static>(k: &K) -> u64 {
     let rollout = (k as &dyn std::any::Any)
         .downcast_ref::<Deployment>()
@@ -221,22 +261,37 @@ pub(super) struct CacheWriters {
     hpas: reflector::store::Writer<HorizontalPodAutoscaler>,
     secrets: reflector::store::Writer<SecretMeta>,
     microservices: reflector::store::Writer<MicroService>,
+    unverified: Unverified,
 }
 
 #[cfg(test)]
 impl Caches {
-    /// Empty caches, and their writers.
+    /// Empty caches, listed (ready), and their writers.
     pub(super) fn for_tests() -> (Self, CacheWriters) {
-        let (config_maps, cm) = reflector::store();
-        let (service_accounts, sa) = reflector::store();
-        let (roles, role) = reflector::store();
-        let (role_bindings, rb) = reflector::store();
-        let (deployments, deploy) = reflector::store();
-        let (services, svc) = reflector::store();
-        let (pdbs, pdb) = reflector::store();
-        let (hpas, hpa) = reflector::store();
+        let (config_maps, mut cm) = reflector::store();
+        let (service_accounts, mut sa) = reflector::store();
+        let (roles, mut role) = reflector::store();
+        let (role_bindings, mut rb) = reflector::store();
+        let (deployments, mut deploy) = reflector::store();
+        let (services, mut svc) = reflector::store();
+        let (pdbs, mut pdb) = reflector::store();
+        let (hpas, mut hpa) = reflector::store();
         let (secrets, secret) = reflector::store();
         let (microservices, ms) = reflector::store();
+        // Listed, and empty: what a reconcile waits for.
+        for ready in [
+            &mut cm,
+            &mut sa,
+            &mut role,
+            &mut rb,
+            &mut deploy,
+            &mut svc,
+            &mut pdb,
+            &mut hpa,
+        ] as [&mut dyn Listed; 8]
+        {
+            ready.listed();
+        }
         let caches = Self {
             config_maps,
             service_accounts,
@@ -248,8 +303,10 @@ impl Caches {
             hpas,
             secrets,
             microservices,
+            unverified: Unverified::default(),
         };
         let writers = CacheWriters {
+            unverified: caches.unverified.clone(),
             config_maps: cm,
             service_accounts: sa,
             roles: role,
@@ -265,23 +322,45 @@ impl Caches {
     }
 }
 
+/// A writer that can be told its first list is done.
+#[cfg(test)]
+trait Listed {
+    fn listed(&mut self);
+}
+
+#[cfg(test)]
+impl<K: ChildKind> Listed for reflector::store::Writer<K> {
+    fn listed(&mut self) {
+        self.apply_watcher_event(&watcher::Event::Init);
+        self.apply_watcher_event(&watcher::Event::InitDone);
+    }
+}
+
 #[cfg(test)]
 impl CacheWriters {
-    /// Puts `object`, a child of any kind as JSON, in its cache.
+    /// Puts `object`, a child of any kind as JSON, in its cache, as the
+    /// watch would.
     pub(super) fn insert(&mut self, object: &serde_json::Value) {
-        fn put<K: ChildKind>(w: &mut reflector::store::Writer<K>, o: &serde_json::Value) {
-            let k: K = serde_json::from_value(o.clone()).expect("a child object");
+        fn put<K: ChildKind>(
+            w: &mut reflector::store::Writer<K>,
+            unverified: &Unverified,
+            o: &serde_json::Value,
+        ) {
+            let mut k: K = serde_json::from_value(o.clone()).expect("a child object");
+            // A watch of a fresh start: nothing known yet.
+            slim(&mut k, &Mutex::default(), unverified);
             w.apply_watcher_event(&watcher::Event::Apply(k));
         }
+        let u = &self.unverified;
         match object["kind"].as_str().unwrap_or_default() {
-            "ConfigMap" => put(&mut self.config_maps, object),
-            "ServiceAccount" => put(&mut self.service_accounts, object),
-            "Role" => put(&mut self.roles, object),
-            "RoleBinding" => put(&mut self.role_bindings, object),
-            "Deployment" => put(&mut self.deployments, object),
-            "Service" => put(&mut self.services, object),
-            "PodDisruptionBudget" => put(&mut self.pdbs, object),
-            "HorizontalPodAutoscaler" => put(&mut self.hpas, object),
+            "ConfigMap" => put(&mut self.config_maps, u, object),
+            "ServiceAccount" => put(&mut self.service_accounts, u, object),
+            "Role" => put(&mut self.roles, u, object),
+            "RoleBinding" => put(&mut self.role_bindings, u, object),
+            "Deployment" => put(&mut self.deployments, u, object),
+            "Service" => put(&mut self.services, u, object),
+            "PodDisruptionBudget" => put(&mut self.pdbs, u, object),
+            "HorizontalPodAutoscaler" => put(&mut self.hpas, u, object),
             // As the Secrets' watch has them: metadata, stripped.
             "Secret" => {
                 let mut meta: SecretMeta =
