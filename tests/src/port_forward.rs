@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, Client, ResourceExt, api::ListParams};
+use kube::{Api, Client, ResourceExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Listens on a loopback port and forwards each connection to `port` of
@@ -42,16 +42,9 @@ pub async fn forward(
 
 /// One connection, copied both ways until either side closes.
 async fn one(mut conn: TcpStream, pods: &Api<Pod>, selector: &str, port: u16) -> Result<()> {
-    let pod = pods
-        .list(&ListParams::default().labels(selector))
+    let pod = crate::shop::running_pods(pods, selector)
         .await?
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        })
-        .max_by_key(|p| p.creation_timestamp())
+        .pop()
         .with_context(|| format!("no running pod matches {selector}"))?;
     let mut forwarder = pods.portforward(&pod.name_any(), &[port]).await?;
     let mut upstream = forwarder

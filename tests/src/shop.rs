@@ -655,6 +655,24 @@ impl Reach {
     }
 }
 
+/// The running, not terminating pods with an IP that `selector` selects
+/// in `pods`, oldest first.
+pub async fn running_pods(pods: &Api<Pod>, selector: &str) -> Result<Vec<Pod>> {
+    let mut running: Vec<Pod> = pods
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+        })
+        .collect();
+    running.sort_by_key(|p| p.metadata.creation_timestamp.clone());
+    Ok(running)
+}
+
 /// One pod's sidecar metrics.
 #[derive(Clone, Debug)]
 pub struct PodMetrics {
@@ -911,22 +929,12 @@ impl Shop {
         self.running_pods(&format!("{NAME_LABEL}={service}")).await
     }
 
-    /// The running, not terminating pods with an IP that `selector`
-    /// selects, oldest first.
     async fn running_pods(&self, selector: &str) -> Result<Vec<Pod>> {
-        let mut pods: Vec<Pod> = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
-            .list(&ListParams::default().labels(selector))
-            .await?
-            .items
-            .into_iter()
-            .filter(|p| {
-                p.metadata.deletion_timestamp.is_none()
-                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-                    && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
-            })
-            .collect();
-        pods.sort_by_key(|p| p.metadata.creation_timestamp.clone());
-        Ok(pods)
+        running_pods(
+            &Api::namespaced(self.client.clone(), &self.namespace),
+            selector,
+        )
+        .await
     }
 
     /// The uids of a service's running pods, sorted.

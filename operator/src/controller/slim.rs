@@ -33,10 +33,9 @@ pub(super) type FullCopy = Arc<dyn std::any::Any + Send + Sync>;
 /// child whole before.)
 pub(super) type Unverified = Arc<Mutex<HashMap<String, (u64, FullCopy)>>>;
 
-/// The fingerprint of what a child holds: everything but its status, its
-/// resourceVersion and managed fields, and the annotations the Deployment
-/// controller writes (`deployment.kubernetes.io/…`).
-pub(super) fn content_fingerprint<K: Serialize>(k: &K) -> u64 {
+/// `k` as JSON without its status, resourceVersion and managed fields: what
+/// a change of `k` that matters changes.
+pub(super) fn without_bookkeeping<K: Serialize>(k: &K) -> serde_json::Value {
     let mut v = serde_json::to_value(k).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
         o.remove("status");
@@ -44,11 +43,22 @@ pub(super) fn content_fingerprint<K: Serialize>(k: &K) -> u64 {
             for volatile in ["resourceVersion", "managedFields"] {
                 m.remove(volatile);
             }
-            if let Some(a) = m.get_mut("annotations").and_then(|a| a.as_object_mut()) {
-                a.retain(|k, _| !k.starts_with("deployment.kubernetes.io/"));
-                a.remove(CONTENT_ANNOTATION);
-            }
         }
+    }
+    v
+}
+
+/// The fingerprint of what a child holds: everything but its status, its
+/// resourceVersion and managed fields, and the annotations the Deployment
+/// controller writes (`deployment.kubernetes.io/…`).
+pub(super) fn content_fingerprint<K: Serialize>(k: &K) -> u64 {
+    let mut v = without_bookkeeping(k);
+    if let Some(a) = v
+        .pointer_mut("/metadata/annotations")
+        .and_then(|a| a.as_object_mut())
+    {
+        a.retain(|k, _| !k.starts_with("deployment.kubernetes.io/"));
+        a.remove(CONTENT_ANNOTATION);
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     v.to_string().hash(&mut h);

@@ -158,17 +158,8 @@ pub(super) fn child_fingerprint<K: Resource<DynamicType = ()> + Serialize + 'sta
     let rollout = (k as &dyn std::any::Any)
         .downcast_ref::<Deployment>()
         .map(status::rollout);
-    let mut v = serde_json::to_value(k).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("status");
-        if let Some(m) = o.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-            for volatile in ["resourceVersion", "managedFields"] {
-                m.remove(volatile);
-            }
-        }
-    }
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.to_string().hash(&mut h);
+    super::slim::without_bookkeeping(k).to_string().hash(&mut h);
     rollout.hash(&mut h);
     h.finish()
 }
