@@ -14,7 +14,8 @@
 //!   bridge) or through the apiserver's pod proxy (kind);
 //! - [`Edge`]: the shop's Gateway (examples/shop/gateway.yaml), through which
 //!   [`Shop`] places its users, products and orders, as a client outside the
-//!   cluster does;
+//!   cluster does (at the gateway pod's address on the local node, through
+//!   a port-forward on kind), orders with a token [`crate::issuer`] signs;
 //! - [`Shop`]: users, products, orders; [`Load`]: orders in the background;
 //!   [`Shop::scrape`]: every pod's sidecar metrics.
 
