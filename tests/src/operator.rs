@@ -1,4 +1,4 @@
-//! The operator for integration tests: the CRD installed from the committed
+//! The operator for integration tests: the CRDs installed from the committed
 //! YAML (so the file CI checks is the file tested) and the controller running
 //! in-process, watching one test namespace.
 
@@ -9,31 +9,50 @@ use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams},
 };
+use serde::de::DeserializeOwned;
 use tokio::{sync::oneshot, task::JoinHandle};
-use trellis_operator::{MicroService, Settings, metrics::Metrics, render::RenderConfig};
+use trellis_operator::{
+    MicroService, Settings, gateway::edge_policy::EdgePolicy, metrics::Metrics,
+    render::RenderConfig,
+};
 
 use crate::{TestNamespace, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Installs the CRD from the committed YAML (so the file CI checks is the
-/// file tested) and waits until the apiserver serves it.
+/// Installs the MicroService CRD from the committed YAML (so the file CI
+/// checks is the file tested) and waits until the apiserver serves it.
 pub async fn install_crd(client: &Client) {
-    let path = crate::shop::workspace().join("crds/microservice.yaml");
-    let yaml = std::fs::read_to_string(path).expect("crds/microservice.yaml");
+    install::<MicroService>(client, "crds/microservice.yaml").await;
+}
+
+/// Installs the EdgePolicy CRD the same way.
+pub async fn install_edge_policy_crd(client: &Client) {
+    install::<EdgePolicy>(client, "crds/edgepolicy.yaml").await;
+}
+
+/// Applies the CRD in `file` (relative to the workspace) and waits until
+/// it is Established and `K` can be listed.
+async fn install<K>(client: &Client, file: &str)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let path = crate::shop::workspace().join(file);
+    let yaml = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{file}: {e}"));
     let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).expect("a CRD");
+    let name = crd.metadata.name.clone().expect("a CRD's name");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.patch(
-        "microservices.trellis.dev",
+        &name,
         &PatchParams::apply("trellis-tests").force(),
         &Patch::Apply(&crd),
     )
     .await
     .expect("installing the CRD");
     eventually("the CRD to be established", WAIT, || {
-        let crds = crds.clone();
+        let (crds, name) = (crds.clone(), name.clone());
         async move {
-            let crd = crds.get("microservices.trellis.dev").await.ok()?;
+            let crd = crds.get(&name).await.ok()?;
             crd.status?
                 .conditions?
                 .iter()
@@ -43,8 +62,8 @@ pub async fn install_crd(client: &Client) {
     })
     .await;
     // The discovery cache of a fresh apiserver lags a little behind Established.
-    let probe: Api<MicroService> = Api::namespaced(client.clone(), "default");
-    eventually("MicroServices to be served", WAIT, || {
+    let probe: Api<K> = Api::all(client.clone());
+    eventually("the CRD's kind to be served", WAIT, || {
         let probe = probe.clone();
         async move {
             probe

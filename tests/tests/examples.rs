@@ -1,5 +1,5 @@
 //! The manifests in examples/ are accepted by a real apiserver with the committed
-//! CRD installed (schema, CEL rules and all), so a user's first `kubectl apply`
+//! CRDs installed (schema, CEL rules and all), so a user's first `kubectl apply`
 //! cannot fail on them, and come in an order that needs no second apply.
 //! Server-side dry run, in a test namespace.
 
@@ -8,13 +8,17 @@ use kube::{
     api::{DynamicObject, Patch, PatchParams},
     discovery::Discovery,
 };
-use trellis_tests::{TestNamespace, operator::install_crd};
+use trellis_tests::{
+    TestNamespace,
+    operator::{install_crd, install_edge_policy_crd},
+};
 
 #[tokio::test]
 #[ignore = "needs a cluster: cargo xtask test"]
 async fn the_shop_example_is_accepted_by_the_apiserver() {
     let ns = TestNamespace::new("examples").await;
     install_crd(&ns.client).await;
+    install_edge_policy_crd(&ns.client).await;
     let discovery = Discovery::new(ns.client.clone())
         .run()
         .await
