@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio::sync::{Mutex, MutexGuard};
 use trellis_tests::{
     TestNamespace, eventually,
     issuer::{self, Issuer},
@@ -20,11 +21,19 @@ const CLASS: &str = "trellis-e2e";
 /// conformance run's) serves only its own class.
 const CONTROLLER: &str = "trellis.dev/gateway-controller-e2e";
 
-/// The chart for every namespace, uninstalled when dropped.
-struct Installed;
+/// One test at a time installs the release: the tests of this file share its
+/// name and namespace, and the test harness runs them in parallel.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// The chart for every namespace, uninstalled when dropped; holds `SERIAL`
+/// until then.
+struct Installed {
+    _serial: MutexGuard<'static, ()>,
+}
 
 impl Installed {
-    fn new() -> Self {
+    async fn new() -> Self {
+        let serial = SERIAL.lock().await;
         install_chart_with(
             RELEASE,
             RELEASE_NAMESPACE,
@@ -37,7 +46,7 @@ impl Installed {
             ],
         )
         .expect("the chart installs for every namespace");
-        Self
+        Self { _serial: serial }
     }
 }
 
@@ -151,7 +160,7 @@ async fn fetch(
 #[ignore = "needs the full local node: cargo xtask test"]
 async fn a_gateway_serves_its_routes_and_reports_their_status() {
     let ns = TestNamespace::on_node("gw").await;
-    let _chart = Installed::new();
+    let _chart = Installed::new().await;
     let n = ns.name.as_str();
     let mut items = backend(n, "alpha");
     items.extend(backend(n, "beta"));
@@ -349,7 +358,7 @@ async fn an_edge_policy_requires_a_token_at_the_gateway_and_reports_accepted() {
             .unwrap(),
     ]))
     .unwrap();
-    let _chart = Installed::new();
+    let _chart = Installed::new().await;
     let n = ns.name.as_str();
     let issuer = Issuer::new();
     issuer.store(n, "issuer-keys").unwrap();
