@@ -460,7 +460,7 @@ fn start_once(kind: Kind, s: &Setup) -> Result<Edge> {
                 None
             };
             let config = haproxy_config(listen, &s.routes, jwt_key);
-            let pid = spawn_haproxy(&mut procs, s.dir, &name, &config)?;
+            let pid = spawn_haproxy(&mut procs, s.dir, &name, &config, None)?;
             (listen, Some(pid))
         }
         Kind::Nginx => {

@@ -82,6 +82,10 @@ pub struct OperatorBench {
     /// Use the already built release trellis-operator.
     #[arg(long)]
     pub no_build: bool,
+    /// More environment for the operator (`KEY=VALUE`, repeatable), for
+    /// trials such as `MALLOC_ARENA_MAX=2`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub operator_env: Vec<String>,
 }
 
 const OPERATOR_NS: &str = "trellis-bench-operator";
@@ -167,7 +171,8 @@ async fn run(
             .args(["--watch-namespace", OPERATOR_NS])
             .args(["--metrics-addr", &admin.to_string()])
             .args(["--concurrency", &opts.concurrency.to_string()])
-            .args(["--log-filter", "warn"]),
+            .args(["--log-filter", "warn"])
+            .envs(opts.operator_env.iter().filter_map(|kv| kv.split_once('='))),
         &dir.join("operator-bench.log"),
     )?;
     wait_watching(&counter, procs).await?;
@@ -209,6 +214,8 @@ async fn run(
     let edits = edit_latencies(client, opts.edits, opts.count).await?;
     let peak = sampler.stop()[0].max(status_kib(pid, "VmHWM:"));
     let rss_converged = status_kib(pid, "VmRSS:");
+    let rss_kinds = rss_by_kind(pid);
+    let threads = status_kib(pid, "Threads:");
     drop(std::mem::take(procs));
 
     // 4. The lower bound: the same objects straight to the API.
@@ -266,7 +273,10 @@ async fn run(
             "idle_empty": rss_idle_empty,
             "converged": rss_converged,
             "peak": peak,
+            "converged_by_kind": rss_kinds,
         },
+        "threads": threads,
+        "operator_env": opts.operator_env,
         // What each MicroService (its children in the caches, its
         // bookkeeping) costs the operator: growth from idle to peak.
         "rss_per_microservice_bytes": peak.saturating_sub(rss_idle_empty) * 1024 / opts.count.max(1) as u64,
@@ -804,6 +814,14 @@ fn markdown(r: &serde_json::Value) -> String {
         "| operator RSS per MicroService: (peak − idle) ÷ count | {:.1} KiB | |",
         u(&r["rss_per_microservice_bytes"]) as f64 / 1024.0
     );
+    let kinds = &r["rss_kib"]["converged_by_kind"];
+    let _ = writeln!(
+        out,
+        "| operator RSS converged: heap and stacks (anonymous) / file pages (code) | {} / {} MiB ({} threads) | |",
+        mib(u(&kinds["Anonymous"])),
+        mib(u(&kinds["Rss"]).saturating_sub(u(&kinds["Anonymous"]))),
+        u(&r["threads"])
+    );
     let verbs = |m: &serde_json::Value| {
         m.as_object()
             .map(|o| {
@@ -882,4 +900,19 @@ mod tests {
             assert_eq!(resource_of(path), want, "{path}");
         }
     }
+}
+
+/// A process's resident memory by kind (`/proc/<pid>/smaps_rollup`, KiB):
+/// `Rss`, `Anonymous` (heap, stacks, malloc arenas) and the rest.
+fn rss_by_kind(pid: u32) -> serde_json::Value {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let kinds: serde_json::Map<String, serde_json::Value> = text
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
+            Some((key.to_owned(), kib.into()))
+        })
+        .collect();
+    kinds.into()
 }

@@ -120,6 +120,9 @@ pub struct Pair {
     roots: Vec<u32>,
     /// Trellis only: A and B.
     sidecars: Vec<Sidecar>,
+    /// Under `--callgrind`: A and B (Trellis sidecars or HAProxies), each
+    /// with its `--callgrind-out-file` prefix (before `.<pid>`).
+    profiled: Vec<(u32, PathBuf)>,
     kind: Kind,
     _procs: Procs,
 }
@@ -130,26 +133,23 @@ impl Pair {
         self.roots.iter().map(|&r| process_tree(r)).collect()
     }
 
-    /// Under `--callgrind`: zeroes the sidecars' instruction counts, so the
+    /// Under `--callgrind`: zeroes the proxies' instruction counts, so the
     /// next dump holds only what follows (the load, not the start-up).
     pub fn callgrind_zero(&self) -> Result<()> {
-        for sc in self.sidecars.iter().filter(|sc| sc.callgrind.is_some()) {
-            run::output(Command::new("callgrind_control").args(["-z", &sc.pid.to_string()]))?;
+        for (pid, _) in &self.profiled {
+            run::output(Command::new("callgrind_control").args(["-z", &pid.to_string()]))?;
         }
         Ok(())
     }
 
-    /// Under `--callgrind`: dumps each sidecar's profile since the last
+    /// Under `--callgrind`: dumps each proxy's profile since the last
     /// zeroing and returns the instructions it executed (A, B) and the files.
     pub fn callgrind_dump(&self) -> Result<Vec<(u64, PathBuf)>> {
         let mut out = Vec::new();
-        for sc in &self.sidecars {
-            let Some(prefix) = &sc.callgrind else {
-                continue;
-            };
-            run::output(Command::new("callgrind_control").args(["-d", &sc.pid.to_string()]))?;
+        for (pid, prefix) in &self.profiled {
+            run::output(Command::new("callgrind_control").args(["-d", &pid.to_string()]))?;
             // The first dump of a process goes to `<out-file>.1`.
-            let file = PathBuf::from(format!("{}.{}.1", prefix.display(), sc.pid));
+            let file = PathBuf::from(format!("{}.{pid}.1", prefix.display()));
             let deadline = Instant::now() + Duration::from_secs(30);
             let total = loop {
                 let text = fs::read_to_string(&file).unwrap_or_default();
@@ -301,6 +301,7 @@ fn start_once(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
         if proto == Proto::Http1 { "h1" } else { "grpc" }
     );
     let mut sidecars = Vec::new();
+    let mut profiled = Vec::new();
     let (front, roots) = match kind {
         Kind::Direct => (s.upstream, vec![]),
         Kind::Haproxy | Kind::HaproxyTls => {
@@ -314,22 +315,17 @@ fn start_once(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
                 Some((b_tls, a_tls)) => (Some(b_tls), Some(a_tls)),
                 None => (None, None),
             };
-            let pb = haproxy(
-                &mut procs,
-                s.dir,
-                &format!("{tag}-b"),
-                proto,
-                (b, b_listener),
-                (s.upstream, None),
-            )?;
-            let pa = haproxy(
-                &mut procs,
-                s.dir,
-                &format!("{tag}-a"),
-                proto,
-                (a, None),
-                (b, a_server),
-            )?;
+            let (name_a, name_b) = (format!("{tag}-a"), format!("{tag}-b"));
+            let profile = |name: &str| s.callgrind.map(|d| d.join(name));
+            let config_b = haproxy(proto, (b, b_listener), (s.upstream, None));
+            let pb = spawn_haproxy(&mut procs, s.dir, &name_b, &config_b, profile(&name_b))?;
+            let config_a = haproxy(proto, (a, None), (b, a_server));
+            let pa = spawn_haproxy(&mut procs, s.dir, &name_a, &config_a, profile(&name_a))?;
+            profiled.extend(
+                [(pa, profile(&name_a)), (pb, profile(&name_b))]
+                    .into_iter()
+                    .filter_map(|(pid, prefix)| Some((pid, prefix?))),
+            );
             (a, vec![pa, pb])
         }
         Kind::Nginx => {
@@ -356,6 +352,11 @@ fn start_once(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
                 sc.wait_ready(&mut procs)?;
             }
             let front = (a.outbound, vec![a.pid, b.pid]);
+            profiled.extend(
+                [&a, &b]
+                    .into_iter()
+                    .filter_map(|sc| Some((sc.pid, sc.callgrind.clone()?))),
+            );
             sidecars = vec![a, b];
             front
         }
@@ -364,6 +365,7 @@ fn start_once(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
         front,
         roots,
         sidecars,
+        profiled,
         kind,
         _procs: procs,
     };
@@ -425,18 +427,15 @@ fn haproxy_tls(s: &Setup, tag: &str) -> Result<(HaproxyTls, HaproxyTls)> {
     ))
 }
 
-/// An HAProxy instance listening on `listen.0` and forwarding to `next.0`;
-/// with a [`HaproxyTls`] beside either, that hop is mutual TLS 1.3: the
-/// listener requires a client certificate from the root, the server line
-/// presents its own and checks the server's name.
+/// The configuration of an HAProxy instance listening on `listen.0` and
+/// forwarding to `next.0`; with a [`HaproxyTls`] beside either, that hop is
+/// mutual TLS 1.3: the listener requires a client certificate from the
+/// root, the server line presents its own and checks the server's name.
 fn haproxy(
-    procs: &mut Procs,
-    dir: &Path,
-    name: &str,
     proto: Proto,
     (listen, tls_in): (SocketAddr, Option<&HaproxyTls>),
     (next, tls_out): (SocketAddr, Option<&HaproxyTls>),
-) -> Result<u32> {
+) -> String {
     let h2 = if proto == Proto::Grpc {
         " proto h2"
     } else {
@@ -468,7 +467,7 @@ fn haproxy(
             }
         ),
     };
-    let config = format!(
+    format!(
         "{}\
          frontend fe\n\
          \tbind {bind}\n\
@@ -476,8 +475,7 @@ fn haproxy(
          backend be\n\
          \tserver next {server}\n",
         haproxy_preamble()
-    );
-    spawn_haproxy(procs, dir, name, &config)
+    )
 }
 
 /// The `global` and `defaults` sections of every HAProxy instance the
@@ -498,16 +496,29 @@ pub fn haproxy_preamble() -> &'static str {
 }
 
 /// Writes `config` to `<dir>/<name>.haproxy.cfg` and runs HAProxy on it in
-/// the foreground (`-db`), its output in `<name>.log`.
-pub fn spawn_haproxy(procs: &mut Procs, dir: &Path, name: &str, config: &str) -> Result<u32> {
+/// the foreground (`-db`), its output in `<name>.log`; with `callgrind`
+/// (an out-file prefix), under callgrind, as the Trellis sidecars are.
+pub fn spawn_haproxy(
+    procs: &mut Procs,
+    dir: &Path,
+    name: &str,
+    config: &str,
+    callgrind: Option<PathBuf>,
+) -> Result<u32> {
     let path = dir.join(format!("{name}.haproxy.cfg"));
     fs::write(&path, config)?;
     let log = dir.join(format!("{name}.log"));
-    procs.spawn(
-        name,
-        Command::new("haproxy").arg("-db").arg("-f").arg(&path),
-        &log,
-    )
+    let mut cmd = match callgrind {
+        Some(prefix) => {
+            let mut cmd = Command::new("valgrind");
+            cmd.arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}.%p", prefix.display()))
+                .arg("haproxy");
+            cmd
+        }
+        None => Command::new("haproxy"),
+    };
+    procs.spawn(name, cmd.arg("-db").arg("-f").arg(&path), &log)
 }
 
 fn nginx(

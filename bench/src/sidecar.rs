@@ -58,8 +58,8 @@ pub struct SidecarBench {
     /// `valgrind --tool=callgrind --callgrind-out-file=target/bench/callgrind.%p`).
     #[arg(long, value_name = "COMMAND")]
     pub sidecar_wrapper: Option<String>,
-    /// Run each sidecar under callgrind and report the instructions each
-    /// executed per request at every fixed rate (counted from just before
+    /// Run each sidecar and each HAProxy under callgrind and report the
+    /// instructions each executed per request at every fixed rate (counted from just before
     /// the load to just after it, start-up excluded); the profiles are kept
     /// in `target/bench/callgrind/` for `callgrind_annotate`.
     #[arg(long, conflicts_with = "sidecar_wrapper")]
