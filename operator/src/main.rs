@@ -82,6 +82,17 @@ struct Args {
     #[arg(long, env = "TRELLIS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
 
+    /// How long a MicroService's status waits, in seconds, for the Deployment
+    /// controller's report on a Deployment just created or changed: one status
+    /// write on the way to Ready. 0 writes `Progressing` at once and `Ready`
+    /// when the report comes (two writes, an earlier `observedGeneration`).
+    #[arg(
+        long,
+        env = "TRELLIS_STATUS_REPORT_WAIT_SECONDS",
+        default_value_t = trellis_operator::controller::REPORT_WAIT.as_secs()
+    )]
+    status_report_wait_seconds: u64,
+
     /// Send traces to this OTLP/gRPC endpoint (`http://collector.observability:4317`):
     /// the operator's reconciles, and every sidecar's spans (the sidecars get it as
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`). Unset, nothing is traced.
@@ -214,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency,
         instance: Some(identity.clone()),
         resync: Duration::from_secs(args.resync_seconds),
+        report_wait: Duration::from_secs(args.status_report_wait_seconds),
         selector: None,
         identity: args.identity_address.clone().map(|addr| IdentityConfig {
             trust_domain: args.trust_domain.clone(),

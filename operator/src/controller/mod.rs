@@ -118,6 +118,12 @@ pub struct Settings {
     pub instance: Option<String>,
     /// How often a healthy MicroService is reconciled even without a watch event.
     pub resync: Duration,
+    /// The longest a MicroService's status waits for the Deployment
+    /// controller to report on a Deployment the operator created or
+    /// changed. Waiting makes the way to Ready one status write and one
+    /// Event; zero writes a status at once (Progressing) and another when
+    /// the report comes.
+    pub report_wait: Duration,
     /// Reconcile only the MicroServices with these labels (a label selector,
     /// `key=value,...`); all when `None`.
     pub selector: Option<String>,
@@ -145,6 +151,7 @@ impl Default for Settings {
             concurrency: 4,
             instance: None,
             resync: Duration::from_secs(300),
+            report_wait: REPORT_WAIT,
             selector: None,
             identity: None,
         }
@@ -203,7 +210,7 @@ impl Context {
     /// Whether the status of `key` waits for the Deployment controller's
     /// report on `deployment`, which `changed` says this reconcile created or
     /// changed: it is not observed yet, and was changed less than
-    /// [`REPORT_WAIT`] ago.
+    /// [`Settings::report_wait`] ago.
     fn awaiting_report(
         &self,
         key: &ObjectRef<MicroService>,
@@ -215,7 +222,9 @@ impl Context {
             since.insert(key.clone(), std::time::Instant::now());
         }
         let waiting = !status::rollout(deployment).observed()
-            && since.get(key).is_some_and(|at| at.elapsed() < REPORT_WAIT);
+            && since
+                .get(key)
+                .is_some_and(|at| at.elapsed() < self.settings.report_wait);
         if !waiting {
             since.remove(key);
         }
@@ -351,6 +360,9 @@ pub async fn run(
     let wake = swept.clone();
     let ms_trigger = watcher(microservices, ms_config)
         .backoff(WatchBackoff::default())
+        // Nothing reads who manages which field; at a thousand MicroServices
+        // the field sets are megabytes of the cache.
+        .modify(|ms| ms.meta_mut().managed_fields = None)
         .reflect(ms_writer)
         .inspect(move |e| {
             if matches!(e, Ok(watcher::Event::Delete(_) | watcher::Event::InitDone)) {
@@ -459,10 +471,10 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
                 // when the controller's report brings the MicroService back
                 // (its rollout figures trigger a reconcile). So a new
                 // MicroService gets one status write, not two. The wait is
-                // bounded: a report later than [`REPORT_WAIT`] finds the
+                // bounded: a report later than `report_wait` finds the
                 // status written by the requeue.
                 if ctx.awaiting_report(&key, changed, &deployment) {
-                    return Ok(Action::requeue(REPORT_WAIT));
+                    return Ok(Action::requeue(ctx.settings.report_wait));
                 }
                 update_status(&ms, &ctx, Some(&deployment), None).await?;
                 Ok(Action::requeue(ctx.settings.resync))
@@ -524,8 +536,7 @@ pub fn error_policy(ms: Arc<MicroService>, error: &Error, ctx: Arc<Context>) -> 
     Action::requeue(delay)
 }
 
-/// The longest a MicroService's status waits for the Deployment
-/// controller to report on a Deployment the operator created or changed.
+/// The default of [`Settings::report_wait`].
 pub const REPORT_WAIT: Duration = Duration::from_secs(10);
 
 /// The longest wait before retrying a failed reconcile. Nothing else brings

@@ -179,6 +179,31 @@ async fn a_new_microservice_gets_its_children_applied_in_order_then_its_status()
 }
 
 #[tokio::test]
+async fn without_a_report_wait_a_new_microservice_gets_a_progressing_status_at_once() {
+    let (fake, client) = fake();
+    let (caches, _writers) = Caches::for_tests();
+    let settings = Settings {
+        report_wait: Duration::ZERO,
+        ..Settings::default()
+    };
+    let ctx = Arc::new(Context::new(
+        client,
+        settings,
+        Arc::new(Metrics::default()),
+        caches,
+        Arc::default(),
+    ));
+    reconcile(Arc::new(order()), ctx).await.unwrap();
+
+    let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
+    expected.push(STATUS.into());
+    assert_eq!(paths(&fake, Method::PATCH), expected);
+    let status = &fake.object(MICROSERVICE).unwrap()["status"];
+    assert_eq!(status["observedGeneration"], 1, "{status}");
+    assert_ne!(status["phase"], "Ready", "{status}");
+}
+
+#[tokio::test]
 async fn a_new_microservice_gets_one_status_write_and_one_event_on_the_way_to_ready() {
     let (fake, client) = fake();
     let (caches, mut writers) = Caches::for_tests();

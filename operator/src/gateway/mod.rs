@@ -160,7 +160,9 @@ where
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
-    let stream = reflector(writer, watcher(api, config))
+    // Nothing here reads who manages which field: the caches keep none.
+    let objects = watcher(api, config).modify(|k| k.meta_mut().managed_fields = None);
+    let stream = reflector(writer, objects)
         .default_backoff()
         .for_each(move |event| {
             if let Err(error) = event {
