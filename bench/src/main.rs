@@ -20,6 +20,7 @@
 //! the latest tables. Every process a benchmark starts is killed when it
 //! returns, on error too.
 
+mod floor;
 mod gateway;
 mod h1;
 mod loadgen;
@@ -71,6 +72,9 @@ enum Bench {
     /// 1,000 MicroServices on the cluster: convergence time against the same children
     /// written straight to the API, RSS, API requests, edit latency, idle writes.
     Operator(OperatorBench),
+    /// The `hyper-floor` setup's proxy (started by `sidecar --only hyper-floor`).
+    #[command(hide = true)]
+    FloorProxy(floor::FloorProxy),
 }
 
 fn main() -> std::process::ExitCode {
@@ -78,6 +82,7 @@ fn main() -> std::process::ExitCode {
         Bench::Sidecar(opts) => sidecar::sidecar(&opts),
         Bench::Gateway(opts) => gateway::gateway(&opts),
         Bench::Operator(opts) => operator::operator(&opts),
+        Bench::FloorProxy(opts) => floor::run(&opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

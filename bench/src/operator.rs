@@ -83,9 +83,70 @@ pub struct OperatorBench {
     #[arg(long)]
     pub no_build: bool,
     /// More environment for the operator (`KEY=VALUE`, repeatable), for
-    /// trials such as `MALLOC_ARENA_MAX=2`.
+    /// trials such as `TRELLIS_STATUS_REPORT_WAIT_SECONDS=0`.
     #[arg(long, value_name = "KEY=VALUE")]
     pub operator_env: Vec<String>,
+    /// Run the operator under this command, split on spaces (a heap
+    /// profiler: `heaptrack -o target/bench/operator.heaptrack`).
+    #[arg(long, value_name = "COMMAND")]
+    pub operator_wrapper: Option<String>,
+}
+
+/// The processes whose CPU time each phase reports, the control plane and
+/// the operator: their `comm` (the first 15 bytes of the name) and label.
+const CPU_OF: [(&str, &str); 4] = [
+    ("kube-apiserver", "apiserver"),
+    ("etcd", "etcd"),
+    ("kube-controller", "controller-manager"),
+    ("trellis-operato", "operator"),
+];
+
+/// CPU seconds (user + system) used so far by the processes of
+/// [`CPU_OF`], by label.
+fn cpu_seconds() -> BTreeMap<String, f64> {
+    let comms: BTreeMap<&str, &str> = CPU_OF.into_iter().collect();
+    let mut out: BTreeMap<String, f64> = CPU_OF
+        .iter()
+        .map(|(_, label)| (label.to_string(), 0.0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let dir = entry.path();
+        let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let Some(total) = comms.get(comm.trim()).and_then(|label| out.get_mut(*label)) else {
+            continue;
+        };
+        let stat = fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // The fields after the parenthesised name: utime and stime are the
+        // 12th and 13th of them.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let t = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        *total += (t(11) + t(12)) / ticks;
+    }
+    out
+}
+
+/// What each process of [`CPU_OF`] used between two [`cpu_seconds`].
+fn cpu_used(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> serde_json::Value {
+    after
+        .iter()
+        .map(|(name, t)| {
+            let used = (t - before.get(name).copied().unwrap_or(0.0)).max(0.0);
+            (name.clone(), json!((used * 100.0).round() / 100.0))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 const OPERATOR_NS: &str = "trellis-bench-operator";
@@ -162,10 +223,24 @@ async fn run(
         ),
     )?;
     let admin = free_addr()?;
+    let mut words = opts
+        .operator_wrapper
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace();
+    let mut command = match words.next() {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(words).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
     let pid = procs.spawn(
         "operator",
-        Command::new(binary)
+        command
             .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("KUBECONFIG", &kubeconfig)
             .env("HOME", "/root")
             .args(["--watch-namespace", OPERATOR_NS])
@@ -182,12 +257,14 @@ async fn run(
     // 1. N MicroServices at once.
     eprintln!("== applying {} MicroServices for the operator", opts.count);
     counter.reset();
+    let cpu_before = cpu_seconds();
     let t0 = Instant::now();
     create_microservices(client, OPERATOR_NS, opts.count, opts.apply_concurrency).await?;
     let applied = t0.elapsed();
     let timeout = Duration::from_secs(opts.timeout);
     wait_converged(client, OPERATOR_NS, opts.count, timeout, procs).await?;
     let converge = t0.elapsed();
+    let converge_cpu = cpu_used(&cpu_before, &cpu_seconds());
     let (converge_requests, converge_detail) = counter.take();
     eprintln!(
         "   converged in {:.1} s ({:.1} s to apply)",
@@ -220,9 +297,11 @@ async fn run(
 
     // 4. The lower bound: the same objects straight to the API.
     eprintln!("== the lower bound: the same objects by server-side apply");
+    let cpu_before = cpu_seconds();
     let t0 = Instant::now();
     let direct_requests = write_directly(client, opts).await?;
     let lower = t0.elapsed();
+    let lower_cpu = cpu_used(&cpu_before, &cpu_seconds());
     wait_converged(client, DIRECT_NS, opts.count, timeout, procs).await?;
     eprintln!("   written in {:.1} s", lower.as_secs_f64());
 
@@ -263,10 +342,12 @@ async fn run(
             "requests_by_resource": converge_detail,
             "requests_per_resource": per(&converge_requests, opts.count),
             "writes_per_resource": writes(&converge_requests) as f64 / opts.count as f64,
+            "cpu_seconds": converge_cpu,
         },
         "lower_bound": {
             "seconds": lower.as_secs_f64(),
             "requests_per_resource": direct_requests as f64 / opts.count as f64,
+            "cpu_seconds": lower_cpu,
         },
         "ratio": converge.as_secs_f64() / lower.as_secs_f64(),
         "rss_kib": {
@@ -814,6 +895,25 @@ fn markdown(r: &serde_json::Value) -> String {
         "| operator RSS per MicroService: (peak − idle) ÷ count | {:.1} KiB | |",
         u(&r["rss_per_microservice_bytes"]) as f64 / 1024.0
     );
+    let labels = CPU_OF.map(|(_, label)| label);
+    let cpu = |v: &serde_json::Value| {
+        labels
+            .iter()
+            .map(|l| format!("{:.1}", f(&v[*l])))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let _ = writeln!(
+        out,
+        "| CPU s while converging: {} | {} | |",
+        labels.join(" / "),
+        cpu(&r["converge"]["cpu_seconds"])
+    );
+    let _ = writeln!(
+        out,
+        "| CPU s of the lower bound's writes: the same | {} | |",
+        cpu(&r["lower_bound"]["cpu_seconds"])
+    );
     let kinds = &r["rss_kib"]["converged_by_kind"];
     let _ = writeln!(
         out,
@@ -862,6 +962,21 @@ fn markdown(r: &serde_json::Value) -> String {
     out
 }
 
+/// A process's resident memory by kind (`/proc/<pid>/smaps_rollup`, KiB):
+/// `Rss`, `Anonymous` (heap, stacks, malloc arenas) and the rest.
+fn rss_by_kind(pid: u32) -> serde_json::Value {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let kinds: serde_json::Map<String, serde_json::Value> = text
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
+            Some((key.to_owned(), kib.into()))
+        })
+        .collect();
+    kinds.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Counter, resource_of};
@@ -900,19 +1015,4 @@ mod tests {
             assert_eq!(resource_of(path), want, "{path}");
         }
     }
-}
-
-/// A process's resident memory by kind (`/proc/<pid>/smaps_rollup`, KiB):
-/// `Rss`, `Anonymous` (heap, stacks, malloc arenas) and the rest.
-fn rss_by_kind(pid: u32) -> serde_json::Value {
-    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let kinds: serde_json::Map<String, serde_json::Value> = text
-        .lines()
-        .filter_map(|l| {
-            let (key, value) = l.split_once(':')?;
-            let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
-            Some((key.to_owned(), kib.into()))
-        })
-        .collect();
-    kinds.into()
 }

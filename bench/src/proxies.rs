@@ -52,16 +52,21 @@ pub enum Kind {
     /// Trellis with mesh identities: A calls B over mutual TLS, and B's
     /// inbound is Strict (the default), so it serves nothing else.
     TrellisMtls,
+    /// Two of the smallest proxies hyper, hyper-util and tokio make
+    /// ([`crate::floor`]): what the sidecar's building blocks cost before
+    /// any policy. Runs only when named (`--only hyper-floor`).
+    HyperFloor,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Direct,
         Kind::Haproxy,
         Kind::Nginx,
         Kind::Trellis,
         Kind::HaproxyTls,
         Kind::TrellisMtls,
+        Kind::HyperFloor,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +77,7 @@ impl Kind {
             Kind::Trellis => "trellis",
             Kind::HaproxyTls => "haproxy-tls",
             Kind::TrellisMtls => "trellis-mtls",
+            Kind::HyperFloor => "hyper-floor",
         }
     }
 
@@ -328,6 +334,26 @@ fn start_once(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
             );
             (a, vec![pa, pb])
         }
+        Kind::HyperFloor => {
+            let (a, b) = (free_addr()?, free_addr()?);
+            let (name_a, name_b) = (format!("{tag}-a"), format!("{tag}-b"));
+            let profile = |name: &str| s.callgrind.map(|d| d.join(name));
+            let pb = floor_proxy(
+                &mut procs,
+                s.dir,
+                &name_b,
+                proto,
+                (b, s.upstream),
+                profile(&name_b),
+            )?;
+            let pa = floor_proxy(&mut procs, s.dir, &name_a, proto, (a, b), profile(&name_a))?;
+            profiled.extend(
+                [(pa, profile(&name_a)), (pb, profile(&name_b))]
+                    .into_iter()
+                    .filter_map(|(pid, prefix)| Some((pid, prefix?))),
+            );
+            (a, vec![pa, pb])
+        }
         Kind::Nginx => {
             let (a, b) = (free_addr()?, free_addr()?);
             let pb = nginx(&mut procs, s.dir, &format!("{tag}-b"), proto, b, s.upstream)?;
@@ -519,6 +545,35 @@ pub fn spawn_haproxy(
         None => Command::new("haproxy"),
     };
     procs.spawn(name, cmd.arg("-db").arg("-f").arg(&path), &log)
+}
+
+/// A [`crate::floor`] proxy (this binary's `floor-proxy`) on `listen`,
+/// sending to `next`; with `callgrind` (an out-file prefix), under callgrind.
+fn floor_proxy(
+    procs: &mut Procs,
+    dir: &Path,
+    name: &str,
+    proto: Proto,
+    (listen, next): (SocketAddr, SocketAddr),
+    callgrind: Option<PathBuf>,
+) -> Result<u32> {
+    let me = std::env::current_exe()?;
+    let mut cmd = match callgrind {
+        Some(prefix) => {
+            let mut cmd = Command::new("valgrind");
+            cmd.arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}.%p", prefix.display()))
+                .arg(me);
+            cmd
+        }
+        None => Command::new(me),
+    };
+    cmd.args(["floor-proxy", "--listen", &listen.to_string()])
+        .args(["--next", &next.to_string()]);
+    if proto == Proto::Grpc {
+        cmd.arg("--http2");
+    }
+    procs.spawn(name, &mut cmd, &dir.join(format!("{name}.log")))
 }
 
 fn nginx(

@@ -45,7 +45,8 @@ pub struct SidecarBench {
     #[arg(long, default_value = "32")]
     pub connections: usize,
     /// Only these setups (direct, haproxy, nginx, trellis, haproxy-tls,
-    /// trellis-mtls, collector-down); all when none are named.
+    /// trellis-mtls, collector-down, hyper-floor); all but hyper-floor when
+    /// none are named.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Only HTTP/1.1 (`http`) or only gRPC (`grpc`); both by default.
@@ -115,7 +116,10 @@ pub fn sidecar(opts: &SidecarBench) -> Result<()> {
     }
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
-        .filter(|k| opts.only.is_empty() || opts.only.iter().any(|o| o == k.name()))
+        .filter(|k| {
+            (opts.only.is_empty() && *k != Kind::HyperFloor)
+                || opts.only.iter().any(|o| o == k.name())
+        })
         .collect();
     let collector_down = !opts.no_collector_down
         && (opts.only.is_empty() || opts.only.iter().any(|o| o == COLLECTOR_DOWN))
