@@ -492,8 +492,11 @@ async fn create_microservices(
         .await
 }
 
-/// Waits until every MicroService's status describes its generation and
-/// every child exists.
+/// Waits until all `count` MicroServices in `ns` have
+/// `status.observedGeneration == metadata.generation` and all their
+/// children exist. It follows the MicroServices with one watch, as a
+/// client of the operator would: polling LISTs of a thousand whole objects
+/// would load the apiserver whose pace is being measured.
 async fn wait_converged(
     client: &Client,
     ns: &str,
@@ -501,62 +504,99 @@ async fn wait_converged(
     timeout: Duration,
     procs: &mut Procs,
 ) -> Result<()> {
-    let mss = Api::<MicroService>::namespaced(client.clone(), ns);
+    let converged = |m: &MicroService| {
+        m.metadata.generation.is_some()
+            && m.status.as_ref().and_then(|s| s.observed_generation) == m.metadata.generation
+    };
     let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = procs.exited("operator") {
-            bail!("the operator exited ({status}); see target/bench/operator-bench.log");
-        }
-        let list = mss.list(&ListParams::default()).await?;
-        let done = list
-            .items
-            .iter()
-            .filter(|m| {
-                m.metadata.generation.is_some()
-                    && m.status.as_ref().and_then(|s| s.observed_generation)
-                        == m.metadata.generation
-            })
-            .count();
-        if done >= count && children(client, ns).await? >= count * CHILDREN {
-            return Ok(());
-        }
+    let done = wait_for(client, ns, count, deadline, Some(procs), converged).await;
+    if let Err(n) = done {
+        bail!(
+            "{n} of {count} MicroServices in {ns} converged within {} s (--timeout)",
+            timeout.as_secs()
+        );
+    }
+    // Each child is applied before the status that observes its MicroService.
+    while children(client, ns).await? < count * CHILDREN {
         if Instant::now() > deadline {
             bail!(
-                "{done} of {count} MicroServices in {ns} converged within {} s (--timeout)",
+                "the children of {count} MicroServices in {ns} did not all appear within {} s (--timeout)",
                 timeout.as_secs()
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    Ok(())
 }
 
 /// Waits until all `count` MicroServices in `ns` have `Ready=True`; when.
 async fn wait_ready(client: &Client, ns: &str, count: usize, timeout: Duration) -> Result<Instant> {
-    let mss = Api::<MicroService>::namespaced(client.clone(), ns);
+    let ready = |m: &MicroService| {
+        m.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    };
     let deadline = Instant::now() + timeout;
+    match wait_for(client, ns, count, deadline, None, ready).await {
+        Ok(at) => Ok(at),
+        Err(n) => bail!(
+            "{n} of {count} MicroServices in {ns} Ready within {} s (--timeout)",
+            timeout.as_secs()
+        ),
+    }
+}
+
+/// Follows the MicroServices in `ns` with one watch until `count` of them
+/// satisfy `done` (then returns when), or until `deadline` or the exit of the
+/// operator among `procs` (then returns how many did).
+async fn wait_for(
+    client: &Client,
+    ns: &str,
+    count: usize,
+    deadline: Instant,
+    mut procs: Option<&mut Procs>,
+    done: impl Fn(&MicroService) -> bool,
+) -> Result<Instant, usize> {
+    use kube::runtime::watcher::{self, Event};
+    let api = Api::<MicroService>::namespaced(client.clone(), ns);
+    let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+    let mut state: BTreeMap<String, bool> = BTreeMap::new();
+    let reached = |state: &BTreeMap<String, bool>| state.values().filter(|d| **d).count();
     loop {
-        let list = mss.list(&ListParams::default()).await?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|m| {
-                m.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            })
-            .count();
-        if ready >= count {
-            return Ok(Instant::now());
+        if let Some(procs) = procs.as_deref_mut()
+            && let Some(status) = procs.exited("operator")
+        {
+            eprintln!("   the operator exited ({status}); see target/bench/operator-bench.log");
+            return Err(reached(&state));
         }
         if Instant::now() > deadline {
-            bail!(
-                "{ready} of {count} MicroServices in {ns} Ready within {} s (--timeout)",
-                timeout.as_secs()
-            );
+            return Err(reached(&state));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A second at most between the checks above.
+        let Ok(event) = tokio::time::timeout(Duration::from_secs(1), events.next()).await else {
+            continue;
+        };
+        match event {
+            Some(Ok(Event::Init)) => state.clear(),
+            Some(Ok(Event::Apply(m) | Event::InitApply(m))) => {
+                state.insert(m.name_any(), done(&m));
+            }
+            Some(Ok(Event::Delete(m))) => {
+                state.remove(&m.name_any());
+            }
+            Some(Ok(Event::InitDone)) => {}
+            // The watcher retries on its own; say why it had to.
+            Some(Err(error)) => {
+                eprintln!("   watching MicroServices in {ns}: {error}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            None => return Err(reached(&state)),
+        }
+        if reached(&state) >= count {
+            return Ok(Instant::now());
+        }
     }
 }
 
@@ -587,6 +627,7 @@ async fn children(client: &Client, ns: &str) -> Result<usize> {
 /// Edits one MicroService's config at a time and times until its Deployment
 /// carries the new config checksum. Microseconds.
 async fn edit_latencies(client: &Client, edits: usize, count: usize) -> Result<Histogram<u64>> {
+    use kube::runtime::watcher::{self, Event};
     let mss = Api::<MicroService>::namespaced(client.clone(), OPERATOR_NS);
     let deps = Api::<Deployment>::namespaced(client.clone(), OPERATOR_NS);
     let checksum = |d: &Deployment| {
@@ -599,19 +640,34 @@ async fn edit_latencies(client: &Client, edits: usize, count: usize) -> Result<H
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     for e in 0..edits {
         let name = ms_name(e * 7 % count);
-        let before = checksum(&deps.get(&name).await?);
+        // The Deployment is followed by a watch opened before the edit, so
+        // the time is the operator's and the apiserver's, not a poll's.
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut events = std::pin::pin!(watcher::watcher(deps.clone(), config));
+        let mut before = None;
+        loop {
+            match events.try_next().await? {
+                Some(Event::InitApply(d)) => before = checksum(&d),
+                Some(Event::InitDone) => break,
+                Some(_) => {}
+                None => bail!("edit {e}: the watch of the Deployment {name} ended"),
+            }
+        }
         let patch = json!({"spec": {"config": {"EDIT": e.to_string()}}});
         let t0 = Instant::now();
         mss.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         loop {
-            if checksum(&deps.get(&name).await?) != before {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(60) {
+            let next =
+                tokio::time::timeout_at((t0 + Duration::from_secs(60)).into(), events.try_next());
+            let Ok(event) = next.await else {
                 bail!("edit {e}: the Deployment {name} did not change within 60 s");
+            };
+            match event? {
+                Some(Event::Apply(d) | Event::InitApply(d)) if checksum(&d) != before => break,
+                Some(_) => {}
+                None => bail!("edit {e}: the watch of the Deployment {name} ended"),
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         hist.record((t0.elapsed().as_micros() as u64).max(1))?;
     }
