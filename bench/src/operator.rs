@@ -52,8 +52,8 @@ use trellis_operator::{
 };
 
 use super::{
-    Procs, RssSampler, commit, free_addr, loadavg, machine, mib, ms, now_utc, release_binary,
-    report, results_dir, status_kib, version_of,
+    Procs, RssSampler, commit, cpu_seconds, free_addr, loadavg, machine, mib, ms, now_utc,
+    release_binary, report, results_dir, status_kib, version_of,
 };
 use xtask::paths;
 
@@ -103,41 +103,27 @@ const CPU_OF: [(&str, &str); 4] = [
 
 /// CPU seconds (user + system) used so far by the processes of
 /// [`CPU_OF`], by label.
-fn cpu_seconds() -> BTreeMap<String, f64> {
-    let comms: BTreeMap<&str, &str> = CPU_OF.into_iter().collect();
-    let mut out: BTreeMap<String, f64> = CPU_OF
-        .iter()
-        .map(|(_, label)| (label.to_string(), 0.0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+fn cpu_by_process() -> BTreeMap<String, f64> {
+    let mut pids: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
     for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let dir = entry.path();
-        let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
             continue;
         };
-        let Some(total) = comms.get(comm.trim()).and_then(|label| out.get_mut(*label)) else {
-            continue;
-        };
-        let stat = fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        // The fields after the parenthesised name: utime and stime are the
-        // 12th and 13th of them.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let t = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        *total += (t(11) + t(12)) / ticks;
+        let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if let Some((_, label)) = CPU_OF.iter().find(|(c, _)| *c == comm.trim()) {
+            pids.entry(label).or_default().push(pid);
+        }
     }
-    out
+    CPU_OF
+        .iter()
+        .map(|(_, label)| {
+            let of = pids.get(label).map(Vec::as_slice).unwrap_or_default();
+            (label.to_string(), cpu_seconds(of))
+        })
+        .collect()
 }
 
-/// What each process of [`CPU_OF`] used between two [`cpu_seconds`].
+/// What each process of [`CPU_OF`] used between two [`cpu_by_process`].
 fn cpu_used(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> serde_json::Value {
     after
         .iter()
@@ -257,14 +243,14 @@ async fn run(
     // 1. N MicroServices at once.
     eprintln!("== applying {} MicroServices for the operator", opts.count);
     counter.reset();
-    let cpu_before = cpu_seconds();
+    let cpu_before = cpu_by_process();
     let t0 = Instant::now();
     create_microservices(client, OPERATOR_NS, opts.count, opts.apply_concurrency).await?;
     let applied = t0.elapsed();
     let timeout = Duration::from_secs(opts.timeout);
     wait_converged(client, OPERATOR_NS, opts.count, timeout, procs).await?;
     let converge = t0.elapsed();
-    let converge_cpu = cpu_used(&cpu_before, &cpu_seconds());
+    let converge_cpu = cpu_used(&cpu_before, &cpu_by_process());
     let (converge_requests, converge_detail) = counter.take();
     eprintln!(
         "   converged in {:.1} s ({:.1} s to apply)",
@@ -297,11 +283,11 @@ async fn run(
 
     // 4. The lower bound: the same objects straight to the API.
     eprintln!("== the lower bound: the same objects by server-side apply");
-    let cpu_before = cpu_seconds();
+    let cpu_before = cpu_by_process();
     let t0 = Instant::now();
     let direct_requests = write_directly(client, opts).await?;
     let lower = t0.elapsed();
-    let lower_cpu = cpu_used(&cpu_before, &cpu_seconds());
+    let lower_cpu = cpu_used(&cpu_before, &cpu_by_process());
     wait_converged(client, DIRECT_NS, opts.count, timeout, procs).await?;
     eprintln!("   written in {:.1} s", lower.as_secs_f64());
 

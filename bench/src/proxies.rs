@@ -534,17 +534,23 @@ pub fn spawn_haproxy(
     let path = dir.join(format!("{name}.haproxy.cfg"));
     fs::write(&path, config)?;
     let log = dir.join(format!("{name}.log"));
-    let mut cmd = match callgrind {
+    let mut cmd = command_under(callgrind, "haproxy");
+    procs.spawn(name, cmd.arg("-db").arg("-f").arg(&path), &log)
+}
+
+/// A command running `program`; with `callgrind` (an out-file prefix, the
+/// profile's name before `.<pid>`), under callgrind.
+fn command_under(callgrind: Option<PathBuf>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match callgrind {
         Some(prefix) => {
             let mut cmd = Command::new("valgrind");
             cmd.arg("--tool=callgrind")
                 .arg(format!("--callgrind-out-file={}.%p", prefix.display()))
-                .arg("haproxy");
+                .arg(program);
             cmd
         }
-        None => Command::new("haproxy"),
-    };
-    procs.spawn(name, cmd.arg("-db").arg("-f").arg(&path), &log)
+        None => Command::new(program),
+    }
 }
 
 /// A [`crate::floor`] proxy (this binary's `floor-proxy`) on `listen`,
@@ -557,17 +563,7 @@ fn floor_proxy(
     (listen, next): (SocketAddr, SocketAddr),
     callgrind: Option<PathBuf>,
 ) -> Result<u32> {
-    let me = std::env::current_exe()?;
-    let mut cmd = match callgrind {
-        Some(prefix) => {
-            let mut cmd = Command::new("valgrind");
-            cmd.arg("--tool=callgrind")
-                .arg(format!("--callgrind-out-file={}.%p", prefix.display()))
-                .arg(me);
-            cmd
-        }
-        None => Command::new(me),
-    };
+    let mut cmd = command_under(callgrind, std::env::current_exe()?);
     cmd.args(["floor-proxy", "--listen", &listen.to_string()])
         .args(["--next", &next.to_string()]);
     if proto == Proto::Grpc {
