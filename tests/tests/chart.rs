@@ -807,6 +807,14 @@ fn values_choose_leader_election_scope_and_monitoring() {
         .expect("a Role in the watched namespace");
     assert!(role["rules"].to_string().contains("microservices"));
 
+    let prompt = template(&["statusReportWaitSeconds=0"]).unwrap();
+    let args = find(&prompt, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+        .to_string();
+    assert!(
+        args.contains("\"--status-report-wait-seconds=0\""),
+        "the status report wait must reach the operator: {args}"
+    );
+
     let monitored = template(&["metrics.serviceMonitor.enabled=true"]).unwrap();
     assert_eq!(
         find(&monitored, "ServiceMonitor")["spec"]["endpoints"][0]["path"],
@@ -823,6 +831,7 @@ fn bad_values_are_refused_naming_the_value() {
         ("watchNamespace=Not_A_Namespace", "/watchNamespace"),
         ("metrics.port=80", "/metrics/port"),
         ("logFormat=xml", "/logFormat"),
+        ("statusReportWaitSeconds=-1", "/statusReportWaitSeconds"),
         ("unknownKey=1", "unknownKey"),
     ] {
         let err = template(&[set]).expect_err(set);
