@@ -630,8 +630,8 @@ async fn the_shop_end_to_end() {
             // At most 25 batches a second, one order per user in each: the
             // edge limits each user to 50 orders a second (burst 100,
             // examples/shop/gateway.yaml), and its 429 would stand where
-            // this phase looks for order's 503. Fast-failing orders once
-            // ran this loop past it.
+            // this phase looks for order's 503. Unpaced, fast-failing
+            // orders run this loop past that limit.
             let pace = tokio::time::sleep(Duration::from_millis(40));
             let batch = shop.orders(4, 1).await;
             failed.extend(batch.into_iter().filter(|o| o.status != 201));
