@@ -14,7 +14,9 @@
 //!   upstreams, by path) for no proxy, HAProxy, nginx and the Trellis
 //!   gateway doing the same routing, with and without a JWT check;
 //! - [`operator`]: 1,000 MicroServices against the real apiserver, compared
-//!   with the same children written straight to the API.
+//!   with the same children written straight to the API;
+//! - [`link_order`]: not a benchmark: the functions the sidecar runs, the
+//!   list its build lays its code out by.
 //!
 //! Results go to `target/bench/*.json` and `*.md`; docs/benchmarks.md holds
 //! the latest tables. Every process a benchmark starts is killed when it
@@ -23,6 +25,7 @@
 mod floor;
 mod gateway;
 mod h1;
+mod link_order;
 mod loadgen;
 mod mesh;
 mod operator;
@@ -72,6 +75,9 @@ enum Bench {
     /// 1,000 MicroServices on the cluster: convergence time against the same children
     /// written straight to the API, RSS, API requests, edit latency, idle writes.
     Operator(OperatorBench),
+    /// The list `sidecar/build.rs` lays out the sidecar's code by: the
+    /// functions pairs run under callgrind (`cargo xtask link-order`).
+    LinkOrder(link_order::LinkOrder),
     /// The `hyper-floor` setup's proxy (started by `sidecar --only hyper-floor`).
     #[command(hide = true)]
     FloorProxy(floor::FloorProxy),
@@ -82,6 +88,7 @@ fn main() -> std::process::ExitCode {
         Bench::Sidecar(opts) => sidecar::sidecar(&opts),
         Bench::Gateway(opts) => gateway::gateway(&opts),
         Bench::Operator(opts) => operator::operator(&opts),
+        Bench::LinkOrder(opts) => link_order::link_order(&opts),
         Bench::FloorProxy(opts) => floor::run(&opts),
     };
     match result {

@@ -129,6 +129,9 @@ pub struct Pair {
     /// Under `--callgrind`: A and B (Trellis sidecars or HAProxies), each
     /// with its `--callgrind-out-file` prefix (before `.<pid>`).
     profiled: Vec<(u32, PathBuf)>,
+    /// Dumps of the profiled proxies so far: callgrind numbers each
+    /// process's dump files from 1.
+    dumps: std::cell::Cell<u32>,
     kind: Kind,
     _procs: Procs,
 }
@@ -149,13 +152,16 @@ impl Pair {
     }
 
     /// Under `--callgrind`: dumps each proxy's profile since the last
-    /// zeroing and returns the instructions it executed (A, B) and the files.
+    /// zeroing or dump and returns the instructions it executed (A, B) and
+    /// the files.
     pub fn callgrind_dump(&self) -> Result<Vec<(u64, PathBuf)>> {
         let mut out = Vec::new();
+        let dump = self.dumps.get() + 1;
+        self.dumps.set(dump);
         for (pid, prefix) in &self.profiled {
             run::output(Command::new("callgrind_control").args(["-d", &pid.to_string()]))?;
-            // The first dump of a process goes to `<out-file>.1`.
-            let file = PathBuf::from(format!("{}.{pid}.1", prefix.display()));
+            // Dump n of a process goes to `<out-file>.n`.
+            let file = PathBuf::from(format!("{}.{pid}.{dump}", prefix.display()));
             let deadline = Instant::now() + Duration::from_secs(30);
             let total = loop {
                 let text = fs::read_to_string(&file).unwrap_or_default();
@@ -392,6 +398,7 @@ fn start_once(kind: Kind, proto: Proto, s: &Setup) -> Result<Pair> {
         roots,
         sidecars,
         profiled,
+        dumps: Default::default(),
         kind,
         _procs: procs,
     };

@@ -171,6 +171,19 @@ pub fn kill_all_containers() {
     }
 }
 
+/// The sidecar's image build, made with every image's binaries in one
+/// build as `cargo xtask images` makes it: the features cargo unifies
+/// across the packages built together decide its symbol names.
+pub fn sidecar_build() -> Result<PathBuf> {
+    let all: Vec<&Image> = ALL.iter().collect();
+    let binaries = compile(&all)?;
+    all.iter()
+        .zip(binaries)
+        .find(|(i, _)| i.binary == "trellis-sidecar")
+        .map(|(_, path)| path)
+        .ok_or_else(|| anyhow::anyhow!("no image holds trellis-sidecar"))
+}
+
 /// Builds the binaries with the `image` profile (release without LTO, for build time).
 fn compile(images: &[&Image]) -> Result<Vec<PathBuf>> {
     let mut cmd = crate::run::cargo();

@@ -83,6 +83,9 @@ enum Command {
         #[arg(long)]
         long: bool,
     },
+    /// Rewrite sidecar/link-order.txt, the order the sidecar's code is laid
+    /// out in, from callgrind runs of its release and image builds (~20 min).
+    LinkOrder,
     /// Benchmarks (`bench sidecar`, `bench gateway`, `bench operator`; `bench --help` for their
     /// options): print numbers, assert nothing about speed. They run from a
     /// release build of bench/, made first.
@@ -175,5 +178,6 @@ fn run_command(cli: Cli) -> Result<()> {
         },
         Command::Fuzz { long } => fuzz::run(if long { fuzz::LONG } else { fuzz::SHORT }),
         Command::Bench { args } => bench::run(&args),
+        Command::LinkOrder => bench::link_order(),
     }
 }

@@ -1,0 +1,264 @@
+//! `trellis-bench link-order`: the list `sidecar/build.rs` lays out the
+//! sidecar's code by.
+//!
+//! Runs Trellis pairs under callgrind from their first instruction (plain
+//! and mutual TLS, HTTP/1.1 and gRPC): start, a few seconds idle with the
+//! health checks running, then a light load. Every function of the binary
+//! that ran is listed by its symbol name as the linker knows it, in the
+//! order the runs first showed them (the plain HTTP/1.1 pair's start and
+//! idle seconds first: an idle sidecar touches all of those), each run's
+//! new functions the most instructions first.
+//! Symbol names differ between builds of different profiles, so each
+//! `--sidecar-binary` adds its own names to one list.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    loadgen::{self, Target},
+    mesh::Mesh,
+    proxies::{self, Kind, Proto, Setup, Tracing},
+    results_dir,
+    upstream::Upstreams,
+};
+
+#[derive(clap::Args)]
+pub struct LinkOrder {
+    /// A `trellis-sidecar` build to profile; give one per build whose
+    /// symbols the list should name (`cargo xtask link-order` gives the
+    /// release and the image builds).
+    #[arg(long = "sidecar-binary", required = true)]
+    pub binaries: Vec<PathBuf>,
+    /// Where the list is written.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seconds of load per pair and protocol.
+    #[arg(long, default_value_t = 5)]
+    pub duration: u64,
+}
+
+/// Requests a second through each pair: callgrind runs code about fifty
+/// times slower, and which functions run does not depend on the rate.
+const RATE: u64 = 100;
+
+/// How long each pair idles before the load: health checks and the
+/// exporter's timers run in it.
+const IDLE: Duration = Duration::from_secs(3);
+
+pub fn link_order(opts: &LinkOrder) -> Result<()> {
+    if !crate::on_path("valgrind") {
+        bail!("link-order needs valgrind (apt-get install valgrind)");
+    }
+    let dir = results_dir()?.join("link-order");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let up = Upstreams::start()?;
+    let mesh = Mesh::start()?;
+    // Mangled names, as the linker matches them.
+    let env = ["VALGRIND_OPTS=--demangle=no".to_owned()];
+    let mut list = Vec::new();
+    let mut listed = HashSet::new();
+    for binary in &opts.binaries {
+        let binary = binary
+            .canonicalize()
+            .with_context(|| format!("--sidecar-binary {}", binary.display()))?;
+        let sizes = function_sizes(&binary)?;
+        // Each function's instructions, and the first profile that shows it
+        // (in the order below: each pair's start, then its load): the plain
+        // HTTP/1.1 pair's start comes first, so an idle sidecar's code is one
+        // block, and each later profile adds only what it ran anew.
+        let mut ran: HashMap<String, (usize, u64)> = HashMap::new();
+        let mut profiles = 0;
+        for kind in [Kind::Trellis, Kind::TrellisMtls] {
+            for proto in [Proto::Http1, Proto::Grpc] {
+                eprintln!("== {}: {} over {proto}", binary.display(), kind.name());
+                let setup = Setup {
+                    dir: &dir,
+                    sidecar: &binary,
+                    upstream: match proto {
+                        Proto::Http1 => up.http,
+                        Proto::Grpc => up.grpc,
+                    },
+                    http_app: up.http,
+                    otlp: up.otlp,
+                    wrapper: None,
+                    callgrind: Some(&dir),
+                    tracing: Tracing::REALISTIC,
+                    mesh: Some(&mesh),
+                    sidecar_env: &env,
+                };
+                let pair = proxies::start(kind, proto, &setup)?;
+                thread::sleep(IDLE);
+                let started = pair.callgrind_dump()?;
+                let duration = Duration::from_secs(opts.duration);
+                let run = match proto {
+                    Proto::Http1 => {
+                        loadgen::h1_open_loop(pair.front, &Target::service(), RATE, duration, 4)?
+                    }
+                    Proto::Grpc => loadgen::grpc_open_loop(pair.front, RATE, duration, 2)?,
+                };
+                let loaded = pair.callgrind_dump()?;
+                for (phase, files) in [("start and idle", started), ("load", loaded)] {
+                    let (mut new, mut new_code) = (0, 0);
+                    for (_, file) in files {
+                        let profile = fs::read_to_string(&file)
+                            .with_context(|| format!("reading {}", file.display()))?;
+                        for (function, instructions) in executed(&profile) {
+                            let Some(size) = sizes.get(&function) else {
+                                continue;
+                            };
+                            let entry = ran.entry(function).or_insert_with(|| {
+                                new += 1;
+                                new_code += size;
+                                (profiles, 0)
+                            });
+                            entry.1 += instructions;
+                        }
+                    }
+                    eprintln!(
+                        "   {phase}: {new} more functions, {} KiB{}",
+                        new_code / 1024,
+                        if phase == "load" {
+                            format!(" ({} requests, {} errors)", run.requests, run.errors)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    profiles += 1;
+                }
+            }
+        }
+        let mut ranked: Vec<(String, (usize, u64))> = ran.into_iter().collect();
+        ranked.sort_by(|(f, (first, n)), (g, (first_g, m))| {
+            (first, std::cmp::Reverse(n), f).cmp(&(first_g, std::cmp::Reverse(m), g))
+        });
+        let code: u64 = ranked.iter().map(|(f, _)| sizes[f]).sum();
+        let all: u64 = sizes.values().sum();
+        eprintln!(
+            "   {} of {} functions ran: {} of {} KiB of code",
+            ranked.len(),
+            sizes.len(),
+            code / 1024,
+            all / 1024
+        );
+        for (function, _) in ranked {
+            if listed.insert(function.clone()) {
+                list.push(function);
+            }
+        }
+    }
+    let mut text = list.join("\n");
+    text.push('\n');
+    fs::write(&opts.out, text).with_context(|| format!("writing {}", opts.out.display()))?;
+    eprintln!("wrote {} symbols to {}", list.len(), opts.out.display());
+    Ok(())
+}
+
+/// The binary's functions by symbol name, with their sizes (`nm`).
+fn function_sizes(binary: &Path) -> Result<HashMap<String, u64>> {
+    let out = crate::run::output(
+        Command::new("nm")
+            .args(["--defined-only", "--print-size"])
+            .arg(binary),
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let (_, size, kind, name) =
+                (words.next()?, words.next()?, words.next()?, words.next()?);
+            matches!(kind, "t" | "T" | "w" | "W")
+                .then(|| Some((name.to_owned(), u64::from_str_radix(size, 16).ok()?)))
+                .flatten()
+        })
+        .collect())
+}
+
+/// The functions a callgrind profile shows running, with the instructions
+/// each executed itself (a call's inclusive cost, the line after `calls=`,
+/// is not the caller's own).
+fn executed(profile: &str) -> HashMap<String, u64> {
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut out: HashMap<String, u64> = HashMap::new();
+    let mut current: Option<String> = None;
+    let mut after_call = false;
+    for line in profile.lines() {
+        if let Some(spec) = line
+            .strip_prefix("fn=")
+            .or_else(|| line.strip_prefix("cfn="))
+        {
+            // `(id) name` defines a compressed name, `(id)` uses it.
+            let name = match spec.strip_prefix('(').and_then(|s| s.split_once(')')) {
+                Some((id, rest)) if !rest.trim().is_empty() => {
+                    names.insert(id.to_owned(), rest.trim().to_owned());
+                    rest.trim().to_owned()
+                }
+                Some((id, _)) => names.get(id).cloned().unwrap_or_default(),
+                None => spec.trim().to_owned(),
+            };
+            if line.starts_with("fn=") {
+                current = Some(name);
+            }
+            continue;
+        }
+        if line.starts_with("calls=") {
+            after_call = true;
+            continue;
+        }
+        let is_cost = line
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit() || matches!(c, '+' | '-' | '*'));
+        if !is_cost {
+            continue;
+        }
+        if std::mem::take(&mut after_call) {
+            continue;
+        }
+        if let (Some(f), Some(n)) = (
+            &current,
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok()),
+        ) {
+            *out.entry(f.clone()).or_default() += n;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::executed;
+
+    #[test]
+    fn counts_each_functions_own_instructions_not_its_calls() {
+        let profile = "\
+events: Ir
+fl=(1) a.rs
+fn=(1) _ZN4main3run17h0123456789abcdefE
+15 100
++2 5
+cfn=(2) _ZN4main4work17hfedcba9876543210E
+calls=3 40
+16 7000
+fn=(2)
+40 6990
+fn=(3) never_called_twice
+* 3
+";
+        let ran = executed(profile);
+        assert_eq!(ran["_ZN4main3run17h0123456789abcdefE"], 105);
+        assert_eq!(ran["_ZN4main4work17hfedcba9876543210E"], 6990);
+        assert_eq!(ran["never_called_twice"], 3);
+        assert_eq!(ran.len(), 3);
+    }
+}
