@@ -900,6 +900,12 @@ async fn start_proxy(client: Client, counter: Counter) -> Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            // A response's head and its body (streamed from the apiserver)
+            // are two writes; with Nagle's algorithm the body would wait
+            // for the client's delayed ACK of the head, up to 40 ms a
+            // request, a delay the operator's own connection to the
+            // apiserver does not have.
+            let _ = stream.set_nodelay(true);
             let (client, counter) = (client.clone(), counter.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
