@@ -1,6 +1,6 @@
 //! Links `trellis-sidecar` with its code laid out in the order of
-//! `link-order.txt`: the functions a sidecar runs (starting, idling, serving
-//! HTTP/1.1 and gRPC through a pair) first, hottest first, everything it
+//! `link-order.txt`: the functions a sidecar runs first (those it runs to
+//! start and idle, then those serving HTTP/1.1 and gRPC add), everything it
 //! never runs after them.
 //!
 //! The kernel maps a binary's code into a process in 64 KiB windows around

@@ -64,13 +64,23 @@ pub fn link_order(opts: &LinkOrder) -> Result<()> {
     let mesh = Mesh::start()?;
     // Mangled names, as the linker matches them.
     let env = ["VALGRIND_OPTS=--demangle=no".to_owned()];
-    let mut list = Vec::new();
+    let mut list = vec![
+        "# The order sidecar/build.rs links trellis-sidecar's functions in.".to_owned(),
+        "# Written by `cargo xtask link-order` (trellis-bench link-order): the".to_owned(),
+        "# functions callgrind saw sidecar pairs run, one section per build.".to_owned(),
+    ];
     let mut listed = HashSet::new();
     for binary in &opts.binaries {
         let binary = binary
             .canonicalize()
             .with_context(|| format!("--sidecar-binary {}", binary.display()))?;
         let sizes = function_sizes(&binary)?;
+        // The build's profile, as its target directory names it.
+        let build = binary
+            .parent()
+            .and_then(Path::file_name)
+            .map_or("unknown".into(), |d| d.to_string_lossy());
+        list.push(format!("# build: {build}"));
         // Each function's instructions, and the first profile that shows it
         // (in the order below: each pair's start, then its load): the plain
         // HTTP/1.1 pair's start comes first, so an idle sidecar's code is one
@@ -158,7 +168,7 @@ pub fn link_order(opts: &LinkOrder) -> Result<()> {
     let mut text = list.join("\n");
     text.push('\n');
     fs::write(&opts.out, text).with_context(|| format!("writing {}", opts.out.display()))?;
-    eprintln!("wrote {} symbols to {}", list.len(), opts.out.display());
+    eprintln!("wrote {} symbols to {}", listed.len(), opts.out.display());
     Ok(())
 }
 

@@ -111,6 +111,15 @@ pub fn build_named(names: &[String], import: bool) -> Result<()> {
         bail!("unknown image in {names:?}; known: {}", known.join(", "));
     }
     let binaries = compile(&chosen)?;
+    // Only the build of every image has the symbol names the list was made for.
+    if names.is_empty()
+        && let Some((_, sidecar)) = chosen
+            .iter()
+            .zip(&binaries)
+            .find(|(i, _)| i.binary == "trellis-sidecar")
+    {
+        crate::link_order::check(sidecar)?;
+    }
     for (image, binary) in chosen.into_iter().zip(binaries) {
         let archive = write_archive(image, &binary)?;
         if import {

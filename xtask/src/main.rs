@@ -20,6 +20,7 @@ mod e2e;
 mod fuzz;
 mod gateway_api;
 mod images;
+mod link_order;
 mod postgres;
 mod prerequisites;
 mod test;
@@ -178,6 +179,6 @@ fn run_command(cli: Cli) -> Result<()> {
         },
         Command::Fuzz { long } => fuzz::run(if long { fuzz::LONG } else { fuzz::SHORT }),
         Command::Bench { args } => bench::run(&args),
-        Command::LinkOrder => bench::link_order(),
+        Command::LinkOrder => link_order::regenerate(),
     }
 }
