@@ -60,10 +60,12 @@ pub fn link_order(opts: &LinkOrder) -> Result<()> {
     let dir = results_dir()?.join("link-order");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    let up = Upstreams::start()?;
-    let mesh = Mesh::start()?;
-    // Mangled names, as the linker matches them.
-    let env = ["VALGRIND_OPTS=--demangle=no".to_owned()];
+    let rig = Rig {
+        up: Upstreams::start()?,
+        mesh: Mesh::start()?,
+        dir,
+        duration: Duration::from_secs(opts.duration),
+    };
     let mut list = vec![
         "# The order sidecar/build.rs links trellis-sidecar's functions in.".to_owned(),
         "# Written by `cargo xtask link-order` (trellis-bench link-order): the".to_owned(),
@@ -74,92 +76,13 @@ pub fn link_order(opts: &LinkOrder) -> Result<()> {
         let binary = binary
             .canonicalize()
             .with_context(|| format!("--sidecar-binary {}", binary.display()))?;
-        let sizes = function_sizes(&binary)?;
         // The build's profile, as its target directory names it.
         let build = binary
             .parent()
             .and_then(Path::file_name)
             .map_or("unknown".into(), |d| d.to_string_lossy());
         list.push(format!("# build: {build}"));
-        // Each function's instructions, and the first profile that shows it
-        // (in the order below: each pair's start, then its load): the plain
-        // HTTP/1.1 pair's start comes first, so an idle sidecar's code is one
-        // block, and each later profile adds only what it ran anew.
-        let mut ran: HashMap<String, (usize, u64)> = HashMap::new();
-        let mut profiles = 0;
-        for kind in [Kind::Trellis, Kind::TrellisMtls] {
-            for proto in [Proto::Http1, Proto::Grpc] {
-                eprintln!("== {}: {} over {proto}", binary.display(), kind.name());
-                let setup = Setup {
-                    dir: &dir,
-                    sidecar: &binary,
-                    upstream: match proto {
-                        Proto::Http1 => up.http,
-                        Proto::Grpc => up.grpc,
-                    },
-                    http_app: up.http,
-                    otlp: up.otlp,
-                    wrapper: None,
-                    callgrind: Some(&dir),
-                    tracing: Tracing::REALISTIC,
-                    mesh: Some(&mesh),
-                    sidecar_env: &env,
-                };
-                let pair = proxies::start(kind, proto, &setup)?;
-                thread::sleep(IDLE);
-                let started = pair.callgrind_dump()?;
-                let duration = Duration::from_secs(opts.duration);
-                let run = match proto {
-                    Proto::Http1 => {
-                        loadgen::h1_open_loop(pair.front, &Target::service(), RATE, duration, 4)?
-                    }
-                    Proto::Grpc => loadgen::grpc_open_loop(pair.front, RATE, duration, 2)?,
-                };
-                let loaded = pair.callgrind_dump()?;
-                for (phase, files) in [("start and idle", started), ("load", loaded)] {
-                    let (mut new, mut new_code) = (0, 0);
-                    for (_, file) in files {
-                        let profile = fs::read_to_string(&file)
-                            .with_context(|| format!("reading {}", file.display()))?;
-                        for (function, instructions) in executed(&profile) {
-                            let Some(size) = sizes.get(&function) else {
-                                continue;
-                            };
-                            let entry = ran.entry(function).or_insert_with(|| {
-                                new += 1;
-                                new_code += size;
-                                (profiles, 0)
-                            });
-                            entry.1 += instructions;
-                        }
-                    }
-                    eprintln!(
-                        "   {phase}: {new} more functions, {} KiB{}",
-                        new_code / 1024,
-                        if phase == "load" {
-                            format!(" ({} requests, {} errors)", run.requests, run.errors)
-                        } else {
-                            String::new()
-                        }
-                    );
-                    profiles += 1;
-                }
-            }
-        }
-        let mut ranked: Vec<(String, (usize, u64))> = ran.into_iter().collect();
-        ranked.sort_by(|(f, (first, n)), (g, (first_g, m))| {
-            (first, std::cmp::Reverse(n), f).cmp(&(first_g, std::cmp::Reverse(m), g))
-        });
-        let code: u64 = ranked.iter().map(|(f, _)| sizes[f]).sum();
-        let all: u64 = sizes.values().sum();
-        eprintln!(
-            "   {} of {} functions ran: {} of {} KiB of code",
-            ranked.len(),
-            sizes.len(),
-            code / 1024,
-            all / 1024
-        );
-        for (function, _) in ranked {
+        for function in ran_in_order(&binary, &rig)? {
             if listed.insert(function.clone()) {
                 list.push(function);
             }
@@ -170,6 +93,109 @@ pub fn link_order(opts: &LinkOrder) -> Result<()> {
     fs::write(&opts.out, text).with_context(|| format!("writing {}", opts.out.display()))?;
     eprintln!("wrote {} symbols to {}", listed.len(), opts.out.display());
     Ok(())
+}
+
+/// What the pairs run against.
+struct Rig {
+    up: Upstreams,
+    mesh: Mesh,
+    /// Where the profiles go.
+    dir: PathBuf,
+    /// How long each pair is loaded.
+    duration: Duration,
+}
+
+/// The functions of `binary` the pairs ran, in the list's order.
+///
+/// Each function's instructions are counted, and the first profile that
+/// shows it is kept (in the order below: each pair's start, then its
+/// load): the plain HTTP/1.1 pair's start comes first, so an idle
+/// sidecar's code is one block, and each later profile adds only what it
+/// ran anew.
+fn ran_in_order(binary: &Path, rig: &Rig) -> Result<Vec<String>> {
+    let sizes = function_sizes(binary)?;
+    let mut ran: HashMap<String, (usize, u64)> = HashMap::new();
+    let mut profiles = 0;
+    for kind in [Kind::Trellis, Kind::TrellisMtls] {
+        for proto in [Proto::Http1, Proto::Grpc] {
+            eprintln!("== {}: {} over {proto}", binary.display(), kind.name());
+            let (started, loaded, run) = profile_pair(binary, rig, kind, proto)?;
+            for (phase, files) in [("start and idle", started), ("load", loaded)] {
+                let (mut new, mut new_code) = (0, 0);
+                for file in files {
+                    let profile = fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    for (function, instructions) in executed(&profile) {
+                        let Some(size) = sizes.get(&function) else {
+                            continue;
+                        };
+                        let entry = ran.entry(function).or_insert_with(|| {
+                            new += 1;
+                            new_code += size;
+                            (profiles, 0)
+                        });
+                        entry.1 += instructions;
+                    }
+                }
+                eprintln!("   {phase}: {new} more functions, {} KiB", new_code / 1024);
+                profiles += 1;
+            }
+            eprintln!("   {} requests, {} errors", run.requests, run.errors);
+        }
+    }
+    let mut ranked: Vec<(String, (usize, u64))> = ran.into_iter().collect();
+    ranked.sort_by(|(f, (first, n)), (g, (first_g, m))| {
+        (first, std::cmp::Reverse(n), f).cmp(&(first_g, std::cmp::Reverse(m), g))
+    });
+    let code: u64 = ranked.iter().map(|(f, _)| sizes[f]).sum();
+    let all: u64 = sizes.values().sum();
+    eprintln!(
+        "   {} of {} functions ran: {} of {} KiB of code",
+        ranked.len(),
+        sizes.len(),
+        code / 1024,
+        all / 1024
+    );
+    Ok(ranked.into_iter().map(|(f, _)| f).collect())
+}
+
+/// A pair of `binary` under callgrind from its first instruction: its
+/// profiles after the start and the idle seconds, and after the load.
+fn profile_pair(
+    binary: &Path,
+    rig: &Rig,
+    kind: Kind,
+    proto: Proto,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>, loadgen::Run)> {
+    // Mangled names, as the linker matches them.
+    let env = ["VALGRIND_OPTS=--demangle=no".to_owned()];
+    let setup = Setup {
+        dir: &rig.dir,
+        sidecar: binary,
+        upstream: match proto {
+            Proto::Http1 => rig.up.http,
+            Proto::Grpc => rig.up.grpc,
+        },
+        http_app: rig.up.http,
+        otlp: rig.up.otlp,
+        wrapper: None,
+        callgrind: Some(&rig.dir),
+        tracing: Tracing::REALISTIC,
+        mesh: Some(&rig.mesh),
+        sidecar_env: &env,
+    };
+    let pair = proxies::start(kind, proto, &setup)?;
+    thread::sleep(IDLE);
+    let started = pair.callgrind_dump()?;
+    let run = match proto {
+        Proto::Http1 => {
+            loadgen::h1_open_loop(pair.front, &Target::service(), RATE, rig.duration, 4)?
+        }
+        Proto::Grpc => loadgen::grpc_open_loop(pair.front, RATE, rig.duration, 2)?,
+    };
+    let loaded = pair.callgrind_dump()?;
+    let files = |dumps: Vec<(u64, PathBuf)>| dumps.into_iter().map(|(_, f)| f).collect();
+    Ok((files(started), files(loaded), run))
 }
 
 /// The binary's functions by symbol name, with their sizes (`nm`).
