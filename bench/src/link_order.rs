@@ -15,7 +15,6 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
-    process::Command,
     thread,
     time::Duration,
 };
@@ -113,7 +112,7 @@ struct Rig {
 /// sidecar's code is one block, and each later profile adds only what it
 /// ran anew.
 fn ran_in_order(binary: &Path, rig: &Rig) -> Result<Vec<String>> {
-    let sizes = function_sizes(binary)?;
+    let sizes = xtask::binaries::functions(binary)?;
     let mut ran: HashMap<String, (usize, u64)> = HashMap::new();
     let mut profiles = 0;
     for kind in [Kind::Trellis, Kind::TrellisMtls] {
@@ -196,26 +195,6 @@ fn profile_pair(
     let loaded = pair.callgrind_dump()?;
     let files = |dumps: Vec<(u64, PathBuf)>| dumps.into_iter().map(|(_, f)| f).collect();
     Ok((files(started), files(loaded), run))
-}
-
-/// The binary's functions by symbol name, with their sizes (`nm`).
-fn function_sizes(binary: &Path) -> Result<HashMap<String, u64>> {
-    let out = crate::run::output(
-        Command::new("nm")
-            .args(["--defined-only", "--print-size"])
-            .arg(binary),
-    )?;
-    Ok(out
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let (_, size, kind, name) =
-                (words.next()?, words.next()?, words.next()?, words.next()?);
-            matches!(kind, "t" | "T" | "w" | "W")
-                .then(|| Some((name.to_owned(), u64::from_str_radix(size, 16).ok()?)))
-                .flatten()
-        })
-        .collect())
 }
 
 /// The functions a callgrind profile shows running, with the instructions

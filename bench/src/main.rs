@@ -47,7 +47,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use clap::{Parser, Subcommand};
 use operator::OperatorBench;
@@ -109,21 +109,7 @@ fn results_dir() -> Result<PathBuf> {
 
 /// A release binary of the workspace, built first unless `no_build`.
 fn release_binary(package: &str, bin: &str, no_build: bool) -> Result<PathBuf> {
-    if !no_build {
-        run::status(run::cargo().current_dir(paths::workspace()).args([
-            "build",
-            "--release",
-            "-p",
-            package,
-            "--bin",
-            bin,
-        ]))?;
-    }
-    let path = paths::target_dir().join("release").join(bin);
-    if !path.exists() {
-        bail!("{} is not built", path.display());
-    }
-    Ok(path)
+    xtask::binaries::release(package, bin, no_build)
 }
 
 /// Installs Debian packages whose command is missing (idempotent).

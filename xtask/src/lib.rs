@@ -2,5 +2,6 @@
 //! and how commands are run. Kept free of heavy dependencies, so that the
 //! first `cargo xtask` builds in seconds.
 
+pub mod binaries;
 pub mod paths;
 pub mod run;

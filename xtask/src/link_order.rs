@@ -2,11 +2,13 @@
 //! sidecar's functions in: `cargo xtask link-order` rewrites it, and every
 //! full image build checks that it still names the build's functions.
 
-use std::{collections::HashSet, fs, path::Path, process::Command};
+use std::{fs, path::Path};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{bench, images, paths, run};
+use xtask::binaries;
+
+use crate::{bench, images, paths};
 
 /// Where the list lives, from the workspace root.
 const LIST: &str = "sidecar/link-order.txt";
@@ -21,15 +23,7 @@ const MIN_FOUND_PERCENT: usize = 75;
 /// differ). About 20 minutes, most of it the release build's link.
 pub fn regenerate() -> Result<()> {
     eprintln!("==> building the release sidecar, as `cargo xtask bench` does");
-    run::status(run::cargo().current_dir(paths::workspace()).args([
-        "build",
-        "--release",
-        "-p",
-        "trellis-sidecar",
-        "--bin",
-        "trellis-sidecar",
-    ]))?;
-    let release = paths::target_dir().join("release/trellis-sidecar");
+    let release = binaries::release("trellis-sidecar", "trellis-sidecar", false)?;
     let image = images::sidecar_build()?;
     let mut args = vec!["link-order".to_owned()];
     for binary in [&release, &image] {
@@ -60,12 +54,11 @@ fn check_list(list: &str, image_sidecar: &Path) -> Result<()> {
     if listed.is_empty() {
         bail!("{LIST} has no `# build: image` section: run `cargo xtask link-order` and commit it");
     }
-    let nm = run::output(Command::new("nm").arg("--defined-only").arg(image_sidecar))?;
-    let symbols: HashSet<&str> = nm
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(2))
-        .collect();
-    let found = listed.iter().filter(|name| symbols.contains(*name)).count();
+    let functions = binaries::functions(image_sidecar)?;
+    let found = listed
+        .iter()
+        .filter(|name| functions.contains_key(**name))
+        .count();
     eprintln!(
         "    {LIST}: {found} of the {} functions it lists for the image build are in it",
         listed.len()
@@ -94,25 +87,14 @@ fn section<'a>(list: &'a str, build: &str) -> Vec<&'a str> {
 
 #[cfg(test)]
 mod tests {
-    use std::process::Command;
-
     use super::{check_list, section};
 
-    /// The functions of this test binary, as `nm` names them.
+    /// Forty functions of this test binary, as the linker names them.
     fn own_functions() -> (std::path::PathBuf, Vec<String>) {
         let exe = std::env::current_exe().unwrap();
-        let nm = Command::new("nm")
-            .arg("--defined-only")
-            .arg(&exe)
-            .output()
-            .unwrap();
-        let names = String::from_utf8_lossy(&nm.stdout)
-            .lines()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                let (_, kind, name) = (w.next()?, w.next()?, w.next()?);
-                matches!(kind, "t" | "T").then(|| name.to_owned())
-            })
+        let names = xtask::binaries::functions(&exe)
+            .unwrap()
+            .into_keys()
             .take(40)
             .collect();
         (exe, names)
