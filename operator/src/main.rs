@@ -86,6 +86,7 @@ struct Args {
     /// controller's report on a Deployment just created or changed: one status
     /// write on the way to Ready. 0 writes `Progressing` at once and `Ready`
     /// when the report comes (two writes, an earlier `observedGeneration`).
+    /// No status waits while a report is overdue (the controller is behind).
     #[arg(
         long,
         env = "TRELLIS_STATUS_REPORT_WAIT_SECONDS",

@@ -38,7 +38,7 @@ use std::{
     future::Future,
     hash::{Hash, Hasher},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{Stream, StreamExt, future};
@@ -87,6 +87,7 @@ mod fake_api;
 #[cfg(test)]
 mod reconcile_tests;
 mod report;
+mod report_wait;
 mod secrets;
 mod slim;
 #[cfg(test)]
@@ -99,7 +100,8 @@ pub(crate) use apply::{Plan, Preflight, execute, plan};
 pub use error::Error;
 use error::list_failure_hint;
 pub(crate) use report::publish;
-use report::update_status;
+use report::{Written, update_status};
+use report_wait::ReportWait;
 pub use watch::Caches;
 pub(crate) use watch::ChildKind;
 pub use watch::WatchBackoff;
@@ -122,7 +124,8 @@ pub struct Settings {
     /// controller to report on a Deployment the operator created or
     /// changed. Waiting makes the way to Ready one status write and one
     /// Event; zero writes a status at once (Progressing) and another when
-    /// the report comes.
+    /// the report comes. No status waits while that controller is behind
+    /// (`controller/report_wait.rs`).
     pub report_wait: Duration,
     /// Reconcile only the MicroServices with these labels (a label selector,
     /// `key=value,...`); all when `None`.
@@ -170,9 +173,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per MicroService, for backoff in [`error_policy`].
     failures: Mutex<HashMap<ObjectRef<MicroService>, u32>>,
-    /// When a reconcile last created or changed each MicroService's
-    /// Deployment, until the Deployment controller reports on it.
-    deployment_changed: Mutex<HashMap<ObjectRef<MicroService>, std::time::Instant>>,
+    /// Whether a status waits for the Deployment controller's report.
+    report_wait: ReportWait,
+    /// The statuses written that the cache may not show yet.
+    written: Written,
     /// The children's caches.
     pub(crate) caches: Caches,
     /// The last apply per child (`Kind/namespace/name`); forgotten when the
@@ -194,41 +198,26 @@ impl Context {
             controller: FIELD_MANAGER.into(),
             instance: settings.instance.clone(),
         };
+        let report_wait = settings.report_wait;
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
             metrics,
             failures: Mutex::default(),
-            deployment_changed: Mutex::default(),
+            report_wait: ReportWait::new(report_wait),
+            written: Written::default(),
             caches,
             applied,
             trust_bundle: Arc::default(),
         }
     }
 
-    /// Whether the status of `key` waits for the Deployment controller's
-    /// report on `deployment`, which `changed` says this reconcile created or
-    /// changed: it is not observed yet, and was changed less than
-    /// [`Settings::report_wait`] ago.
-    fn awaiting_report(
-        &self,
-        key: &ObjectRef<MicroService>,
-        changed: bool,
-        deployment: &Deployment,
-    ) -> bool {
-        let mut since = self.deployment_changed.lock().expect("not poisoned");
-        if changed {
-            since.insert(key.clone(), std::time::Instant::now());
-        }
-        let waiting = !status::rollout(deployment).observed()
-            && since
-                .get(key)
-                .is_some_and(|at| at.elapsed() < self.settings.report_wait);
-        if !waiting {
-            since.remove(key);
-        }
-        waiting
+    /// Forgets what is kept per MicroService, once it is deleted.
+    fn forget(&self, key: &ObjectRef<MicroService>) {
+        self.failures.lock().expect("not poisoned").remove(key);
+        self.report_wait.forget(key);
+        self.written.forget(key);
     }
 
     /// What rendering needs now: the settings, with the mesh identity once
@@ -358,6 +347,7 @@ pub async fn run(
     }
     let swept = Arc::new(Notify::new());
     let wake = swept.clone();
+    let deleted = ctx.clone();
     let ms_trigger = watcher(microservices, ms_config)
         .backoff(WatchBackoff::default())
         // Nothing reads who manages which field; at a thousand MicroServices
@@ -365,6 +355,10 @@ pub async fn run(
         .modify(|ms| ms.meta_mut().managed_fields = None)
         .reflect(ms_writer)
         .inspect(move |e| {
+            if let Ok(watcher::Event::Delete(ms)) = e {
+                // No reconcile comes for a MicroService gone from the cache.
+                deleted.forget(&ObjectRef::from_obj(ms));
+            }
             if matches!(e, Ok(watcher::Event::Delete(_) | watcher::Event::InitDone)) {
                 wake.notify_one();
             }
@@ -436,10 +430,7 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
         let _timer = ctx.metrics.reconcile_started();
         if ms.metadata.deletion_timestamp.is_some() {
             // The garbage collector deletes the children through their owner references.
-            ctx.deployment_changed
-                .lock()
-                .expect("not poisoned")
-                .remove(&ObjectRef::from_obj(ms.as_ref()));
+            ctx.forget(&ObjectRef::from_obj(ms.as_ref()));
             return Ok(Action::await_change());
         }
         // A name missing from the caches is free only once they have listed.
@@ -465,15 +456,17 @@ pub async fn reconcile(ms: Arc<MicroService>, ctx: Arc<Context>) -> Result<Actio
                 changed,
             }) => {
                 ctx.failures.lock().expect("not poisoned").remove(&key);
-                // A Deployment this or an earlier reconcile created or
-                // changed, not yet observed by its controller, says nothing
-                // yet: a status from it would be overwritten moments later,
-                // when the controller's report brings the MicroService back
-                // (its rollout figures trigger a reconcile). So a new
-                // MicroService gets one status write, not two. The wait is
-                // bounded: a report later than `report_wait` finds the
-                // status written by the requeue.
-                if ctx.awaiting_report(&key, changed, &deployment) {
+                // A status from a Deployment its controller has not
+                // observed yet would be overwritten moments later
+                // (`controller/report_wait.rs`). The requeue writes it if
+                // the report is later than the wait.
+                let observed = status::rollout(&deployment).observed();
+                let exists =
+                    |ms: &ObjectRef<MicroService>| ctx.caches.microservices.get(ms).is_some();
+                if ctx
+                    .report_wait
+                    .waits(&key, changed, observed, Instant::now(), exists)
+                {
                     return Ok(Action::requeue(ctx.settings.report_wait));
                 }
                 update_status(&ms, &ctx, Some(&deployment), None).await?;

@@ -45,9 +45,18 @@ fn fake() -> (FakeApi, Client) {
 }
 
 fn context(client: Client, caches: Caches) -> Arc<Context> {
+    context_with(client, caches, REPORT_WAIT)
+}
+
+/// A context whose statuses wait `report_wait` for the Deployment controller.
+fn context_with(client: Client, caches: Caches, report_wait: Duration) -> Arc<Context> {
+    let settings = Settings {
+        report_wait,
+        ..Settings::default()
+    };
     Arc::new(Context::new(
         client,
-        Settings::default(),
+        settings,
         Arc::new(Metrics::default()),
         caches,
         Arc::default(),
@@ -182,17 +191,7 @@ async fn a_new_microservice_gets_its_children_applied_in_order_then_its_status()
 async fn without_a_report_wait_a_new_microservice_gets_a_progressing_status_at_once() {
     let (fake, client) = fake();
     let (caches, _writers) = Caches::for_tests();
-    let settings = Settings {
-        report_wait: Duration::ZERO,
-        ..Settings::default()
-    };
-    let ctx = Arc::new(Context::new(
-        client,
-        settings,
-        Arc::new(Metrics::default()),
-        caches,
-        Arc::default(),
-    ));
+    let ctx = context_with(client, caches, Duration::ZERO);
     reconcile(Arc::new(order()), ctx).await.unwrap();
 
     let mut expected: Vec<String> = CHILDREN.iter().map(|p| p.to_string()).collect();
@@ -201,6 +200,50 @@ async fn without_a_report_wait_a_new_microservice_gets_a_progressing_status_at_o
     let status = &fake.object(MICROSERVICE).unwrap()["status"];
     assert_eq!(status["observedGeneration"], 1, "{status}");
     assert_ne!(status["phase"], "Ready", "{status}");
+}
+
+#[tokio::test]
+async fn a_status_is_not_written_again_while_the_cache_has_not_seen_it() {
+    let (fake, client) = fake();
+    let (caches, mut writers) = Caches::for_tests();
+    let ctx = context_with(client, caches, Duration::ZERO);
+    let mut stale = order();
+    stale.metadata.resource_version = Some("1".into());
+    reconcile(Arc::new(stale.clone()), ctx.clone())
+        .await
+        .unwrap();
+    for path in CHILDREN {
+        writers.insert(&fake.object(path).expect("applied"));
+    }
+    // A child's event brings it back before the MicroService's watch has
+    // delivered the status just written: the cache still has version 1.
+    reconcile(Arc::new(stale), ctx.clone()).await.unwrap();
+    let status_writes = |fake: &FakeApi| {
+        paths(fake, Method::PATCH)
+            .iter()
+            .filter(|p| *p == STATUS)
+            .count()
+    };
+    assert_eq!(status_writes(&fake), 1);
+
+    // The cache catches up; the status it shows is the one written.
+    let mut seen = order();
+    seen.metadata.resource_version = Some("2".into());
+    seen.status =
+        serde_json::from_value(fake.object(MICROSERVICE).unwrap()["status"].clone()).unwrap();
+    reconcile(Arc::new(seen.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(status_writes(&fake), 1);
+
+    // The Deployment controller reports: a new status, written once.
+    writers.insert(&reported(&fake, 1));
+    reconcile(Arc::new(seen.clone()), ctx.clone())
+        .await
+        .unwrap();
+    reconcile(Arc::new(seen), ctx).await.unwrap();
+    assert_eq!(status_writes(&fake), 2);
+    assert_eq!(events(&fake), ["Created", "Ready"]);
 }
 
 #[tokio::test]

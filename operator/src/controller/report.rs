@@ -2,6 +2,71 @@
 
 use super::*;
 
+/// The last status this operator wrote for each MicroService, until the
+/// cache shows a newer version of that MicroService. The cache is a watch:
+/// a reconcile that a child's event brings moments after a status write may
+/// still see the MicroService as it was before the write, and would write
+/// the same status again (with fresh transition times). Kept small: the
+/// version the write was computed from, a fingerprint and the phase.
+#[derive(Default)]
+pub(super) struct Written(Mutex<HashMap<ObjectRef<MicroService>, WrittenStatus>>);
+
+struct WrittenStatus {
+    /// `metadata.resourceVersion` of the MicroService the status was
+    /// computed from: while the cache still has that version, it has not
+    /// seen the write.
+    over: Option<String>,
+    fingerprint: u64,
+    phase: Option<Phase>,
+}
+
+impl Written {
+    /// The fingerprint and phase of the status last written for `ms`, if
+    /// the cache's `ms` does not show it yet. An entry the cache has caught
+    /// up with is dropped.
+    fn unseen(&self, ms: &MicroService) -> Option<(u64, Option<Phase>)> {
+        let key = ObjectRef::from_obj(ms);
+        let mut written = self.0.lock().expect("not poisoned");
+        match written.get(&key) {
+            Some(w) if w.over == ms.metadata.resource_version => Some((w.fingerprint, w.phase)),
+            Some(_) => {
+                written.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn record(&self, ms: &MicroService, fingerprint: u64, phase: Option<Phase>) {
+        self.0.lock().expect("not poisoned").insert(
+            ObjectRef::from_obj(ms),
+            WrittenStatus {
+                over: ms.metadata.resource_version.clone(),
+                fingerprint,
+                phase,
+            },
+        );
+    }
+
+    /// Forgets `key` (its MicroService is deleted).
+    pub(super) fn forget(&self, key: &ObjectRef<MicroService>) {
+        self.0.lock().expect("not poisoned").remove(key);
+    }
+}
+
+/// What a status says, without its conditions' transition times (which a
+/// status computed from a stale cache sets afresh).
+fn status_fingerprint(status: &MicroServiceStatus) -> u64 {
+    let mut s = status.clone();
+    for c in &mut s.conditions {
+        c.last_transition_time =
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH);
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&s).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
 /// Writes the status (server-side apply on the status subresource, same
 /// field manager) when it differs from what is there.
 pub(super) async fn update_status(
@@ -41,10 +106,15 @@ pub(super) async fn update_status(
         previous: ms.status.as_ref(),
         now: Timestamp::now(),
     });
-    if ms.status.as_ref() == Some(&status) {
+    let fingerprint = status_fingerprint(&status);
+    let unseen = ctx.written.unseen(ms);
+    if ms.status.as_ref() == Some(&status) || unseen.is_some_and(|(fp, _)| fp == fingerprint) {
         return Ok(());
     }
-    let old_phase = ms.status.as_ref().and_then(|s| s.phase);
+    let old_phase = match unseen {
+        Some((_, phase)) => phase,
+        None => ms.status.as_ref().and_then(|s| s.phase),
+    };
     let old_check = ms.status.as_ref().and_then(|s| {
         s.conditions
             .iter()
@@ -63,6 +133,7 @@ pub(super) async fn update_status(
         &Patch::Apply(&patch),
     )
     .await?;
+    ctx.written.record(ms, fingerprint, status.phase);
     // A misconfigured rule is told once as an Event, when it appears or changes.
     if let Some(c) = authorization_check.filter(|c| !c.resolved)
         && old_check != Some((false, c.message.clone()))
