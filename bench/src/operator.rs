@@ -263,9 +263,11 @@ async fn run(
     // MicroService Ready (the Deployment controller has caught up with
     // every Deployment, so no status is still moving), then a moment more.
     let settled = wait_ready(client, OPERATOR_NS, opts.count, timeout).await?;
+    let (_, settle_detail) = counter.take();
+    let to_ready = settled - t0;
     eprintln!(
         "   all Ready {:.1} s after applying",
-        (settled - t0).as_secs_f64()
+        to_ready.as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(10)).await;
     eprintln!("== counting idle API requests for {} s", opts.idle);
@@ -348,6 +350,13 @@ async fn run(
             "writes_per_resource": writes(&converge_requests) as f64 / opts.count as f64,
             "cpu_seconds": converge_cpu,
         },
+        // The status writes and Events each MicroService cost on its way
+        // from applied to Ready, converging included.
+        "to_ready": {
+            "seconds": to_ready.as_secs_f64(),
+            "status_writes": status_writes_and_events(&[&converge_detail, &settle_detail]).0,
+            "events": status_writes_and_events(&[&converge_detail, &settle_detail]).1,
+        },
         "lower_bound": {
             "seconds": lower.as_secs_f64(),
             "requests_per_resource": direct_requests as f64 / opts.count as f64,
@@ -375,6 +384,21 @@ async fn run(
         "edit_lower_bound_ms": latency_ms(&direct_edits),
         "edit_lower_bound_via_proxy_ms": latency_ms(&proxied_edits),
     }))
+}
+
+/// The MicroServices' status PATCHes and the Events (created or updated)
+/// in the requests counted by resource over the periods given.
+fn status_writes_and_events(periods: &[&BTreeMap<String, u64>]) -> (u64, u64) {
+    let sum = |keys: &[&str]| {
+        periods
+            .iter()
+            .flat_map(|p| keys.iter().filter_map(|k| p.get(*k)))
+            .sum::<u64>()
+    };
+    (
+        sum(&["PATCH microservices/status"]),
+        sum(&["POST events", "PATCH events"]),
+    )
 }
 
 /// A histogram of microseconds as p50, p99 and max in milliseconds, and its count.
@@ -1082,6 +1106,13 @@ fn markdown(r: &serde_json::Value) -> String {
     );
     let _ = writeln!(
         out,
+        "| from applied to all Ready ({:.1} s): status writes / Events per MicroService | {:.2} / {:.2} | |",
+        f(&r["to_ready"]["seconds"]),
+        u(&r["to_ready"]["status_writes"]) as f64 / u(&st["count"]).max(1) as f64,
+        u(&r["to_ready"]["events"]) as f64 / u(&st["count"]).max(1) as f64
+    );
+    let _ = writeln!(
+        out,
         "| lower bound's API requests per MicroService | {:.2} | |",
         f(&r["lower_bound"]["requests_per_resource"])
     );
@@ -1141,7 +1172,32 @@ fn rss_by_kind(pid: u32) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::{Counter, Histogram, json, latency_ms, markdown, resource_of};
+    use super::{
+        BTreeMap, Counter, Histogram, json, latency_ms, markdown, resource_of,
+        status_writes_and_events,
+    };
+
+    #[test]
+    fn status_writes_and_events_add_up_over_the_periods() {
+        let period = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        let converging = period(&[
+            ("PATCH microservices/status", 1000),
+            ("POST events", 1000),
+            ("PATCH deployments", 1000),
+        ]);
+        let settling = period(&[
+            ("PATCH microservices/status", 600),
+            ("POST events", 550),
+            ("PATCH events", 50),
+            ("GET namespaces", 1),
+        ]);
+        assert_eq!(
+            status_writes_and_events(&[&converging, &settling]),
+            (1600, 1600)
+        );
+    }
 
     #[test]
     fn the_report_gives_the_edits_beside_their_lower_bound() {
