@@ -40,10 +40,12 @@ use tokio::{
 use tower::ServiceExt;
 
 mod protocol;
+mod unread_body;
 mod watchdog;
 
 use self::{
     protocol::{Protocol, Replay},
+    unread_body::FinishUnread,
     watchdog::{CountRequests, HeadSignal, Requests, http1_quiet, idle_for, until_drained},
 };
 use crate::{
@@ -357,8 +359,15 @@ fn http<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // HTTP/2 bodies the stack leaves unread are read to their end (see
+    // `unread_body`); an HTTP/1.1 connection reads or closes on its own.
+    let finish_unread = protocol == Protocol::Http2;
     let svc = service.map_request(move |req: Request<Incoming>| -> Request<Body> {
-        let mut req = req.map(boxed);
+        let mut req = if finish_unread {
+            req.map(|body| boxed(FinishUnread::new(body)))
+        } else {
+            req.map(boxed)
+        };
         req.extensions_mut().insert(ClientAddr(addr));
         req.extensions_mut().insert(from.clone());
         req
