@@ -184,8 +184,8 @@ impl Seen {
 }
 
 /// Before the fix, each answered stream was reset (NO_ERROR) at once; its
-/// body, arriving after h2 had forgotten the ten most recent resets it
-/// keeps, drew a STREAM_CLOSED reset that h2 counts as its own error, and
+/// body, arriving once h2 had forgotten the reset (it keeps fifty at most,
+/// for a second), drew a STREAM_CLOSED reset that h2 counts as its own error, and
 /// after 1,024 of those it closed the client's connection with GOAWAY
 /// ENHANCE_YOUR_CALM ("too_many_internal_resets"), failing every request
 /// in flight on it. A busy gRPC client met that whenever a breaker opened.

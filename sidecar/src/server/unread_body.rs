@@ -5,9 +5,9 @@
 //! ready endpoint, breaker open, rate limit, authorization) drops the
 //! body unread. h2 then resets the stream (NO_ERROR, RFC 9113 §8.1), and
 //! the client's body frames, already on their way, arrive for a stream it
-//! has reset. h2 remembers only the last ten streams it reset (hyper's
-//! server does not let that be raised); a frame for an older one draws a
-//! STREAM_CLOSED reset that h2 counts as its own error, and after 1,024 of
+//! has reset. h2 remembers the streams it reset for a second, fifty at
+//! most (hyper's server lets neither be raised); a frame for one it has
+//! forgotten draws a STREAM_CLOSED reset that h2 counts as its own error, and after 1,024 of
 //! those it ends the client's connection with GOAWAY ENHANCE_YOUR_CALM,
 //! failing every request in flight on it. A busy gRPC client whose
 //! dependency's breaker opens sends that many within seconds.
