@@ -106,9 +106,12 @@ pub(super) async fn update_status(
         previous: ms.status.as_ref(),
         now: Timestamp::now(),
     });
+    if ms.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     let fingerprint = status_fingerprint(&status);
     let unseen = ctx.written.unseen(ms);
-    if ms.status.as_ref() == Some(&status) || unseen.is_some_and(|(fp, _)| fp == fingerprint) {
+    if unseen.is_some_and(|(fp, _)| fp == fingerprint) {
         return Ok(());
     }
     let old_phase = match unseen {
